@@ -1,0 +1,115 @@
+//! # fedsend-core: a sans-IO Matrix federation sender
+//!
+//! This crate is the whole sending logic of a Matrix homeserver's federation sender — which
+//! remote servers get which events, per-destination queues, `/send` transactions, backoff,
+//! catch-up after outages — as a deterministic state machine. It performs no I/O, reads no
+//! clock and draws no OS randomness, so the same code runs natively, inside wasmtime, in Node
+//! and in the browser, and a simulator can drive it through years of virtual time.
+//!
+//! ## The run-loop contract
+//!
+//! A host owns one [`FederationSender`] and repeats:
+//!
+//! 1. **Feed** any number of inputs with [`FederationSender::handle_input`]`(now, input)`:
+//!    commands (new events, wake a destination, a remote contacted us), completions of
+//!    earlier outputs, and [`Input::Timeout`].
+//! 2. **Drain** [`FederationSender::poll_output`] until it returns `None`, performing each
+//!    [`Output`]. Outputs that need an answer carry a [`RequestId`]; the host answers later
+//!    with the input that carries the same id ([`Input::TransactionDone`],
+//!    [`Input::EventsFetched`], [`Input::Persisted`], …), in any order.
+//! 3. **Sleep** until [`FederationSender::poll_timeout`] or the next input, whichever comes
+//!    first, then deliver [`Input::Timeout`] if the deadline passed. A timeout delivered early
+//!    or twice is harmless.
+//!
+//! **Mutate, then drain:** after every `handle_input` the host drains before it waits, or
+//! outputs pile up unseen. `now` is Unix milliseconds and must not go backwards; a regression
+//! is clamped and counted, never a panic.
+//!
+//! ```
+//! use fedsend_core::{Config, FederationSender, Input, Output, Recovered, ServerName, Timestamp};
+//!
+//! let config = Config::new(ServerName::parse("example.org").unwrap());
+//! let mut sender = FederationSender::new(config, Recovered::default()).unwrap();
+//! let now = Timestamp(1_700_000_000_000);
+//! sender.handle_input(now, Input::Timeout).unwrap();
+//! while let Some(output) = sender.poll_output() {
+//!     match output {
+//!         Output::Persist { request, .. } => {
+//!             // write the changes durably, then:
+//!             sender.handle_input(now, Input::Persisted { request }).unwrap();
+//!         }
+//!         _ => { /* send transactions, answer queries, log events */ }
+//!     }
+//! }
+//! let _next_deadline = sender.poll_timeout();
+//! ```
+//!
+//! ## The storage boundary
+//!
+//! Storage is I/O, so it is expressed as outputs and inputs, never as a trait the core awaits.
+//!
+//! *Sender-owned state* is defined here and only stored by the host. It leaves as
+//! [`Output::Persist`] batches of [`Changes`] (apply atomically; `incarnation`,
+//! `events_out_pos` and `destination_rooms` are max-upserts, `destinations` rows plain
+//! upserts) and comes back at start-up as [`Recovered`]:
+//! - `destinations` — per destination: `retry_last_ts`, `retry_interval`, `failure_ts`,
+//!   `last_successful_stream_ordering`;
+//! - `destination_rooms` — (destination, room) → stream ordering of the newest event owed;
+//! - `events_out_pos` — the events-stream position up to which fan-out is durable;
+//! - `incarnation` — bumped and persisted at every start, before any transaction leaves, so
+//!   transaction ids (`{incarnation}.{counter}`) never repeat.
+//!
+//! *Homeserver-owned facts* are queries the host answers:
+//! - [`Output::FetchEvents`] → [`Input::EventsFetched`]: new events with their routing facts
+//!   ([`PduInfo`]: hosts joined before the event, partial-state servers, flags, the PDU JSON);
+//! - [`Output::LoadCatchUp`] → [`Input::CatchUpLoaded`]: a destination's `destination_rooms`
+//!   rows between two positions, joined with the event, the room's partial-state flag and its
+//!   forward extremities with their visibility to that destination ([`CatchUpRoom`]);
+//! - [`Output::LoadOutstanding`] → [`Input::OutstandingLoaded`]: destinations with rows above
+//!   their last successful position.
+//!
+//! A storage failure is answered with [`Input::StorageFailed`]; the machine retries.
+//!
+//! ## Errors and bugs
+//!
+//! Malformed or uncorrelated inputs return [`InputError`] and change nothing. Remote failures
+//! are data: they drive backoff, catch-up and [`Event`]s. A panic is a bug in this crate:
+//! each `expect` states the invariant it relies on.
+//!
+//! ## Configuration
+//!
+//! [`Config`] documents every key with its default.
+
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+extern crate alloc;
+// libtest needs std; the crate itself never uses it.
+#[cfg(test)]
+extern crate std;
+
+mod config;
+mod error;
+mod event;
+mod io;
+mod rng;
+mod sender;
+mod shard;
+mod time;
+pub mod transaction;
+mod types;
+pub mod wire;
+
+pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT};
+pub use error::{ConfigError, InputError};
+pub use event::Event;
+pub use io::{
+    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationStats, DestinationState, Extremity, Input, OutgoingTransaction, Output,
+    PduInfo, Recovered, TransactionResult,
+};
+pub use rng::Prng;
+pub use sender::FederationSender;
+pub use shard::should_handle;
+pub use time::Timestamp;
+pub use types::{server_of, RequestId, ServerName};

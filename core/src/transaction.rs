@@ -1,0 +1,73 @@
+//! Transaction bodies: `{"edus":[…],"origin":…,"origin_server_ts":…,"pdus":[…]}`.
+//!
+//! Keys are written in canonical-JSON order and PDUs are embedded as the exact text the host
+//! gave (serialized once, shared by every destination), so a frozen body is byte-stable and a
+//! host may sign it as it is.
+
+use alloc::string::String;
+use alloc::sync::Arc;
+use core::fmt::Write;
+
+use crate::types::ServerName;
+
+/// A PDU queued for one or more destinations; shared, never copied per destination.
+#[derive(Debug)]
+pub struct PduEntry {
+    /// The event id.
+    pub event_id: String,
+    /// Its position in the events stream.
+    pub stream_ordering: u64,
+    /// The federation JSON, compact, keys sorted.
+    pub json: Arc<str>,
+    /// When it was queued (Unix ms), for the oldest-pending-age figure.
+    pub queued_at_ms: u64,
+}
+
+/// Builds a transaction body from already-serialized PDUs and EDUs.
+pub fn build_body(origin: &ServerName, origin_server_ts: u64, pdus: &[&str], edus: &[&str]) -> String {
+    let payload: usize = pdus.iter().chain(edus).map(|item| item.len() + 1).sum();
+    let mut body = String::with_capacity(64 + origin.as_str().len() + payload);
+    body.push('{');
+    if !edus.is_empty() {
+        body.push_str("\"edus\":[");
+        push_joined(&mut body, edus);
+        body.push_str("],");
+    }
+    body.push_str("\"origin\":");
+    // A server name is ASCII without quotes or backslashes (validated), so it needs no escaping.
+    body.push('"');
+    body.push_str(origin.as_str());
+    body.push('"');
+    // Writing to a String cannot fail.
+    let _ = write!(body, ",\"origin_server_ts\":{origin_server_ts},\"pdus\":[");
+    push_joined(&mut body, pdus);
+    body.push_str("]}");
+    body
+}
+
+fn push_joined(body: &mut String, items: &[&str]) {
+    for (index, item) in items.iter().enumerate() {
+        if index > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_canonical_json() {
+        let origin = ServerName::parse("test").unwrap();
+        let body = build_body(&origin, 1000000, &[r#"{"a":1}"#, r#"{"b":2}"#], &[r#"{"content":{},"edu_type":"m.typing"}"#]);
+        assert_eq!(
+            body,
+            r#"{"edus":[{"content":{},"edu_type":"m.typing"}],"origin":"test","origin_server_ts":1000000,"pdus":[{"a":1},{"b":2}]}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), body, "keys must already be sorted");
+        assert_eq!(build_body(&origin, 5, &[], &[]), r#"{"origin":"test","origin_server_ts":5,"pdus":[]}"#);
+    }
+}

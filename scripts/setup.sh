@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# scripts/setup.sh — idempotent setup of the build/test toolchain on Debian 12 (bookworm).
+#
+# Installs only what is missing, so a second run takes a second or two. Installing needs root;
+# a machine that already has everything can run it as any user.
+# Expects rustup's stable toolchain (native builds) and Node >= 20 with npm to be present.
+# Model and reasons: shared spec toolchain.md §7.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WASM_BINDGEN_VERSION=0.2.130   # must equal the `wasm-bindgen = "=…"` pin of host-wasm
+PREFIX=/usr/local              # wasm-bindgen, wasm-bindgen-test-runner -> $PREFIX/bin
+WASM_TOOLS_BIN="${WASM_TOOLS_BIN:-$PREFIX/lib/wasm-toolchain/bin}"   # only scripts/wasm-cargo puts it on PATH
+NODE_TOOLS_DIR="$root/tools/node"
+export DEBIAN_FRONTEND=noninteractive
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+need_root() { [ "$(id -u)" -eq 0 ] || die "$1 is missing; run scripts/setup.sh as root to install it"; }
+
+# 1. Debian packages:
+#    rustc-web cargo-web rust-web-src  rustc/cargo 1.96 + std sources for -Zbuild-std (wasm builds)
+#    lld-19                            wasm-ld / lld for the symlinks below
+#    chromium chromium-driver          browser tests (Playwright, wasm-bindgen-test-runner)
+#    NOT `binaryen`: its wasm-opt 108 silently breaks wasm-bindgen 0.2.130 output.
+pkgs=(rustc-web cargo-web rust-web-src lld-19 chromium chromium-driver)
+command -v cc >/dev/null || pkgs+=(gcc libc6-dev)   # rustup's native rustc links with cc
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  need_root "apt packages (${missing[*]})"
+  say "apt: installing ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  say "apt: ${pkgs[*]} already installed"
+fi
+
+# 2. Linker names Debian's rustc looks for on PATH (the package ships neither):
+#    rust-lld = default linker of wasm32-unknown-unknown, wasm32v1-none, wasm32-wasip1
+#    wasm-ld  = what wasm-component-ld (wasm32-wasip2) spawns
+links_ok=1
+[ "$(readlink "$WASM_TOOLS_BIN/rust-lld" 2>/dev/null)" = /usr/bin/lld-19 ] || links_ok=0
+[ "$(readlink "$WASM_TOOLS_BIN/wasm-ld" 2>/dev/null)" = /usr/bin/wasm-ld-19 ] || links_ok=0
+if ((links_ok)); then
+  say "linker symlinks: already in $WASM_TOOLS_BIN"
+else
+  need_root "the rust-lld/wasm-ld symlinks in $WASM_TOOLS_BIN"
+  mkdir -p "$WASM_TOOLS_BIN"
+  ln -sfn /usr/bin/lld-19 "$WASM_TOOLS_BIN/rust-lld"
+  ln -sfn /usr/bin/wasm-ld-19 "$WASM_TOOLS_BIN/wasm-ld"
+  say "linker symlinks: created rust-lld, wasm-ld in $WASM_TOOLS_BIN"
+fi
+
+# 3. wasm-bindgen-cli, pinned; built by rustup's stable cargo (~3 min cold on 2 cores).
+#    No --locked: the CLI's lockfile pins a yanked webpki-roots and fails to resolve.
+have="$("$PREFIX/bin/wasm-bindgen" --version 2>/dev/null || true)"
+if [ "$have" = "wasm-bindgen $WASM_BINDGEN_VERSION" ]; then
+  say "wasm-bindgen-cli: $WASM_BINDGEN_VERSION already in $PREFIX/bin"
+else
+  need_root "wasm-bindgen-cli $WASM_BINDGEN_VERSION (found: ${have:-none})"
+  command -v cargo >/dev/null || die "cargo not found: install rustup's stable toolchain first"
+  cargo_cmd=(cargo)
+  command -v rustup >/dev/null && cargo_cmd=(cargo +stable)
+  say "wasm-bindgen-cli: installing $WASM_BINDGEN_VERSION (found: ${have:-none}; takes ~3 min)"
+  "${cargo_cmd[@]}" install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --root "$PREFIX" --force
+fi
+
+# 4. npm tools (playwright-core, pinned by the committed lock). Never `npx playwright install`:
+#    tests drive Debian's /usr/bin/chromium. The stamp skips `npm ci` while the lock is unchanged
+#    (`npm ci` deletes node_modules, which also deletes the stamp).
+command -v node >/dev/null && command -v npm >/dev/null || die "node and npm (Node >= 20) are required"
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+((node_major >= 20)) || die "Node >= 20 is required (found $(node --version))"
+stamp="$NODE_TOOLS_DIR/node_modules/.setup-stamp"
+want="$(cat "$NODE_TOOLS_DIR/package.json" "$NODE_TOOLS_DIR/package-lock.json" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  say "npm: tools/node already installed"
+else
+  say "npm: npm ci in tools/node"
+  (cd "$NODE_TOOLS_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$want" > "$stamp"
+fi
+
+say "ok: $(/usr/bin/rustc --version | cut -d' ' -f1-2) (wasm), $(rustc --version | cut -d' ' -f1-2) (native), $("$PREFIX/bin/wasm-bindgen" --version), node $(node --version)"

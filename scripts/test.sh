@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# scripts/test.sh — every test, from a fresh clone, at any cwd. CI runs this (.ci/run).
+#
+#   scripts/test.sh              all stages, in order
+#   scripts/test.sh no-std node  only the named stages (they assume the earlier ones ran once)
+#
+# Stages:
+#   setup         scripts/setup.sh (idempotent; installs only what is missing)
+#   wasm          scripts/build-wasm.sh (Node + web bindings, target/fedsend_guest.wasm)
+#   native-build  cargo build --release --workspace
+#   native-test   cargo test --release --workspace (same selection as the build, so the test step
+#                 only compiles test harnesses; see shared spec toolchain.md §6)
+#   no-std        tests/no-std-check built against a core + alloc sysroot: fails if std leaks into
+#                 fedsend-core
+#   node          node --test over www/test/**/*.test.{mjs,cjs,js} (if any)
+#   e2e           node www/test/e2e.mjs, headless Chromium through Playwright (if present)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/bin:$PATH"   # rustup's cargo; wasm-bindgen
+
+all_stages=(setup wasm native-build native-test no-std node e2e)
+stages=("$@")
+((${#stages[@]})) || stages=("${all_stages[@]}")
+for s in "${stages[@]}"; do
+  [[ " ${all_stages[*]} " == *" $s "* ]] || { echo "test.sh: unknown stage '$s' (stages: ${all_stages[*]})" >&2; exit 2; }
+done
+
+stage_setup() { scripts/setup.sh; }
+stage_wasm() { scripts/build-wasm.sh; }
+stage_native-build() { cargo build --release --workspace; }
+stage_native-test() { cargo test --release --workspace; }
+stage_no-std() {
+  # The check crate is its own workspace; starting from the main lock gives core's dependencies
+  # the same versions (cargo prunes the rest). Its own target dir keeps the std build of
+  # target/wasm valid.
+  cp Cargo.lock tests/no-std-check/Cargo.lock
+  WASM_TARGET_DIR="$root/target/wasm-nostd" scripts/wasm-cargo build \
+    --manifest-path tests/no-std-check/Cargo.toml --target wasm32-unknown-unknown -Zbuild-std=core,alloc
+}
+stage_node() {
+  local files=()
+  [ -d www/test ] && mapfile -t files < <(find www/test -type f \
+    \( -name '*.test.mjs' -o -name '*.test.cjs' -o -name '*.test.js' \) -not -path '*/node_modules/*' | sort)
+  ((${#files[@]})) || { skipped+=(node); echo "skipped: no www/test/**/*.test.{mjs,cjs,js}"; return 0; }
+  node --test "${files[@]}"
+}
+stage_e2e() {
+  [ -f www/test/e2e.mjs ] || { skipped+=(e2e); echo "skipped: no www/test/e2e.mjs"; return 0; }
+  node www/test/e2e.mjs
+}
+
+start=$SECONDS
+current=""
+summary=()
+skipped=()
+trap 'rc=$?; [ -n "$current" ] && [ "$rc" -ne 0 ] && echo "test.sh: FAILED in stage $current (exit $rc) after $((SECONDS - start))s"' EXIT
+for s in "${stages[@]}"; do
+  current=$s
+  t0=$SECONDS
+  echo
+  echo "==== [$s] (at $((t0 - start))s)"
+  "stage_$s"
+  if [[ " ${skipped[*]} " == *" $s "* ]]; then summary+=("$s skipped"); else summary+=("$s $((SECONDS - t0))s"); fi
+  echo "==== [$s] ok in $((SECONDS - t0))s"
+done
+current=""
+echo
+echo "test.sh: PASSED in $((SECONDS - start))s: $(printf '%s, ' "${summary[@]}" | sed 's/, $//')"

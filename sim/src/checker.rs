@@ -1,0 +1,231 @@
+//! Invariants checked on every step of a simulation, and the convergence target.
+//!
+//! The checker watches the boundary only — what left the engine and what the world answered
+//! — so it judges every engine the same way and knows nothing of the core's internals.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use fedsend_core::{Changes, Config, Event, OutgoingTransaction, TransactionResult};
+
+/// Counts of what a run exercised, for the report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Transactions attempted (including retries).
+    pub attempts: u64,
+    /// Attempts answered 2xx.
+    pub accepted: u64,
+    /// Retries of a frozen transaction (same txn id sent again).
+    pub retries: u64,
+    /// Items given up (poison, oversized).
+    pub dropped: u64,
+    /// Times a destination's queue was dropped for catch-up.
+    pub catch_ups: u64,
+    /// Times a destination answered after failing.
+    pub recoveries: u64,
+}
+
+/// The invariants of `spec`/issue 3, checked as the world runs.
+#[derive(Debug)]
+pub(crate) struct Checker {
+    config: Config,
+    /// Every txn id ever sent, with its body: an id never carries two bodies, across restarts.
+    bodies: BTreeMap<String, String>,
+    /// Attempts awaiting an answer, per destination, in the current engine generation.
+    in_flight: BTreeMap<String, u32>,
+    /// No attempt before this time unless the destination was woken since.
+    backoff_until: BTreeMap<String, u64>,
+    /// The txn id of the last failed attempt per destination: the next attempt must reuse it
+    /// unless the destination entered catch-up or the transaction was split as poison.
+    last_failed: BTreeMap<String, String>,
+    /// Destinations that entered catch-up since their last attempt left: that attempt's
+    /// transaction is abandoned, so its failure does not oblige a retry.
+    abandoned: BTreeSet<String>,
+    /// (destination, event) pairs catch-up may send because storage offered them.
+    offered: BTreeSet<(String, String)>,
+    /// (destination, event) pairs given up.
+    pub(crate) dropped: BTreeSet<(String, String)>,
+    /// Per destination, the event ids it accepted.
+    pub(crate) received: BTreeMap<String, BTreeSet<String>>,
+    pub(crate) counts: Counts,
+}
+
+impl Checker {
+    pub(crate) fn new(config: Config) -> Self {
+        Self {
+            config,
+            bodies: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            backoff_until: BTreeMap::new(),
+            last_failed: BTreeMap::new(),
+            abandoned: BTreeSet::new(),
+            offered: BTreeSet::new(),
+            dropped: BTreeSet::new(),
+            received: BTreeMap::new(),
+            counts: Counts::default(),
+        }
+    }
+
+    /// Checks an attempt as it leaves. `routed` says whether fan-out could have chosen this
+    /// destination for the event.
+    pub(crate) fn on_send(
+        &mut self,
+        now: u64,
+        server_name: &str,
+        txn: &OutgoingTransaction,
+        edu_count: usize,
+        routed: &dyn Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let dest = txn.destination.as_str();
+        self.counts.attempts += 1;
+        if dest == server_name {
+            return Err(format!("transaction {} sent to ourselves", txn.txn_id));
+        }
+        let mine = self.in_flight.entry(String::from(dest)).or_insert(0);
+        if *mine > 0 {
+            return Err(format!("second transaction in flight to {dest}: {}", txn.txn_id));
+        }
+        *mine += 1;
+        let total: u32 = self.in_flight.values().sum();
+        if total > self.config.transactions_in_flight_max {
+            return Err(format!("{total} transactions in flight, above the cap {}", self.config.transactions_in_flight_max));
+        }
+        if txn.pdu_ids.len() > self.config.pdus_per_transaction_max as usize {
+            return Err(format!("transaction {} has {} PDUs", txn.txn_id, txn.pdu_ids.len()));
+        }
+        if edu_count > self.config.edus_per_transaction_max as usize {
+            return Err(format!("transaction {} has {edu_count} EDUs", txn.txn_id));
+        }
+        if txn.body.len() as u64 > self.config.transaction_bytes_max {
+            return Err(format!("transaction {} has {} bytes, above the cap", txn.txn_id, txn.body.len()));
+        }
+        match self.bodies.get(&txn.txn_id) {
+            Some(previous) if **previous != *txn.body => {
+                return Err(format!("txn id {} reused with a different body", txn.txn_id));
+            }
+            Some(_) => self.counts.retries += 1,
+            None => {
+                self.bodies.insert(txn.txn_id.clone(), String::from(&*txn.body));
+            }
+        }
+        if let Some(until) = self.backoff_until.get(dest) {
+            if now < *until {
+                return Err(format!("attempt to {dest} at {now}, before its backoff ends at {until}"));
+            }
+        }
+        if let Some(failed) = self.last_failed.get(dest) {
+            if *failed != txn.txn_id {
+                return Err(format!(
+                    "{dest}: transaction {} sent while the failed {failed} was neither retried nor abandoned",
+                    txn.txn_id
+                ));
+            }
+        }
+        self.abandoned.remove(dest);
+        for event in &txn.pdu_ids {
+            if !routed(event) && !self.offered.contains(&(String::from(dest), event.clone())) {
+                return Err(format!("event {event} sent to {dest}, which was not in the room before it"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A remote accepted a transaction (whether or not its answer reaches the sender).
+    pub(crate) fn on_accepted(&mut self, dest: &str, pdu_ids: &[String]) {
+        self.counts.accepted += 1;
+        self.received.entry(String::from(dest)).or_default().extend(pdu_ids.iter().cloned());
+    }
+
+    /// An answer reached the sender.
+    pub(crate) fn on_result(&mut self, dest: &str, txn_id: &str, result: &TransactionResult) {
+        if let Some(count) = self.in_flight.get_mut(dest) {
+            *count = count.saturating_sub(1);
+        }
+        match result {
+            TransactionResult::Ok { .. } => {
+                self.last_failed.remove(dest);
+            }
+            TransactionResult::Status { status, .. } if (200..300).contains(status) => {
+                self.last_failed.remove(dest);
+            }
+            // A permanent rejection may split the transaction (D7).
+            TransactionResult::Status { status, .. }
+                if *status == 413 || (400..500).contains(status) && !matches!(status, 401 | 408 | 429) =>
+            {
+                self.last_failed.remove(dest);
+            }
+            _ if self.abandoned.contains(dest) => {}
+            _ => {
+                self.last_failed.insert(String::from(dest), String::from(txn_id));
+            }
+        }
+    }
+
+    /// Stored backoff tells when the next attempt may come.
+    pub(crate) fn on_persist(&mut self, changes: &Changes) {
+        for row in &changes.destinations {
+            let dest = String::from(row.destination.as_str());
+            if row.retry_last_ts == 0 {
+                self.backoff_until.remove(&dest);
+            } else {
+                self.backoff_until.insert(dest, row.retry_last_ts.saturating_add(row.retry_interval));
+            }
+        }
+    }
+
+    /// Storage offered these events to catch-up for `dest`.
+    pub(crate) fn on_offered(&mut self, dest: &str, events: impl Iterator<Item = String>) {
+        for event in events {
+            self.offered.insert((String::from(dest), event));
+        }
+    }
+
+    pub(crate) fn on_event(&mut self, event: &Event) {
+        match event {
+            Event::Dropped { destination, item, .. } => {
+                self.counts.dropped += 1;
+                self.dropped.insert((String::from(destination.as_str()), item.clone()));
+            }
+            Event::CatchUpStarted { destination } => {
+                self.counts.catch_ups += 1;
+                self.last_failed.remove(destination.as_str());
+                self.abandoned.insert(String::from(destination.as_str()));
+            }
+            Event::DestinationUp { .. } => self.counts.recoveries += 1,
+            _ => {}
+        }
+    }
+
+    /// The destination contacted us or an operator woke it: it may be tried at once.
+    pub(crate) fn on_contact(&mut self, dest: &str) {
+        self.backoff_until.remove(dest);
+    }
+
+    /// The sender process died: its attempts in flight are gone with it, and it restarts
+    /// with the backoff that storage kept (writes it had not acknowledged are lost).
+    pub(crate) fn on_restart(&mut self, stored: &Changes) {
+        self.in_flight.clear();
+        self.last_failed.clear();
+        self.abandoned.clear();
+        self.backoff_until.clear();
+        self.on_persist(stored);
+    }
+
+    /// Memory stays bounded while destinations are down (from the engine's own figures).
+    pub(crate) fn check_stats(&self, stats_json: &str) -> Result<(), String> {
+        let stats: Vec<fedsend_core::DestinationStats> =
+            serde_json::from_str(stats_json).map_err(|e| format!("engine stats are not decodable: {e}"))?;
+        let bound = u64::from(self.config.pending_pdus_max) + u64::from(self.config.pdus_per_transaction_max);
+        for stat in stats {
+            if stat.queued_pdus > bound {
+                return Err(format!(
+                    "{} holds {} PDUs in memory, above pending_pdus_max + one transaction ({bound})",
+                    stat.destination, stat.queued_pdus
+                ));
+            }
+        }
+        Ok(())
+    }
+}

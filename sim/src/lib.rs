@@ -1,0 +1,113 @@
+//! # fedsend-sim: the simulated world around a fedsend engine
+//!
+//! One world model — our homeserver (rooms, events, membership), remote servers, the network
+//! between us, and sender-owned storage that survives restarts — that drives *any* engine
+//! through the JSON boundary of [`Engine`]. Because the world is this one `no_std` crate, the
+//! native CLI, the wasmtime engine (world native, core in wasm), the Node runner and the
+//! browser (world and core both in wasm) all run the very same world code; only the engine
+//! differs, which is what makes their traces comparable byte for byte.
+//!
+//! [`run_scenario`] runs a scenario file (`spec/scenarios.md`) and emits its trace.
+
+#![no_std]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+mod checker;
+mod faults;
+mod scenario;
+mod store;
+pub mod vopr;
+mod world;
+
+use alloc::string::String;
+use core::fmt;
+
+pub use checker::Counts;
+pub use faults::{FaultCounts, FaultRates};
+pub use scenario::{Respond, Scenario, Step, Visibility};
+pub use store::MemoryStore;
+pub use world::ScenarioRun;
+
+/// A sender engine seen through its JSON boundary.
+pub trait Engine {
+    /// (Re)creates the machine from config and recovered state (both JSON); called at the
+    /// start and on every simulated restart.
+    fn start(&mut self, config_json: &str, recovered_json: &str) -> Result<(), String>;
+    /// Feeds one input (JSON) at `now_ms`.
+    fn handle_input(&mut self, now_ms: u64, input_json: &str) -> Result<(), String>;
+    /// Next output (JSON), if any.
+    fn poll_output(&mut self) -> Option<String>;
+    /// Next deadline (Unix ms), if any.
+    fn poll_timeout(&mut self) -> Option<u64>;
+    /// Per-destination figures as JSON (`DestinationStats` array), if the engine offers them;
+    /// the simulator checks memory bounds with them.
+    fn destination_stats(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// The core linked natively, through the same JSON facade every other engine uses.
+#[derive(Debug, Default)]
+pub struct NativeEngine(Option<fedsend_core::wire::JsonSender>);
+
+impl NativeEngine {
+    fn machine(&mut self) -> Result<&mut fedsend_core::wire::JsonSender, String> {
+        self.0.as_mut().ok_or_else(|| String::from("engine used before start"))
+    }
+}
+
+impl Engine for NativeEngine {
+    fn start(&mut self, config_json: &str, recovered_json: &str) -> Result<(), String> {
+        self.0 = Some(fedsend_core::wire::JsonSender::new(config_json, recovered_json)?);
+        Ok(())
+    }
+    fn handle_input(&mut self, now_ms: u64, input_json: &str) -> Result<(), String> {
+        self.machine()?.handle_input(now_ms, input_json)
+    }
+    fn poll_output(&mut self) -> Option<String> {
+        self.0.as_mut()?.poll_output()
+    }
+    fn poll_timeout(&mut self) -> Option<u64> {
+        self.0.as_ref()?.poll_timeout()
+    }
+    fn destination_stats(&mut self) -> Option<String> {
+        Some(self.0.as_ref()?.destination_stats())
+    }
+}
+
+/// Why a scenario could not run: one line naming the step (0-based) and the problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScenarioError(String);
+
+impl ScenarioError {
+    pub(crate) fn new(message: String) -> Self {
+        Self(message)
+    }
+
+    /// The message, one line.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keep it on one line whatever an engine put in its error text.
+        for (index, part) in self.0.split('\n').enumerate() {
+            if index > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(part)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a whole scenario, calling `emit` with each trace line (no trailing newline).
+pub fn run_scenario(scenario_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), ScenarioError> {
+    let mut run = ScenarioRun::start(scenario_json, engine, emit)?;
+    while run.step(engine, emit)? {}
+    Ok(())
+}

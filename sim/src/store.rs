@@ -1,0 +1,89 @@
+//! An in-memory implementation of the sender-owned storage: the reference for what every
+//! store (SQLite, JavaScript) must do with [`Changes`] and the storage queries.
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use fedsend_core::{Changes, DestinationRoom, DestinationState, Recovered, ServerName};
+
+/// Sender-owned tables: `destinations`, `destination_rooms`, stream position, incarnation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStore {
+    /// Last persisted incarnation.
+    pub incarnation: u64,
+    /// Events-stream position up to which fan-out is durable.
+    pub events_out_pos: Option<u64>,
+    /// `destinations` rows by name.
+    pub destinations: BTreeMap<ServerName, DestinationState>,
+    /// `destination_rooms`: (destination, room) → stream ordering.
+    pub destination_rooms: BTreeMap<(ServerName, String), u64>,
+}
+
+impl MemoryStore {
+    /// Applies one batch: max-upserts for the growing values, whole-row upserts otherwise.
+    pub fn apply(&mut self, changes: &Changes) {
+        if let Some(incarnation) = changes.incarnation {
+            self.incarnation = self.incarnation.max(incarnation);
+        }
+        if let Some(position) = changes.events_out_pos {
+            self.events_out_pos = Some(self.events_out_pos.map_or(position, |p| p.max(position)));
+        }
+        for DestinationRoom { destination, room_id, stream_ordering } in &changes.destination_rooms {
+            self.destinations.entry(destination.clone()).or_insert_with(|| DestinationState {
+                destination: destination.clone(),
+                ..DestinationState::default()
+            });
+            let slot = self.destination_rooms.entry((destination.clone(), room_id.clone())).or_insert(0);
+            *slot = (*slot).max(*stream_ordering);
+        }
+        for row in &changes.destinations {
+            self.destinations.insert(row.destination.clone(), row.clone());
+        }
+    }
+
+    /// What a restarted sender loads.
+    pub fn recovered(&self) -> Recovered {
+        Recovered {
+            incarnation: self.incarnation,
+            events_out_pos: self.events_out_pos,
+            destinations: self.destinations.values().cloned().collect(),
+        }
+    }
+
+    /// Rows of `destination` in (`after`, `up_to`], ascending by stream ordering, at most
+    /// `limit`.
+    pub fn catch_up_rows(&self, destination: &ServerName, after: u64, up_to: u64, limit: u32) -> Vec<(String, u64)> {
+        let mut rows: Vec<(String, u64)> = self
+            .destination_rooms
+            .iter()
+            .filter(|((dest, _), stream)| dest == destination && **stream > after && **stream <= up_to)
+            .map(|((_, room), stream)| (room.clone(), *stream))
+            .collect();
+        rows.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        rows.truncate(limit as usize);
+        rows
+    }
+
+    /// Destinations after `after` with a row above their last successful position.
+    pub fn outstanding(&self, after: Option<&ServerName>, limit: u32) -> Vec<ServerName> {
+        let mut names: Vec<ServerName> = Vec::new();
+        for ((destination, _), stream) in &self.destination_rooms {
+            if after.is_some_and(|a| destination <= a) || names.last() == Some(destination) {
+                continue;
+            }
+            let delivered = self
+                .destinations
+                .get(destination)
+                .and_then(|d| d.last_successful_stream_ordering)
+                .unwrap_or(0);
+            if *stream > delivered {
+                names.push(destination.clone());
+                if names.len() >= limit as usize {
+                    break;
+                }
+            }
+        }
+        names
+    }
+}

@@ -1,0 +1,429 @@
+//! The seeded simulator (TigerBeetle's VOPR is the model): a random world and workload drawn
+//! from one seed, faults everywhere during a safety phase with invariants checked on every
+//! step, then healing and a liveness phase that demands convergence within a budget.
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use fedsend_core::{Config, Prng};
+use serde_json::{json, Value};
+
+use crate::checker::{Checker, Counts};
+use crate::faults::{FaultCounts, FaultRates, Faults};
+use crate::scenario::{Respond, Scenario, Step, Visibility};
+use crate::world::World;
+use crate::Engine;
+
+const SERVER_NAME: &str = "origin.sim";
+
+/// Everything a seed decides about a run, printed in the banner.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The seed.
+    pub seed: u64,
+    /// Remote servers.
+    pub remotes: u32,
+    /// Rooms.
+    pub rooms: u32,
+    /// Workload actions in the safety phase.
+    pub actions: u32,
+    /// Fault rates of the network and storage.
+    pub rates: FaultRates,
+    /// Per-mille of actions that change a remote's behaviour (outages, 5xx, 429, 410).
+    pub outage_permille: u64,
+    /// Per-mille of actions that crash the sender.
+    pub crash_permille: u64,
+    /// Per-mille of local events a remote rejects as poison.
+    pub poison_permille: u64,
+    /// The sender's configuration overrides.
+    pub config: serde_json::Map<String, Value>,
+    /// Put the core's events into the trace too (`x-event` lines).
+    pub trace_events: bool,
+}
+
+impl Options {
+    /// Draws every option from `seed` (swarm testing: each seed gets its own mix).
+    pub fn swarm(seed: u64) -> Self {
+        let mut prng = Prng::from_seed(seed ^ 0x5EED_0F_F00D);
+        let mut pick = |low: u64, high: u64| prng.range_inclusive(low, high);
+        let retry_interval_min_ms = pick(1_000, 60_000);
+        let retry_interval_max_ms = retry_interval_min_ms * pick(2, 60);
+        let config = json!({
+            "retry_interval_min_ms": retry_interval_min_ms,
+            "retry_interval_max_ms": retry_interval_max_ms,
+            "retry_multiplier": pick(1, 3),
+            "catch_up_threshold_ms": pick(5_000, 3_600_000),
+            "http_retries_max": pick(0, 3),
+            "http_retry_delay_max_ms": pick(1_000, 60_000),
+            "request_timeout_ms": pick(1_000, 60_000),
+            "transactions_in_flight_max": pick(1, 8),
+            "pdus_per_transaction_max": pick(1, 50),
+            "transaction_bytes_max": pick(2_048, 65_536),
+            "pending_pdus_max": pick(3, 200),
+            "poison_rejections_max": pick(1, 3),
+            "events_batch_max": pick(1, 100),
+            "catch_up_batch_max": pick(1, 50),
+            "catch_up_waker_period_ms": pick(5_000, 60_000),
+            "catch_up_waker_page_max": pick(1, 25),
+            "catch_up_waker_interval_ms": pick(10, 5_000),
+        });
+        let Value::Object(config) = config else { unreachable!("literal object") };
+        Self {
+            seed,
+            remotes: pick(1, 10) as u32,
+            rooms: pick(1, 5) as u32,
+            actions: pick(20, 250) as u32,
+            rates: FaultRates {
+                drop_permille: pick(0, 150),
+                error_permille: pick(0, 150),
+                rate_limit_permille: pick(0, 100),
+                latency_max_ms: pick(0, 3_000),
+                storage_latency_max_ms: pick(0, 2_000),
+                storage_failure_permille: pick(0, 100),
+            },
+            outage_permille: pick(0, 120),
+            crash_permille: pick(0, 40),
+            poison_permille: pick(0, 40),
+            config,
+            trace_events: false,
+        }
+    }
+
+    /// One line naming every option, so a failure can be understood from its output alone.
+    pub fn banner(&self) -> String {
+        format!(
+            "SEED={} remotes={} rooms={} actions={} outages={}‰ crashes={}‰ poison={}‰ rates={:?} config={}",
+            self.seed,
+            self.remotes,
+            self.rooms,
+            self.actions,
+            self.outage_permille,
+            self.crash_permille,
+            self.poison_permille,
+            self.rates,
+            Value::Object(self.config.clone())
+        )
+    }
+}
+
+/// What a passing run exercised.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Steps run (safety and liveness).
+    pub steps: u64,
+    /// Events persisted.
+    pub events: u64,
+    /// Boundary counts.
+    pub counts: Counts,
+    /// Fault counts.
+    pub faults: FaultCounts,
+    /// Virtual ms from healing to convergence.
+    pub convergence_ms: u64,
+}
+
+/// A failing run: the reason and what to run to see it again.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The seed.
+    pub seed: u64,
+    /// What broke.
+    pub reason: String,
+}
+
+struct Sim {
+    world: World,
+    prng: Prng,
+    options: Options,
+    remotes: Vec<String>,
+    rooms: Vec<String>,
+    /// Remote users and the rooms they are joined to.
+    members: BTreeMap<String, Vec<String>>,
+    gone: Vec<String>,
+    steps: u64,
+    events: u64,
+}
+
+/// Runs one seed against `engine`; `emit` receives the trace.
+pub fn run(options: &Options, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<Report, Failure> {
+    let fail = |reason: String| Failure { seed: options.seed, reason };
+    let scenario = Scenario {
+        server_name: String::from(SERVER_NAME),
+        seed: options.seed,
+        start_ms: 1_600_000_000_000,
+        config: options.config.clone(),
+        instance: String::from("main"),
+        instances: alloc::vec![String::from("main")],
+        steps: Vec::new(),
+    };
+    let config: Config = {
+        let mut full = options.config.clone();
+        full.insert("server_name".into(), Value::String(String::from(SERVER_NAME)));
+        serde_json::from_value(Value::Object(full)).map_err(|e| fail(format!("swarm drew a bad config: {e}")))?
+    };
+    let mut world = World::start(&scenario, engine, emit).map_err(|e| fail(format!("{e}")))?;
+    world.faults = Some(Faults::new(options.rates.clone(), options.seed.wrapping_mul(31).wrapping_add(7)));
+    world.checker = Some(Checker::new(config.clone()));
+    world.trace_events = options.trace_events;
+    let mut sim = Sim {
+        world,
+        prng: Prng::from_seed(options.seed),
+        options: options.clone(),
+        remotes: (0..options.remotes).map(|i| format!("r{i}.sim")).collect(),
+        rooms: Vec::new(),
+        members: BTreeMap::new(),
+        gone: Vec::new(),
+        steps: 0,
+        events: 0,
+    };
+    sim.setup(engine, emit).map_err(|e| fail(e))?;
+    for _ in 0..options.actions {
+        sim.action(engine, emit).map_err(|e| fail(e))?;
+    }
+    let healed_at = sim.world_now();
+    sim.heal(engine, emit)?;
+    // Budget: the longest backoff, plus a waker period and retries' worth of slack.
+    let budget_ms = config.retry_interval_max_ms * 2 + config.catch_up_waker_period_ms * 3 + 600_000;
+    let chunk_ms = (config.retry_interval_min_ms / 2).max(5_000);
+    loop {
+        sim.run(engine, emit, &Step::Advance { ms: chunk_ms })?;
+        match sim.unconverged() {
+            None => break,
+            Some(reason) if sim.world_now() - healed_at > budget_ms => {
+                return Err(fail(format!("no convergence within {budget_ms} ms after healing: {reason}")));
+            }
+            Some(_) => {}
+        }
+    }
+    let checker = sim.world.checker.take().expect("installed above");
+    let faults = sim.world.faults.take().expect("installed above");
+    Ok(Report {
+        steps: sim.steps,
+        events: sim.events,
+        counts: checker.counts,
+        faults: faults.counts,
+        convergence_ms: sim.world_now() - healed_at,
+    })
+}
+
+impl Sim {
+    fn world_now(&self) -> u64 {
+        self.world.now()
+    }
+
+    fn run(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str), step: &Step) -> Result<(), Failure> {
+        self.steps += 1;
+        let seed = self.options.seed;
+        let at = self.steps;
+        if matches!(step, Step::Join { .. } | Step::Leave { .. } | Step::Send { .. } | Step::CreateRoom { .. }) {
+            self.events += 1;
+        }
+        self.world
+            .run_step(step, engine, emit)
+            .map_err(|reason| Failure { seed, reason: format!("step {at} ({}): {reason}", step.op()) })?;
+        if let (Some(stats), Some(checker)) = (engine.destination_stats(), self.world.checker.as_ref()) {
+            checker.check_stats(&stats).map_err(|reason| Failure { seed, reason: format!("step {at}: {reason}") })?;
+        }
+        Ok(())
+    }
+
+    fn pick(&mut self, count: usize) -> usize {
+        self.prng.range_inclusive(0, count as u64 - 1) as usize
+    }
+
+    fn random_room(&mut self) -> String {
+        let index = self.pick(self.rooms.len());
+        self.rooms[index].clone()
+    }
+
+    fn random_remote(&mut self) -> String {
+        let index = self.pick(self.remotes.len());
+        self.remotes[index].clone()
+    }
+
+    fn chance(&mut self, permille: u64) -> bool {
+        self.prng.range_inclusive(0, 999) < permille
+    }
+
+    fn setup(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), String> {
+        for index in 0..self.options.rooms {
+            let room = format!("!room{index}:{SERVER_NAME}");
+            let visibility = match self.pick(4) {
+                0 => Visibility::Joined,
+                1 => Visibility::Invited,
+                2 => Visibility::WorldReadable,
+                _ => Visibility::Shared,
+            };
+            let creator = format!("@local:{SERVER_NAME}");
+            self.run(engine, emit, &Step::CreateRoom { room: room.clone(), creator, visibility }).map_err(|f| f.reason)?;
+            self.rooms.push(room);
+        }
+        for remote in self.remotes.clone() {
+            let user = format!("@user:{remote}");
+            let room = self.random_room();
+            self.join(engine, emit, &user, &room)?;
+        }
+        Ok(())
+    }
+
+    fn join(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str), user: &str, room: &str) -> Result<(), String> {
+        let joined = self.members.entry(String::from(user)).or_default();
+        if joined.iter().any(|r| r == room) {
+            return Ok(());
+        }
+        joined.push(String::from(room));
+        let step = Step::Join { room: String::from(room), user: String::from(user), id: None };
+        self.run(engine, emit, &step).map_err(|f| f.reason)
+    }
+
+    fn action(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), String> {
+        let roll = self.pick(1000) as u64;
+        let outage = self.options.outage_permille;
+        let crash = self.options.crash_permille;
+        let step = if roll < outage {
+            let host = self.random_remote();
+            if let Some(faults) = self.world.faults.as_mut() {
+                faults.counts.remote_outages += 1;
+            }
+            let respond = match self.pick(8) {
+                0 | 1 => Respond::Unreachable,
+                2 => Respond::Timeout,
+                3 => Respond::Status { status: 503, retry_after_ms: None, errcode: None, pdu_errors: BTreeMap::new() },
+                4 => Respond::Status {
+                    status: 429,
+                    retry_after_ms: Some(self.prng.range_inclusive(0, 120_000)),
+                    errcode: None,
+                    pdu_errors: BTreeMap::new(),
+                },
+                5 => {
+                    self.gone.push(host.clone());
+                    Respond::Status { status: 410, retry_after_ms: None, errcode: None, pdu_errors: BTreeMap::new() }
+                }
+                _ => Respond::Ok,
+            };
+            let latency_ms = Some(self.prng.range_inclusive(0, 2_000));
+            Step::Remote { host, respond, latency_ms }
+        } else if roll < outage + crash {
+            if let Some(faults) = self.world.faults.as_mut() {
+                faults.counts.crashes += 1;
+            }
+            Step::Restart {}
+        } else if roll < outage + crash + 60 {
+            let ms = match self.pick(4) {
+                0 => self.prng.range_inclusive(1, 100),
+                1 => self.prng.range_inclusive(100, 10_000),
+                2 => self.prng.range_inclusive(10_000, 600_000),
+                _ => self.prng.range_inclusive(600_000, 7_200_000),
+            };
+            Step::Advance { ms }
+        } else if roll < outage + crash + 90 {
+            let user = { let n = self.pick(3); let remote = self.random_remote(); format!("@user{n}:{remote}") };
+            let room = self.random_room();
+            return self.join(engine, emit, &user, &room);
+        } else if roll < outage + crash + 105 {
+            // A remote user leaves, or is kicked by our local user.
+            let candidates: Vec<(String, String)> = self
+                .members
+                .iter()
+                .flat_map(|(user, rooms)| rooms.iter().map(move |room| (user.clone(), room.clone())))
+                .collect();
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            let (user, room) = candidates[self.pick(candidates.len())].clone();
+            if let Some(rooms) = self.members.get_mut(&user) {
+                rooms.retain(|r| *r != room);
+            }
+            let by = self.chance(500).then(|| format!("@local:{SERVER_NAME}"));
+            Step::Leave { room, user, by, id: None }
+        } else if roll < outage + crash + 125 {
+            let host = self.random_remote();
+            if self.chance(500) { Step::Inbound { host } } else { Step::Wake { host } }
+        } else if roll < outage + crash + 145 {
+            Step::Settle {}
+        } else if roll < outage + crash + 165 {
+            let candidates: Vec<(String, String)> = self
+                .members
+                .iter()
+                .flat_map(|(user, rooms)| rooms.iter().map(move |room| (user.clone(), room.clone())))
+                .collect();
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            let (user, room) = candidates[self.pick(candidates.len())].clone();
+            let body = format!("remote {}", self.steps);
+            Step::Send { room, sender: user, event_type: String::from("m.room.message"), content: json!({ "body": body }), state_key: None, id: None, flags: None, prev: None }
+        } else {
+            let room = self.random_room();
+            let size = if self.chance(30) { self.pick(70_000) } else { self.pick(200) };
+            let body: String = core::iter::repeat_n('x', size).collect();
+            let id = format!("$e{}", self.steps);
+            let poison = self.chance(self.options.poison_permille);
+            let step = Step::Send {
+                room,
+                sender: format!("@local:{SERVER_NAME}"),
+                event_type: String::from("m.room.message"),
+                content: json!({ "body": body }),
+                state_key: None,
+                id: Some(id.clone()),
+                flags: None,
+                prev: None,
+            };
+            self.run(engine, emit, &step).map_err(|f| f.reason)?;
+            if poison {
+                if let Some(faults) = self.world.faults.as_mut() {
+                    faults.counts.poisons += 1;
+                }
+                let host = self.random_remote();
+                let status = if self.chance(300) { 413 } else { 400 };
+                let reject = Step::Reject { host, pdus: alloc::vec![id], edu_types: Vec::new(), status };
+                return self.run(engine, emit, &reject).map_err(|f| f.reason);
+            }
+            return Ok(());
+        };
+        self.run(engine, emit, &step).map_err(|f| f.reason)
+    }
+
+    /// Ends the fault phase: every remote answers, links are quick, storage is reliable,
+    /// the sender no longer crashes; servers that said 410 contact us again.
+    fn heal(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), Failure> {
+        if let Some(faults) = self.world.faults.as_mut() {
+            faults.active = false;
+        }
+        for host in self.remotes.clone() {
+            self.run(engine, emit, &Step::Remote { host, respond: Respond::Ok, latency_ms: Some(0) })?;
+        }
+        let mut gone = core::mem::take(&mut self.gone);
+        gone.sort();
+        gone.dedup();
+        for host in gone {
+            self.run(engine, emit, &Step::Inbound { host })?;
+        }
+        Ok(())
+    }
+
+    /// `None` once every destination has, for every room it shares, the newest event it was
+    /// owed (or something newer in that room), unless that event was given up as poison.
+    fn unconverged(&self) -> Option<String> {
+        let checker = self.world.checker.as_ref()?;
+        for (dest, room, event, stream) in self.world.owed() {
+            if checker.dropped.contains(&(dest.clone(), event.clone())) {
+                continue;
+            }
+            let received = checker.received.get(&dest);
+            let has_newer = received.is_some_and(|ids| {
+                ids.iter().any(|id| self.world.event_in_room_at_or_after(id, &room, stream))
+            });
+            if !has_newer {
+                return Some(format!("{dest} lacks {event} (room {room}, stream {stream})"));
+            }
+        }
+        None
+    }
+}
+
+/// The command that reproduces a seed.
+pub fn reproduce_command(seed: u64) -> String {
+    format!("cargo run -p fedsend-sim --release --bin fedsend-vopr -- --seed {seed}")
+}

@@ -1,0 +1,1008 @@
+//! The simulated world around one sender engine: our homeserver (rooms, events, membership),
+//! the remote servers and the network between us, and sender-owned storage that survives
+//! restarts. It answers the engine's outputs in virtual time and writes the trace.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+
+use fedsend_core::{
+    server_of, CatchUpRoom, Config, DestinationState, Event as CoreEvent, Extremity, Input, Output, PduInfo,
+    ServerName, TransactionResult,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::checker::Checker;
+use crate::faults::{Faults, Mishap};
+use crate::scenario::{Flags, Respond, Scenario, Step, Visibility};
+use crate::store::MemoryStore;
+use crate::{Engine, ScenarioError};
+
+/// How many deliveries one `settle`/`advance` may make before the world calls it a livelock.
+const DELIVERIES_PER_STEP_MAX: u64 = 5_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Membership {
+    Join,
+    Invite,
+    Leave,
+}
+
+#[derive(Debug)]
+struct Room {
+    visibility: Visibility,
+    members: BTreeMap<String, Membership>,
+    /// Forward extremities: events without a successor.
+    extremities: BTreeSet<usize>,
+    partial_state: Option<Vec<String>>,
+}
+
+#[derive(Debug)]
+struct EventRecord {
+    id: String,
+    room: String,
+    stream: u64,
+    sender: String,
+    depth: u64,
+    pdu: Value,
+    info: PduInfo,
+    /// Servers with a joined (resp. joined or invited) member in the state after the event.
+    joined_after: BTreeSet<String>,
+    invited_after: BTreeSet<String>,
+}
+
+#[derive(Debug)]
+struct Remote {
+    respond: Respond,
+    latency_ms: u64,
+    /// Transactions this remote accepted, by id, with their body: a repeat is answered from
+    /// here, as the spec asks receivers to do.
+    accepted: BTreeMap<String, String>,
+}
+
+impl Default for Remote {
+    fn default() -> Self {
+        Self { respond: Respond::Ok, latency_ms: 0, accepted: BTreeMap::new() }
+    }
+}
+
+#[derive(Debug)]
+struct RejectRule {
+    host: String,
+    pdus: BTreeSet<String>,
+    edu_types: BTreeSet<String>,
+    status: u16,
+}
+
+/// Something the world will deliver to the engine later.
+#[derive(Debug)]
+struct Scheduled {
+    /// Which engine incarnation it belongs to: a restart drops answers to a dead process.
+    generation: u64,
+    delivery: Delivery,
+}
+
+#[derive(Debug)]
+enum Delivery {
+    Input(Input),
+    TransactionResult { destination: String, txn_id: String, outcome: String, input: Input },
+    PersistAck { request: fedsend_core::RequestId, changes: fedsend_core::Changes },
+}
+
+#[derive(Serialize)]
+struct PersistedLine<'a> {
+    t: u64,
+    kind: &'static str,
+    event: &'a str,
+    room: &'a str,
+    stream: u64,
+    sender: &'a str,
+}
+
+#[derive(Serialize)]
+struct SendLine<'a> {
+    t: u64,
+    kind: &'static str,
+    dest: &'a str,
+    txn_id: &'a str,
+    pdus: &'a [String],
+    edus: &'a [Value],
+    bytes: usize,
+}
+
+#[derive(Serialize)]
+struct ResultLine<'a> {
+    t: u64,
+    kind: &'static str,
+    dest: &'a str,
+    txn_id: &'a str,
+    outcome: &'a str,
+}
+
+#[derive(Serialize)]
+struct DroppedLine<'a> {
+    t: u64,
+    kind: &'static str,
+    dest: &'a str,
+    item: &'a str,
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct SnapshotRoom<'a> {
+    destination: &'a str,
+    room: &'a str,
+    stream_ordering: u64,
+}
+
+#[derive(Serialize)]
+struct SnapshotLine<'a> {
+    t: u64,
+    kind: &'static str,
+    destinations: Vec<&'a DestinationState>,
+    destination_rooms: Vec<SnapshotRoom<'a>>,
+    events_out_pos: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct EndLine {
+    t: u64,
+    kind: &'static str,
+}
+
+/// A scenario in progress: call [`ScenarioRun::step`] until it returns `false`.
+pub struct ScenarioRun {
+    world: World,
+    steps: Vec<Step>,
+    next: usize,
+    ended: bool,
+}
+
+impl ScenarioRun {
+    /// Parses `scenario_json` and starts the engine.
+    pub fn start(scenario_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<Self, ScenarioError> {
+        let scenario = Scenario::parse(scenario_json)?;
+        let steps = scenario.steps.clone();
+        let world = World::start(&scenario, engine, emit)?;
+        Ok(Self { world, steps, next: 0, ended: false })
+    }
+
+    /// Runs the next step; after the last one it writes the `end` line and returns `false`.
+    pub fn step(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<bool, ScenarioError> {
+        if self.ended {
+            return Ok(false);
+        }
+        let Some(step) = self.steps.get(self.next).cloned() else {
+            self.ended = true;
+            emit(&line(&EndLine { t: self.world.now, kind: "end" }));
+            return Ok(false);
+        };
+        let index = self.next;
+        self.next += 1;
+        self.world.step = index;
+        self.world
+            .run_step(&step, engine, emit)
+            .map_err(|message| ScenarioError::new(format!("step {index} ({}): {message}", step.op())))?;
+        Ok(true)
+    }
+
+    /// Index of the next step to run.
+    pub fn next_step(&self) -> usize {
+        self.next
+    }
+
+    /// Number of steps in the scenario.
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Virtual time now (Unix ms).
+    pub fn now_ms(&self) -> u64 {
+        self.world.now
+    }
+}
+
+fn line<T: Serialize>(value: &T) -> String {
+    // Trace records are plain structs of strings, integers and JSON values.
+    serde_json::to_string(value).expect("trace lines always serialize")
+}
+
+pub(crate) struct World {
+    /// Also write the core's events into the trace (`x-event`), for debugging simulations.
+    pub(crate) trace_events: bool,
+    pub(crate) faults: Option<Faults>,
+    pub(crate) checker: Option<Checker>,
+    server_name: String,
+    config: Config,
+    config_json: String,
+    now: u64,
+    step: usize,
+    next_stream: u64,
+    rooms: BTreeMap<String, Room>,
+    events: Vec<EventRecord>,
+    event_index: BTreeMap<String, usize>,
+    remotes: BTreeMap<String, Remote>,
+    rejects: Vec<RejectRule>,
+    /// What storage holds durably (survives restarts).
+    durable: MemoryStore,
+    /// What queries see: durable plus writes not yet acknowledged.
+    visible: MemoryStore,
+    agenda: BTreeMap<(u64, u64), Scheduled>,
+    next_seq: u64,
+    generation: u64,
+    engine_deadline: Option<u64>,
+}
+
+type StepResult = Result<(), String>;
+
+impl World {
+    pub(crate) fn start(scenario: &Scenario, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<Self, ScenarioError> {
+        let server = ServerName::parse(&scenario.server_name)
+            .map_err(|e| ScenarioError::new(format!("server_name: {e}")))?;
+        let mut config = serde_json::Map::new();
+        config.insert("server_name".into(), Value::String(server.as_str().to_string()));
+        config.insert("seed".into(), Value::from(scenario.seed));
+        config.insert("instance_name".into(), Value::String(scenario.instance.clone()));
+        config.insert("instances".into(), json!(scenario.instances));
+        for (key, value) in &scenario.config {
+            if matches!(key.as_str(), "server_name" | "seed" | "instance_name" | "instances") {
+                return Err(ScenarioError::new(format!(
+                    "config: `{key}` is set by the scenario's top level, not in `config`"
+                )));
+            }
+            config.insert(key.clone(), value.clone());
+        }
+        let config_value = Value::Object(config);
+        let parsed: Config =
+            serde_json::from_value(config_value.clone()).map_err(|e| ScenarioError::new(format!("config: {e}")))?;
+        parsed.validate().map_err(|e| ScenarioError::new(format!("config: {e}")))?;
+        let mut world = Self {
+            trace_events: false,
+            faults: None,
+            checker: None,
+            server_name: scenario.server_name.clone(),
+            config: parsed,
+            config_json: config_value.to_string(),
+            now: scenario.start_ms,
+            step: 0,
+            next_stream: 1,
+            rooms: BTreeMap::new(),
+            events: Vec::new(),
+            event_index: BTreeMap::new(),
+            remotes: BTreeMap::new(),
+            rejects: Vec::new(),
+            durable: MemoryStore::default(),
+            visible: MemoryStore::default(),
+            agenda: BTreeMap::new(),
+            next_seq: 0,
+            generation: 0,
+            engine_deadline: None,
+        };
+        world.boot(engine, emit).map_err(|e| ScenarioError::new(format!("engine start: {e}")))?;
+        Ok(world)
+    }
+
+    /// Starts (or restarts) the engine from durable storage.
+    fn boot(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+        self.generation += 1;
+        if let Some(faults) = self.faults.as_mut() {
+            let lost = self.agenda.values().filter(|s| matches!(s.delivery, Delivery::PersistAck { .. })).count();
+            faults.counts.lost_writes += lost as u64;
+        }
+        if let Some(checker) = self.checker.as_mut() {
+            let stored = fedsend_core::Changes {
+                destinations: self.durable.destinations.values().cloned().collect(),
+                ..fedsend_core::Changes::default()
+            };
+            checker.on_restart(&stored);
+        }
+        self.agenda.retain(|_, s| s.generation == self.generation);
+        self.visible = self.durable.clone();
+        self.engine_deadline = None;
+        let recovered = serde_json::to_string(&self.durable.recovered()).map_err(|e| e.to_string())?;
+        engine.start(&self.config_json, &recovered)?;
+        self.drain(engine, emit)
+    }
+
+    pub(crate) fn run_step(&mut self, step: &Step, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+        match step {
+            Step::CreateRoom { room, creator, visibility } => {
+                check_id(room, '!', "room")?;
+                self.check_local_user(creator)?;
+                if self.rooms.contains_key(room) {
+                    return Err(format!("room {room} already exists"));
+                }
+                self.rooms.insert(
+                    room.clone(),
+                    Room {
+                        visibility: *visibility,
+                        members: BTreeMap::new(),
+                        extremities: BTreeSet::new(),
+                        partial_state: None,
+                    },
+                );
+                let content = json!({ "creator": creator });
+                self.persist_event(room, creator, "m.room.create", content, Some(""), None, None, Some(vec![]), emit)?;
+                // The spec's world joins the creator without a separate event.
+                self.room_mut(room)?.members.insert(creator.clone(), Membership::Join);
+                self.notify(engine, emit)
+            }
+            Step::Join { room, user, id } => {
+                check_id(user, '@', "user")?;
+                let content = json!({ "membership": "join" });
+                self.persist_event(room, user, "m.room.member", content, Some(user), id.as_deref(), None, None, emit)?;
+                self.notify(engine, emit)
+            }
+            Step::Leave { room, user, by, id } => {
+                check_id(user, '@', "user")?;
+                let sender = by.as_deref().unwrap_or(user);
+                check_id(sender, '@', "user")?;
+                let content = json!({ "membership": "leave" });
+                self.persist_event(room, sender, "m.room.member", content, Some(user), id.as_deref(), None, None, emit)?;
+                self.notify(engine, emit)
+            }
+            Step::Send { room, sender, event_type, content, state_key, id, flags, prev } => {
+                check_id(sender, '@', "user")?;
+                if prev.is_some() && self.is_local(sender) {
+                    return Err(String::from("`prev` is only for remote senders"));
+                }
+                self.persist_event(
+                    room,
+                    sender,
+                    event_type,
+                    content.clone(),
+                    state_key.as_deref(),
+                    id.as_deref(),
+                    flags.as_ref(),
+                    prev.clone(),
+                    emit,
+                )?;
+                self.notify(engine, emit)
+            }
+            Step::PartialState { room, servers } => {
+                for server in servers {
+                    ServerName::parse(server).map_err(|e| e.to_string())?;
+                }
+                self.room_mut(room)?.partial_state = Some(servers.clone());
+                Ok(())
+            }
+            Step::FullState { room } => {
+                self.room_mut(room)?.partial_state = None;
+                Ok(())
+            }
+            Step::Remote { host, respond, latency_ms } => {
+                let host = self.remote_name(host)?;
+                let remote = self.remotes.entry(host).or_default();
+                remote.respond = respond.clone();
+                remote.latency_ms = latency_ms.unwrap_or(0);
+                Ok(())
+            }
+            Step::Reject { host, pdus, edu_types, status } => {
+                let host = self.remote_name(host)?;
+                if !(100..=599).contains(status) {
+                    return Err(format!("status {status} is not an HTTP status"));
+                }
+                // Poison ids may name events that do not exist yet (they are matched on send).
+                for pdu in pdus {
+                    check_id(pdu, '$', "event")?;
+                }
+                self.rejects.push(RejectRule {
+                    host,
+                    pdus: pdus.iter().cloned().collect(),
+                    edu_types: edu_types.iter().cloned().collect(),
+                    status: *status,
+                });
+                Ok(())
+            }
+            Step::Inbound { host } => {
+                let destination = ServerName::parse(&self.remote_name(host)?).map_err(|e| e.to_string())?;
+                self.contact(host);
+                self.input(engine, emit, Input::RemoteUp { destination })
+            }
+            Step::Wake { host } => {
+                let destination = ServerName::parse(&self.remote_name(host)?).map_err(|e| e.to_string())?;
+                self.contact(host);
+                self.input(engine, emit, Input::WakeDestination { destination })
+            }
+            Step::Advance { ms } => {
+                let target = self.now.checked_add(*ms).ok_or("time overflows")?;
+                self.run_until(target, engine, emit)
+            }
+            Step::Settle {} => self.run_until(self.now, engine, emit),
+            Step::Restart {} => self.boot(engine, emit),
+            Step::SetRetryTimings { host, failure_ts, retry_last_ts, retry_interval_ms } => {
+                let name = ServerName::parse(&self.remote_name(host)?).map_err(|e| e.to_string())?;
+                let mut state = self.stored_state(&name);
+                state.failure_ts = *failure_ts;
+                state.retry_last_ts = *retry_last_ts;
+                state.retry_interval = *retry_interval_ms;
+                self.overwrite_state(state, engine, emit)
+            }
+            Step::SetLastSuccessful { host, event } => {
+                let name = ServerName::parse(&self.remote_name(host)?).map_err(|e| e.to_string())?;
+                let stream = self.events[self.event(event)?].stream;
+                let mut state = self.stored_state(&name);
+                state.last_successful_stream_ordering = Some(stream);
+                self.overwrite_state(state, engine, emit)
+            }
+            Step::Snapshot {} => {
+                self.snapshot(emit);
+                Ok(())
+            }
+            Step::Receipt { .. }
+            | Step::Presence { .. }
+            | Step::Typing { .. }
+            | Step::ToDevice { .. }
+            | Step::DeviceUpdate { .. }
+            | Step::SigningKeyUpdate { .. }
+            | Step::Edu { .. } => Err(String::from("EDU ops are not implemented yet (the EDU path is a later issue)")),
+        }
+    }
+
+    // ----- the homeserver: rooms and events -----
+
+    fn is_local(&self, user: &str) -> bool {
+        server_of(user) == Some(self.server_name.as_str())
+    }
+
+    fn check_local_user(&self, user: &str) -> StepResult {
+        check_id(user, '@', "user")?;
+        if self.is_local(user) { Ok(()) } else { Err(format!("{user} is not a local user")) }
+    }
+
+    fn room_mut(&mut self, room: &str) -> Result<&mut Room, String> {
+        self.rooms.get_mut(room).ok_or_else(|| format!("unknown room {room}"))
+    }
+
+    fn event(&self, id: &str) -> Result<usize, String> {
+        self.event_index.get(id).copied().ok_or_else(|| format!("unknown event id {id}"))
+    }
+
+    fn remote_name(&self, host: &str) -> Result<String, String> {
+        ServerName::parse(host).map_err(|e| e.to_string())?;
+        if host == self.server_name {
+            return Err(format!("{host} is our own server"));
+        }
+        Ok(host.to_string())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn persist_event(
+        &mut self,
+        room_id: &str,
+        sender: &str,
+        event_type: &str,
+        content: Value,
+        state_key: Option<&str>,
+        id: Option<&str>,
+        flags: Option<&Flags>,
+        prev: Option<Vec<String>>,
+        emit: &mut dyn FnMut(&str),
+    ) -> StepResult {
+        let stream = self.next_stream;
+        let event_id = match id {
+            Some(id) => {
+                check_id(id, '$', "event")?;
+                if self.event_index.contains_key(id) {
+                    return Err(format!("event id {id} already exists"));
+                }
+                id.to_string()
+            }
+            None => format!("${stream}"),
+        };
+        if self.event_index.contains_key(&event_id) {
+            return Err(format!("event id {event_id} already exists"));
+        }
+        let is_create = event_type == "m.room.create";
+        let now = self.now;
+        let room = self.rooms.get(room_id).ok_or_else(|| format!("unknown room {room_id}"))?;
+        let is_membership = event_type == "m.room.member" && state_key.is_some();
+        let joining_self = is_membership
+            && state_key == Some(sender)
+            && content.get("membership").and_then(Value::as_str) == Some("join");
+        if !is_create && !joining_self && room.members.get(sender) != Some(&Membership::Join) {
+            return Err(format!("{sender} is not joined to {room_id}"));
+        }
+        let prev_indices: Vec<usize> = match prev {
+            Some(ids) => ids.iter().map(|id| self.event(id)).collect::<Result<_, _>>()?,
+            None => {
+                let mut extremities: Vec<usize> = room.extremities.iter().copied().collect();
+                extremities.sort_by(|a, b| self.events[*b].depth.cmp(&self.events[*a].depth).then(b.cmp(a)));
+                extremities.truncate(10);
+                extremities
+            }
+        };
+        for &p in &prev_indices {
+            if self.events[p].room != room_id {
+                return Err(format!("prev event {} is in another room", self.events[p].id));
+            }
+        }
+        let depth = prev_indices.iter().map(|&p| self.events[p].depth).max().map_or(1, |d| d + 1);
+        let prev_ids: Vec<String> = prev_indices.iter().map(|&p| self.events[p].id.clone()).collect();
+        let hosts_before = servers_with(room, &[Membership::Join]);
+        let flags = flags.cloned();
+        let on_behalf_of = match flags.as_ref().and_then(|f| f.send_on_behalf_of.clone()) {
+            Some(name) => Some(ServerName::parse(&name).map_err(|e| e.to_string())?),
+            None => None,
+        };
+
+        let mut pdu = json!({
+            "auth_events": [],
+            "content": content,
+            "depth": depth,
+            "event_id": event_id,
+            "hashes": { "sha256": "" },
+            "origin_server_ts": now,
+            "prev_events": prev_ids,
+            "room_id": room_id,
+            "sender": sender,
+            "type": event_type,
+        });
+        if let (Some(key), Some(object)) = (state_key, pdu.as_object_mut()) {
+            object.insert("state_key".into(), Value::String(key.to_string()));
+        }
+
+        // Membership changes apply after routing was decided from the state before the event.
+        let mut invitee_server = None;
+        let room = self.rooms.get_mut(room_id).ok_or_else(|| format!("unknown room {room_id}"))?;
+        if is_membership {
+            let target = state_key.unwrap_or_default();
+            check_id(target, '@', "user")?;
+            let membership = match content.get("membership").and_then(Value::as_str) {
+                Some("join") => Membership::Join,
+                Some("invite") => Membership::Invite,
+                Some("leave") | Some("ban") => Membership::Leave,
+                other => return Err(format!("unsupported membership {other:?}")),
+            };
+            let previous = room.members.get(target).copied();
+            if membership == Membership::Leave && previous == Some(Membership::Invite) && sender != target {
+                invitee_server = server_of(target).and_then(|s| ServerName::parse(s).ok());
+            }
+            room.members.insert(target.to_string(), membership);
+        }
+        for &p in &prev_indices {
+            room.extremities.remove(&p);
+        }
+        let index = self.events.len();
+        room.extremities.insert(index);
+        let joined_after = servers_with(room, &[Membership::Join]);
+        let invited_after = servers_with(room, &[Membership::Join, Membership::Invite]);
+        let partial_state_servers = match &room.partial_state {
+            Some(servers) => Some(servers.iter().map(|s| ServerName::parse(s)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?),
+            None => None,
+        };
+
+        let hosts: Vec<ServerName> = hosts_before.iter().filter_map(|s| ServerName::parse(s).ok()).collect();
+        let info = PduInfo {
+            event_id: event_id.clone(),
+            room_id: room_id.to_string(),
+            stream_ordering: stream,
+            sender: sender.to_string(),
+            has_prev_events: !prev_indices.is_empty(),
+            hosts,
+            partial_state_servers,
+            invitee_server,
+            proactively_send: flags.as_ref().is_none_or(|f| f.proactively_send),
+            out_of_band: flags.as_ref().is_some_and(|f| f.out_of_band),
+            send_on_behalf_of: on_behalf_of,
+            received_ts: Some(now),
+            pdu: pdu.clone(),
+        };
+        self.events.push(EventRecord {
+            id: event_id.clone(),
+            room: room_id.to_string(),
+            stream,
+            sender: sender.to_string(),
+            depth,
+            pdu,
+            info,
+            joined_after,
+            invited_after,
+        });
+        self.event_index.insert(event_id.clone(), index);
+        self.next_stream += 1;
+        emit(&line(&PersistedLine { t: now, kind: "persisted", event: &event_id, room: room_id, stream, sender }));
+        Ok(())
+    }
+
+    fn notify(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+        let up_to = self.next_stream - 1;
+        self.input(engine, emit, Input::NewEvents { up_to })
+    }
+
+    fn visible_to(&self, index: usize, destination: &str) -> bool {
+        let event = &self.events[index];
+        let Some(room) = self.rooms.get(&event.room) else { return false };
+        if room.partial_state.is_some() && !self.is_local(&event.sender) {
+            return false;
+        }
+        match room.visibility {
+            Visibility::Shared | Visibility::WorldReadable => true,
+            Visibility::Joined => event.joined_after.contains(destination),
+            Visibility::Invited => event.invited_after.contains(destination),
+        }
+    }
+
+    // ----- storage -----
+
+    fn stored_state(&self, name: &ServerName) -> DestinationState {
+        self.durable
+            .destinations
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| DestinationState { destination: name.clone(), ..DestinationState::default() })
+    }
+
+    /// An operator edit of storage, which the running sender is told about.
+    fn overwrite_state(&mut self, state: DestinationState, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+        self.contact(state.destination.as_str());
+        self.durable.destinations.insert(state.destination.clone(), state.clone());
+        self.visible.destinations.insert(state.destination.clone(), state.clone());
+        self.input(engine, emit, Input::SetDestinationState { state })
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// For every (destination, room): the newest event fan-out owed that destination, as
+    /// (destination, room, event id, stream ordering).
+    pub(crate) fn owed(&self) -> Vec<(String, String, String, u64)> {
+        let mut owed: BTreeMap<(String, String), (String, u64)> = BTreeMap::new();
+        for event in &self.events {
+            let info = &event.info;
+            let sendable = (self.is_local(&info.sender) || info.send_on_behalf_of.is_some())
+                && info.has_prev_events
+                && info.proactively_send
+                && !info.out_of_band;
+            if !sendable {
+                continue;
+            }
+            let targets = info.partial_state_servers.as_ref().unwrap_or(&info.hosts).iter().chain(info.invitee_server.iter());
+            for target in targets {
+                if target.as_str() == self.server_name || info.send_on_behalf_of.as_ref() == Some(target) {
+                    continue;
+                }
+                owed.insert((String::from(target.as_str()), event.room.clone()), (event.id.clone(), event.stream));
+            }
+        }
+        owed.into_iter().map(|((dest, room), (id, stream))| (dest, room, id, stream)).collect()
+    }
+
+    /// Whether `event_id` is in `room` at or after `stream`.
+    pub(crate) fn event_in_room_at_or_after(&self, event_id: &str, room: &str, stream: u64) -> bool {
+        self.event_index.get(event_id).is_some_and(|&i| self.events[i].room == room && self.events[i].stream >= stream)
+    }
+
+    fn contact(&mut self, host: &str) {
+        if let Some(checker) = self.checker.as_mut() {
+            checker.on_contact(host);
+        }
+    }
+
+    /// When a storage answer arrives, or `None` if storage fails the request.
+    fn storage_answer_at(&mut self) -> Option<u64> {
+        let Some(faults) = self.faults.as_mut() else { return Some(self.now) };
+        if faults.storage_fails() {
+            return None;
+        }
+        Some(self.now + faults.storage_delay_ms())
+    }
+
+    fn answer(&mut self, request: fedsend_core::RequestId, input: Input) {
+        match self.storage_answer_at() {
+            Some(at) => self.schedule(at, Delivery::Input(input)),
+            None => {
+                let error = String::from("injected storage failure");
+                self.schedule(self.now, Delivery::Input(Input::StorageFailed { request, error }));
+            }
+        }
+    }
+
+    fn snapshot(&self, emit: &mut dyn FnMut(&str)) {
+        let destination_rooms = self
+            .durable
+            .destination_rooms
+            .iter()
+            .map(|((destination, room), stream)| SnapshotRoom {
+                destination: destination.as_str(),
+                room,
+                stream_ordering: *stream,
+            })
+            .collect();
+        emit(&line(&SnapshotLine {
+            t: self.now,
+            kind: "snapshot",
+            destinations: self.durable.destinations.values().collect(),
+            destination_rooms,
+            events_out_pos: self.durable.events_out_pos,
+        }));
+    }
+
+    // ----- the engine boundary -----
+
+    fn input(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str), input: Input) -> StepResult {
+        let text = serde_json::to_string(&input).map_err(|e| e.to_string())?;
+        engine.handle_input(self.now, &text).map_err(|e| format!("engine refused {text}: {e}"))?;
+        self.drain(engine, emit)
+    }
+
+    fn schedule(&mut self, at: u64, delivery: Delivery) {
+        self.next_seq += 1;
+        self.agenda.insert((at, self.next_seq), Scheduled { generation: self.generation, delivery });
+    }
+
+    fn drain(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+        while let Some(text) = engine.poll_output() {
+            let output: Output =
+                serde_json::from_str(&text).map_err(|e| format!("engine produced an undecodable output {text}: {e}"))?;
+            self.perform(output, emit)?;
+        }
+        self.engine_deadline = engine.poll_timeout();
+        Ok(())
+    }
+
+    fn perform(&mut self, output: Output, emit: &mut dyn FnMut(&str)) -> StepResult {
+        let now = self.now;
+        match output {
+            Output::SendTransaction(txn) => self.transmit(txn, emit),
+            Output::FetchEvents { request, after, limit } => {
+                // Stream orderings are 1-based positions in `events`.
+                let from = usize::try_from(after).unwrap_or(usize::MAX).min(self.events.len());
+                let events: Vec<PduInfo> =
+                    self.events[from..].iter().take(limit as usize).map(|e| e.info.clone()).collect();
+                self.answer(request, Input::EventsFetched { request, events });
+                Ok(())
+            }
+            Output::LoadCatchUp { request, destination, after, up_to, limit } => {
+                let rows = self.visible.catch_up_rows(&destination, after, up_to, limit);
+                let mut rooms = Vec::with_capacity(rows.len());
+                for (room_id, stream) in rows {
+                    let Some(index) = usize::try_from(stream).ok().and_then(|s| s.checked_sub(1)) else { continue };
+                    if index >= self.events.len() {
+                        continue;
+                    }
+                    let event = &self.events[index];
+                    let room = self.rooms.get(&room_id).ok_or_else(|| format!("storage names unknown room {room_id}"))?;
+                    let mut extremities: Vec<usize> = room.extremities.iter().copied().collect();
+                    extremities.sort_by(|a, b| self.events[*b].depth.cmp(&self.events[*a].depth).then(b.cmp(a)));
+                    extremities.truncate(10);
+                    rooms.push(CatchUpRoom {
+                        room_id: room_id.clone(),
+                        stream_ordering: stream,
+                        event_id: event.id.clone(),
+                        pdu: event.pdu.clone(),
+                        partial_state: room.partial_state.is_some(),
+                        extremities: extremities
+                            .into_iter()
+                            .map(|x| Extremity {
+                                event_id: self.events[x].id.clone(),
+                                stream_ordering: self.events[x].stream,
+                                visible: self.visible_to(x, destination.as_str()),
+                                pdu: self.events[x].pdu.clone(),
+                            })
+                            .collect(),
+                    });
+                }
+                if self.trace_events {
+                    let summary: Vec<(String, u64, String)> =
+                        rooms.iter().map(|r| (r.room_id.clone(), r.stream_ordering, r.event_id.clone())).collect();
+                    emit(&line(&json!({"t": now, "kind": "x-catch-up", "dest": destination.as_str(), "after": after, "rooms": summary})));
+                }
+                if let Some(checker) = self.checker.as_mut() {
+                    let offered = rooms.iter().flat_map(|room| {
+                        core::iter::once(room.event_id.clone())
+                            .chain(room.extremities.iter().filter(|x| x.visible).map(|x| x.event_id.clone()))
+                    });
+                    checker.on_offered(destination.as_str(), offered);
+                }
+                self.answer(request, Input::CatchUpLoaded { request, rooms });
+                Ok(())
+            }
+            Output::LoadOutstanding { request, after, limit } => {
+                let destinations = self.visible.outstanding(after.as_ref(), limit);
+                self.answer(request, Input::OutstandingLoaded { request, destinations });
+                Ok(())
+            }
+            Output::Persist { request, changes } => {
+                if let Some(checker) = self.checker.as_mut() {
+                    checker.on_persist(&changes);
+                }
+                match self.storage_answer_at() {
+                    Some(at) => {
+                        self.visible.apply(&changes);
+                        self.schedule(at, Delivery::PersistAck { request, changes });
+                    }
+                    None => {
+                        let error = String::from("injected storage failure");
+                        self.schedule(now, Delivery::Input(Input::StorageFailed { request, error }));
+                    }
+                }
+                Ok(())
+            }
+            Output::Event { event } => {
+                if let Some(checker) = self.checker.as_mut() {
+                    checker.on_event(&event);
+                }
+                if self.trace_events {
+                    #[derive(Serialize)]
+                    struct EventLine<'a> {
+                        t: u64,
+                        kind: &'static str,
+                        event: &'a CoreEvent,
+                    }
+                    emit(&line(&EventLine { t: now, kind: "x-event", event: &event }));
+                }
+                if let CoreEvent::Dropped { destination, item, reason } = event {
+                    emit(&line(&DroppedLine { t: now, kind: "dropped", dest: destination.as_str(), item: &item, reason: &reason }));
+                }
+                Ok(())
+            }
+            other => Err(format!("the world cannot perform {other:?}")),
+        }
+    }
+
+    /// A transaction leaves: trace it, let the remote decide, schedule the answer.
+    fn transmit(&mut self, txn: fedsend_core::OutgoingTransaction, emit: &mut dyn FnMut(&str)) -> StepResult {
+        let now = self.now;
+        let body: Value = serde_json::from_str(&txn.body).map_err(|e| format!("transaction body is not JSON: {e}"))?;
+        let edus: Vec<Value> = body.get("edus").and_then(Value::as_array).cloned().unwrap_or_default();
+        emit(&line(&SendLine {
+            t: now,
+            kind: "send",
+            dest: txn.destination.as_str(),
+            txn_id: &txn.txn_id,
+            pdus: &txn.pdu_ids,
+            edus: &edus,
+            bytes: txn.body.len(),
+        }));
+        let host = txn.destination.as_str().to_string();
+        if host == self.server_name {
+            return Err(String::from("the sender sent a transaction to ourselves"));
+        }
+        if let Some(mut checker) = self.checker.take() {
+            let events = &self.events;
+            let index = &self.event_index;
+            let routed = |event_id: &str| {
+                index.get(event_id).is_some_and(|&i| {
+                    let info = &events[i].info;
+                    info.partial_state_servers.as_ref().unwrap_or(&info.hosts).iter().any(|h| h.as_str() == host)
+                        || info.invitee_server.as_ref().is_some_and(|h| h.as_str() == host)
+                })
+            };
+            let verdict = checker.on_send(now, &self.server_name, &txn, edus.len(), &routed);
+            self.checker = Some(checker);
+            verdict?;
+        }
+        let edu_types: BTreeSet<String> =
+            edus.iter().filter_map(|e| e.get("edu_type").and_then(Value::as_str)).map(String::from).collect();
+        let rejected = self.rejects.iter().find(|rule| {
+            rule.host == host
+                && (txn.pdu_ids.iter().any(|id| rule.pdus.contains(id)) || edu_types.iter().any(|t| rule.edu_types.contains(t)))
+        });
+        let timeout_ms = self.config.request_timeout_ms;
+        let mishap = self.faults.as_mut().map_or(Mishap::None, Faults::mishap);
+        let extra_latency = self.faults.as_mut().map_or(0, Faults::latency_ms);
+        let remote = self.remotes.entry(host.clone()).or_default();
+        let respond = match rejected {
+            Some(rule) => Respond::Status { status: rule.status, retry_after_ms: None, errcode: None, pdu_errors: BTreeMap::new() },
+            None => remote.respond.clone(),
+        };
+        let latency = remote.latency_ms + extra_latency;
+        let respond = match (mishap, &respond) {
+            (Mishap::Error, Respond::Ok) => Respond::Status { status: 500, retry_after_ms: None, errcode: None, pdu_errors: BTreeMap::new() },
+            (Mishap::RateLimit { retry_after_ms }, Respond::Ok) => Respond::Status {
+                status: 429,
+                retry_after_ms: Some(retry_after_ms),
+                errcode: Some(String::from("M_LIMIT_EXCEEDED")),
+                pdu_errors: BTreeMap::new(),
+            },
+            _ => respond,
+        };
+        let (at, outcome, result) = match respond {
+            Respond::Ok => (now + latency, String::from("ok"), TransactionResult::Ok { pdu_errors: BTreeMap::new() }),
+            Respond::Unreachable => (now + latency, String::from("unreachable"), TransactionResult::Unreachable),
+            Respond::Timeout => (now + timeout_ms, String::from("timeout"), TransactionResult::Timeout),
+            Respond::Status { status, pdu_errors, .. } if (200..300).contains(&status) => {
+                let outcome = if pdu_errors.is_empty() { "ok" } else { "ok_with_pdu_errors" };
+                (now + latency, String::from(outcome), TransactionResult::Ok { pdu_errors })
+            }
+            Respond::Status { status, retry_after_ms, errcode, .. } => (
+                now + latency,
+                format!("status {status}"),
+                TransactionResult::Status { status, retry_after_ms, errcode },
+            ),
+        };
+        if matches!(result, TransactionResult::Ok { .. }) {
+            if let Some(previous) = remote.accepted.get(&txn.txn_id) {
+                if **previous != *txn.body {
+                    return Err(format!("txn id {} was reused with a different body", txn.txn_id));
+                }
+            }
+            remote.accepted.insert(txn.txn_id.clone(), txn.body.to_string());
+            if let Some(checker) = self.checker.as_mut() {
+                checker.on_accepted(&host, &txn.pdu_ids);
+            }
+        }
+        // A lost answer: the remote did the work, the sender hears nothing until its timeout.
+        let (at, outcome, result) = if mishap == Mishap::Drop && matches!(result, TransactionResult::Ok { .. }) {
+            (now + timeout_ms, String::from("timeout"), TransactionResult::Timeout)
+        } else {
+            (at, outcome, result)
+        };
+        let input = Input::TransactionDone { request: txn.request, result };
+        self.schedule(at, Delivery::TransactionResult { destination: host, txn_id: txn.txn_id, outcome, input });
+        Ok(())
+    }
+
+    /// Delivers everything due up to `target` in time order, then sets the clock to `target`.
+    fn run_until(&mut self, target: u64, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+        let mut deliveries = 0u64;
+        loop {
+            deliveries += 1;
+            if deliveries > DELIVERIES_PER_STEP_MAX {
+                return Err(format!("no quiescence after {DELIVERIES_PER_STEP_MAX} deliveries (livelock?)"));
+            }
+            let next_scheduled = self.agenda.keys().next().map(|(at, _)| *at);
+            let deadline = self.engine_deadline.map(|d| d.max(self.now));
+            let due_scheduled = next_scheduled.filter(|at| *at <= target);
+            let due_deadline = deadline.filter(|at| *at <= target);
+            match (due_scheduled, due_deadline) {
+                (Some(at), deadline) if deadline.is_none_or(|d| at <= d) => {
+                    self.now = self.now.max(at);
+                    let Some((_, scheduled)) = self.agenda.pop_first() else { break };
+                    self.deliver(scheduled.delivery, engine, emit)?;
+                }
+                (_, Some(at)) => {
+                    self.now = self.now.max(at);
+                    self.engine_deadline = None;
+                    self.input(engine, emit, Input::Timeout)?;
+                    if self.engine_deadline.is_some_and(|d| d <= at) && !self.agenda.keys().next().is_some_and(|k| k.0 <= at) {
+                        return Err(format!("engine asked for a timeout at {at} again right after it was delivered"));
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.now = target;
+        Ok(())
+    }
+
+    fn deliver(&mut self, delivery: Delivery, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+        match delivery {
+            Delivery::Input(input) => self.input(engine, emit, input),
+            Delivery::TransactionResult { destination, txn_id, outcome, input } => {
+                if let (Some(checker), Input::TransactionDone { result, .. }) = (self.checker.as_mut(), &input) {
+                    checker.on_result(&destination, &txn_id, result);
+                }
+                emit(&line(&ResultLine { t: self.now, kind: "result", dest: &destination, txn_id: &txn_id, outcome: &outcome }));
+                self.input(engine, emit, input)
+            }
+            Delivery::PersistAck { request, changes } => {
+                self.durable.apply(&changes);
+                self.input(engine, emit, Input::Persisted { request })
+            }
+        }
+    }
+}
+
+fn servers_with(room: &Room, memberships: &[Membership]) -> BTreeSet<String> {
+    room.members
+        .iter()
+        .filter(|(_, m)| memberships.contains(m))
+        .filter_map(|(user, _)| server_of(user).map(String::from))
+        .collect()
+}
+
+fn check_id(id: &str, sigil: char, what: &str) -> StepResult {
+    let valid = id.starts_with(sigil)
+        && id.len() > 1
+        && match sigil {
+            '$' => true,
+            _ => server_of(id).is_some_and(|s| ServerName::parse(s).is_ok()),
+        };
+    if valid { Ok(()) } else { Err(format!("invalid {what} id {id:?}")) }
+}

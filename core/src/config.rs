@@ -232,7 +232,10 @@ impl Config {
             return bad("pdus_per_transaction_max", "must be between 1 and 50");
         }
         if !(11..=EDUS_PER_TRANSACTION_LIMIT).contains(&self.edus_per_transaction_max) {
-            return bad("edus_per_transaction_max", "must be between 11 and 100 (10 slots are reserved for device lists)");
+            return bad(
+                "edus_per_transaction_max",
+                "must be between 11 and 100 (10 slots are reserved for device lists)",
+            );
         }
         if self.http_retry_delay_max_ms == 0 || self.request_timeout_ms == 0 {
             return bad("http_retry_delay_max_ms", "delays and timeouts must be at least 1 ms");

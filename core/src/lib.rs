@@ -105,11 +105,11 @@ pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT}
 pub use error::{ConfigError, InputError};
 pub use event::Event;
 pub use io::{
-    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationStats, DestinationState, Extremity, Input, OutgoingTransaction, Output,
-    PduInfo, Recovered, TransactionResult,
+    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Extremity, Input,
+    OutgoingTransaction, Output, PduInfo, Recovered, TransactionResult,
 };
 pub use rng::Prng;
 pub use sender::FederationSender;
 pub use shard::should_handle;
 pub use time::Timestamp;
-pub use types::{server_of, RequestId, ServerName};
+pub use types::{RequestId, ServerName, server_of};

@@ -13,14 +13,14 @@ use crate::config::Config;
 use crate::error::{ConfigError, InputError};
 use crate::event::Event;
 use crate::io::{
-    CatchUpRoom, Changes, DestinationPhase, DestinationStats, DestinationRoom, DestinationState, Input, OutgoingTransaction, Output, PduInfo,
-    Recovered, TransactionResult,
+    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Input,
+    OutgoingTransaction, Output, PduInfo, Recovered, TransactionResult,
 };
 use crate::rng::Prng;
 use crate::shard::should_handle;
 use crate::time::Timestamp;
-use crate::transaction::{build_body, PduEntry};
-use crate::types::{server_of, RequestId, ServerName};
+use crate::transaction::{PduEntry, build_body};
+use crate::types::{RequestId, ServerName, server_of};
 
 /// Pause before a failed storage request is issued again.
 const STORAGE_RETRY_DELAY_MS: u64 = 1_000;
@@ -76,14 +76,29 @@ pub struct FederationSender {
 enum Pending {
     /// `known` is the highest stream ordering notified when the query was issued: a short
     /// answer proves storage holds nothing more up to it.
-    FetchEvents { after: u64, known: u64 },
-    CatchUp { destination: ServerName, after: u64, up_to: u64 },
-    Outstanding { after: Option<ServerName> },
+    FetchEvents {
+        after: u64,
+        known: u64,
+    },
+    CatchUp {
+        destination: ServerName,
+        after: u64,
+        up_to: u64,
+    },
+    Outstanding {
+        after: Option<ServerName>,
+    },
     /// `reissued`: a retry of a failed batch, whose destinations wait for it (see
     /// `FederationSender::unapplied_rows`).
     /// `fanout_from`: for a batch that advances `events_out_pos`, the position before it.
-    Persist { changes: Changes, reissued: bool, fanout_from: Option<u64> },
-    Transaction { destination: ServerName },
+    Persist {
+        changes: Changes,
+        reissued: bool,
+        fanout_from: Option<u64>,
+    },
+    Transaction {
+        destination: ServerName,
+    },
 }
 
 impl Pending {
@@ -367,11 +382,11 @@ impl FederationSender {
     fn stats_of(&self, name: &ServerName, d: &Destination) -> DestinationStats {
         let queue = d.queue.as_deref();
         let phase = queue.map_or(Phase::Idle, |q| q.phase);
-        let queued_pdus = queue.map_or(0, |q| {
-            q.pending_pdus.len() as u64 + q.frozen.as_ref().map_or(0, |f| f.items.len() as u64)
-        });
+        let queued_pdus =
+            queue.map_or(0, |q| q.pending_pdus.len() as u64 + q.frozen.as_ref().map_or(0, |f| f.items.len() as u64));
         let oldest_queued_at = queue.and_then(|q| {
-            let frozen = q.frozen.as_ref().and_then(|f| f.items.iter().map(|p| p.queued_at_ms).filter(|t| *t > 0).min());
+            let frozen =
+                q.frozen.as_ref().and_then(|f| f.items.iter().map(|p| p.queued_at_ms).filter(|t| *t > 0).min());
             let pending = q.pending_pdus.front().map(|p| p.queued_at_ms);
             frozen.into_iter().chain(pending).min()
         });
@@ -380,7 +395,9 @@ impl FederationSender {
             DestinationPhase::Gone
         } else {
             match phase {
-                Phase::Sending(_) | Phase::Querying(_) | Phase::SlotWait if d.catching_up => DestinationPhase::CatchingUp,
+                Phase::Sending(_) | Phase::Querying(_) | Phase::SlotWait if d.catching_up => {
+                    DestinationPhase::CatchingUp
+                }
                 Phase::Sending(_) | Phase::SlotWait => DestinationPhase::Sending,
                 Phase::Querying(_) => DestinationPhase::CatchingUp,
                 Phase::Waiting(_) if backoff_until_ts.is_some() => DestinationPhase::BackingOff,
@@ -905,7 +922,12 @@ impl FederationSender {
         Some(self.freeze(taken, delivered_up_to, None))
     }
 
-    fn freeze(&mut self, items: Vec<Arc<PduEntry>>, delivered_up_to: Option<u64>, catch_up: Option<CatchUpRoom>) -> Frozen {
+    fn freeze(
+        &mut self,
+        items: Vec<Arc<PduEntry>>,
+        delivered_up_to: Option<u64>,
+        catch_up: Option<CatchUpRoom>,
+    ) -> Frozen {
         let jsons: Vec<&str> = items.iter().map(|p| &*p.json).collect();
         let body = build_body(&self.config.server_name, self.now.as_ms(), &jsons, &[]);
         let pdu_ids = items.iter().map(|p| p.event_id.clone()).collect();
@@ -924,7 +946,13 @@ impl FederationSender {
     /// One room of catch-up (reference §9.2 step 6): the newest visible extremities, or the
     /// event we owe if it is one of them, if the room is partial-state, or if none is visible.
     /// `owed_only` is the fallback after the destination rejected the extremities (D7).
-    fn freeze_catch_up(&mut self, name: &ServerName, destination: &mut Destination, room: CatchUpRoom, owed_only: bool) -> Option<Frozen> {
+    fn freeze_catch_up(
+        &mut self,
+        name: &ServerName,
+        destination: &mut Destination,
+        room: CatchUpRoom,
+        owed_only: bool,
+    ) -> Option<Frozen> {
         let catch_up_pos = destination.queue.as_ref().and_then(|q| q.catch_up_pos).unwrap_or(0);
         let owed_is_extremity = room.extremities.iter().any(|e| e.event_id == room.event_id);
         let entry = |event_id: &str, stream_ordering: u64, pdu: &serde_json::Value| {
@@ -1039,7 +1067,9 @@ impl FederationSender {
             TransactionResult::Unreachable | TransactionResult::Timeout => {
                 self.retryable_failure(name, destination, None);
             }
-            TransactionResult::Status { status, .. } if status == 413 || (400..500).contains(&status) && !matches!(status, 401 | 408) => {
+            TransactionResult::Status { status, .. }
+                if status == 413 || (400..500).contains(&status) && !matches!(status, 401 | 408) =>
+            {
                 self.rejected(name, destination, status);
             }
             TransactionResult::Status { .. } => {
@@ -1061,7 +1091,8 @@ impl FederationSender {
         let isolating = queue.split_limit.is_some() || frozen.catch_up.is_some() && frozen.rejections > 1;
         let threshold = if status == 413 || isolating { 1 } else { self.config.poison_rejections_max };
         if rejections < threshold {
-            let schedule_ms = 4u64.saturating_pow(rejections).saturating_mul(1000).min(self.config.http_retry_delay_max_ms);
+            let schedule_ms =
+                4u64.saturating_pow(rejections).saturating_mul(1000).min(self.config.http_retry_delay_max_ms);
             let until = self.now.plus_ms(self.rng.jitter(schedule_ms, 800, 1400));
             queue.phase = Phase::Waiting(until);
             self.timers.insert((until, Timer::Destination(name.clone())));
@@ -1070,7 +1101,9 @@ impl FederationSender {
         let Some(frozen) = queue.frozen.take() else { return };
         let reason = format!("rejected by the destination with HTTP {status}");
         match frozen.catch_up {
-            Some(mut room) if frozen.items.len() > 1 || frozen.items.first().is_some_and(|p| p.event_id != room.event_id) => {
+            Some(mut room)
+                if frozen.items.len() > 1 || frozen.items.first().is_some_and(|p| p.event_id != room.event_id) =>
+            {
                 // Fall back to the event we owe, without the extremities.
                 room.extremities.clear();
                 queue.catch_up_rooms.push_front(room);
@@ -1104,7 +1137,11 @@ impl FederationSender {
         // The frozen transaction is gone if catch-up started while it was in flight.
         let frozen = queue.frozen.take();
         if let (false, Some(frozen)) = (pdu_errors.is_empty(), &frozen) {
-            self.push_event(Event::PduErrors { destination: name.clone(), txn_id: frozen.txn_id.clone(), errors: pdu_errors });
+            self.push_event(Event::PduErrors {
+                destination: name.clone(),
+                txn_id: frozen.txn_id.clone(),
+                errors: pdu_errors,
+            });
         }
         destination.last_success_ts = Some(self.now.as_ms());
         if destination.is_failing() {
@@ -1115,7 +1152,9 @@ impl FederationSender {
             self.push_event(Event::DestinationUp { destination: name.clone() });
         }
         match frozen {
-            Some(Frozen { catch_up: Some(room), .. }) => self.catch_up_room_done(name, destination, room.stream_ordering),
+            Some(Frozen { catch_up: Some(room), .. }) => {
+                self.catch_up_room_done(name, destination, room.stream_ordering)
+            }
             Some(frozen) => self.settle_normal(name, destination, &frozen),
             None => {}
         }

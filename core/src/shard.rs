@@ -36,8 +36,7 @@ mod tests {
         let mut used = [0u32; 3];
         for i in 0..300 {
             let dest = alloc::format!("other_server_{i}");
-            let owners: Vec<usize> =
-                (0..3).filter(|&k| should_handle(&instances, &instances[k], &dest)).collect();
+            let owners: Vec<usize> = (0..3).filter(|&k| should_handle(&instances, &instances[k], &dest)).collect();
             assert_eq!(owners.len(), 1);
             used[owners[0]] += 1;
         }

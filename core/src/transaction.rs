@@ -61,7 +61,8 @@ mod tests {
     #[test]
     fn body_is_canonical_json() {
         let origin = ServerName::parse("test").unwrap();
-        let body = build_body(&origin, 1000000, &[r#"{"a":1}"#, r#"{"b":2}"#], &[r#"{"content":{},"edu_type":"m.typing"}"#]);
+        let body =
+            build_body(&origin, 1000000, &[r#"{"a":1}"#, r#"{"b":2}"#], &[r#"{"content":{},"edu_type":"m.typing"}"#]);
         assert_eq!(
             body,
             r#"{"edus":[{"content":{},"edu_type":"m.typing"}],"origin":"test","origin_server_ts":1000000,"pdus":[{"a":1},{"b":2}]}"#

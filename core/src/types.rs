@@ -113,7 +113,9 @@ mod tests {
 
     #[test]
     fn server_names() {
-        for good in ["test", "host2", "matrix.org", "example.com:8448", "1.2.3.4:80", "[::1]", "[::1]:8448", "127.0.0.1:1"] {
+        for good in
+            ["test", "host2", "matrix.org", "example.com:8448", "1.2.3.4:80", "[::1]", "[::1]:8448", "127.0.0.1:1"]
+        {
             assert!(ServerName::parse(good).is_ok(), "{good}");
         }
         for bad in ["", "a b", "host:", "host:123456", "[::1", "[zz]", "host:port", "ex_ample.com", "@user:test"] {

@@ -39,7 +39,10 @@ impl HumanTrace {
     pub fn push(&mut self, line: &str) {
         let row = match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(fields)) => self.row(fields),
-            _ => Row { cells: [String::new(), "?".into(), String::new(), String::new(), String::new(), line.into()], details: Vec::new() },
+            _ => Row {
+                cells: [String::new(), "?".into(), String::new(), String::new(), String::new(), line.into()],
+                details: Vec::new(),
+            },
         };
         self.rows.push(row);
     }
@@ -79,7 +82,8 @@ impl HumanTrace {
         let mut row = Row::default();
         let (dest, txn, items, detail) = match kind.as_str() {
             "persisted" => {
-                let (event, room, stream, sender) = (take(&mut f, "event"), take(&mut f, "room"), take(&mut f, "stream"), take(&mut f, "sender"));
+                let (event, room, stream, sender) =
+                    (take(&mut f, "event"), take(&mut f, "room"), take(&mut f, "stream"), take(&mut f, "sender"));
                 (room, String::new(), String::new(), format!("{event} (stream {stream}) from {sender}"))
             }
             "send" => {
@@ -112,9 +116,18 @@ impl HumanTrace {
                 }
                 for r in &rooms {
                     let field = |key: &str| r.get(key).cloned().map(text).unwrap_or_default();
-                    row.details.push(format!("{} in {} at stream {}", field("destination"), field("room"), field("stream_ordering")));
+                    row.details.push(format!(
+                        "{} in {} at stream {}",
+                        field("destination"),
+                        field("room"),
+                        field("stream_ordering")
+                    ));
                 }
-                let summary = format!("{} destinations, {} destination rooms, events out at {position}", destinations.len(), rooms.len());
+                let summary = format!(
+                    "{} destinations, {} destination rooms, events out at {position}",
+                    destinations.len(),
+                    rooms.len()
+                );
                 (String::new(), String::new(), String::new(), summary)
             }
             _ => (String::new(), String::new(), String::new(), String::new()),
@@ -209,7 +222,10 @@ mod tests {
     #[test]
     fn long_transactions_are_shortened_and_time_defaults_to_the_first_line() {
         let pdus: Vec<String> = (1..=8).map(|i| format!("\"${i}\"")).collect();
-        let send = format!(r#"{{"t":2000,"kind":"send","dest":"h","txn_id":"1","pdus":[{}],"edus":[],"bytes":9}}"#, pdus.join(","));
+        let send = format!(
+            r#"{{"t":2000,"kind":"send","dest":"h","txn_id":"1","pdus":[{}],"edus":[],"bytes":9}}"#,
+            pdus.join(",")
+        );
         let out = render(None, &[&send, r#"{"t":3500,"kind":"end"}"#]);
         assert!(out.contains("8 PDU 0 EDU  9 B: $1 $2 $3 $4 $5 $6 … (+2)"), "{out}");
         assert!(out.contains("+1.500s  end"), "{out}");

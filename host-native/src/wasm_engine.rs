@@ -42,9 +42,7 @@ pub fn locate_guest(explicit: Option<&Path>) -> Result<PathBuf, LoadError> {
     if let Some(path) = std::env::var_os(GUEST_ENV).filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(path));
     }
-    let beside_exe = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join(GUEST_FILE_NAME)));
+    let beside_exe = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.parent()?.join(GUEST_FILE_NAME)));
     let from_cwd = Path::new("target").join(GUEST_FILE_NAME);
     let candidates: Vec<PathBuf> = beside_exe.into_iter().chain([from_cwd]).collect();
     if let Some(found) = candidates.iter().find(|p| p.is_file()) {
@@ -59,6 +57,11 @@ pub fn locate_guest(explicit: Option<&Path>) -> Result<PathBuf, LoadError> {
 }
 
 /// The core as a wasm guest in wasmtime. See the module docs.
+///
+/// The core's errors come back as `Err` with the same text as natively. A trap (a panic in the
+/// guest: a bug) in `start` or `handle_input` is an `Err` naming the export and the panic message,
+/// and the instance is discarded; in `poll_output`, `poll_timeout` or `destination_stats`, which
+/// cannot report errors, it panics, as the natively linked core would have.
 pub struct WasmEngine {
     engine: wasmtime::Engine,
     module: Module,
@@ -75,19 +78,22 @@ impl fmt::Debug for WasmEngine {
 impl WasmEngine {
     /// Loads and compiles the guest module at `path`.
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| LoadError(format!("cannot read wasm guest {}: {e}", path.display())))?;
-        Self::from_bytes(&bytes)
-            .map_err(|LoadError(e)| LoadError(format!("wasm guest {}: {e}", path.display())))
+        let bytes =
+            std::fs::read(path).map_err(|e| LoadError(format!("cannot read wasm guest {}: {e}", path.display())))?;
+        Self::from_bytes(&bytes).map_err(|LoadError(e)| LoadError(format!("wasm guest {}: {e}", path.display())))
     }
 
     /// Compiles a guest module and checks that it speaks ABI v1 and imports nothing.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, LoadError> {
         let engine = wasmtime::Engine::default();
-        let module = Module::new(&engine, bytes).map_err(|e| LoadError(format!("not a valid wasm module: {}", one_line(&e))))?;
+        let module =
+            Module::new(&engine, bytes).map_err(|e| LoadError(format!("not a valid wasm module: {}", one_line(&e))))?;
         let imports: Vec<String> = module.imports().map(|i| format!("{}::{}", i.module(), i.name())).collect();
         if !imports.is_empty() {
-            return Err(LoadError(format!("the guest ABI allows no imports, but the module imports {}", imports.join(", "))));
+            return Err(LoadError(format!(
+                "the guest ABI allows no imports, but the module imports {}",
+                imports.join(", ")
+            )));
         }
         // Instantiate once now, so that a wrong module fails here with a clear message rather
         // than at the first `start`.
@@ -110,7 +116,8 @@ impl Engine for WasmEngine {
     }
 
     fn handle_input(&mut self, now_ms: u64, input_json: &str) -> Result<(), String> {
-        let guest = self.guest.as_mut().ok_or("no machine: fs_start was not called")?;
+        // The native engine's words, so that misuse reads the same on both.
+        let guest = self.guest.as_mut().ok_or("engine used before start")?;
         match guest.handle_input(now_ms, input_json) {
             Ok(reply) => reply,
             Err(Fault(fault)) => {
@@ -222,7 +229,8 @@ impl Guest {
     /// Copies `args` back to back into the scratch buffer; returns its pointer and the total length.
     fn write_args(&mut self, args: &[&[u8]]) -> Result<(u32, u32), Fault> {
         let total: usize = args.iter().map(|a| a.len()).sum();
-        let len = u32::try_from(total).map_err(|_| Fault(format!("arguments of {total} bytes exceed the 4 GiB guest memory")))?;
+        let len = u32::try_from(total)
+            .map_err(|_| Fault(format!("arguments of {total} bytes exceed the 4 GiB guest memory")))?;
         if len > self.scratch.1 {
             let (old_ptr, old_len) = self.scratch;
             if old_len > 0 {
@@ -284,7 +292,7 @@ impl Guest {
 /// else the chain of causes.
 fn one_line(error: &wasmtime::Error) -> String {
     let text = match error.downcast_ref::<Trap>() {
-        Some(trap) => format!("wasm trap: {trap}"),
+        Some(trap) => trap.to_string(), // "wasm trap: …"
         None => error.chain().map(|cause| cause.to_string()).collect::<Vec<_>>().join(": "),
     };
     text.split_whitespace().collect::<Vec<_>>().join(" ")

@@ -96,8 +96,10 @@ impl Runners {
         if failures.is_empty() {
             return;
         }
-        let hints: Vec<String> =
-            [self.wasm.clone(), self.root.join("host-wasm/pkg/node/fedsend_wasm_bg.wasm")].iter().filter_map(|product| staleness_hint(product)).collect();
+        let hints: Vec<String> = [self.wasm.clone(), self.root.join("host-wasm/pkg/node/fedsend_wasm_bg.wasm")]
+            .iter()
+            .filter_map(|product| staleness_hint(product))
+            .collect();
         panic!("{} of {count} {what} failed:\n{}\n{}", failures.len(), failures.join("\n"), hints.join("\n"));
     }
 
@@ -139,9 +141,14 @@ impl Runners {
         for (name, output) in &outputs {
             let stdout = String::from_utf8_lossy(&output.stdout);
             if !output.status.success() {
-                problems.push(format!("{name} exited with {}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim_end()));
+                problems.push(format!(
+                    "{name} exited with {}: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim_end()
+                ));
             } else if stdout != native {
-                problems.push(format!("{name} differs from native (in-process): {}", first_difference(&native, &stdout)));
+                problems
+                    .push(format!("{name} differs from native (in-process): {}", first_difference(&native, &stdout)));
             }
         }
 
@@ -160,7 +167,8 @@ impl Runners {
                         ));
                     }
                 }
-                Err(e) => problems.push(format!("no expected trace {expected_file} ({e}); write it with {BLESS_ENV}=1 and check it")),
+                Err(e) => problems
+                    .push(format!("no expected trace {expected_file} ({e}); write it with {BLESS_ENV}=1 and check it")),
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(format!("{file}:\n  {}", problems.join("\n  "))) }
@@ -185,8 +193,12 @@ impl Runners {
             } else {
                 match line.split_once(&format!("{file}: ")) {
                     Some((_, message)) if message == native_message => {}
-                    Some((_, message)) => problems.push(format!("{name} says {message:?}, native says {native_message:?}")),
-                    None => problems.push(format!("{name}'s message does not start with `PROGRAM: {file}: `: {line:?}")),
+                    Some((_, message)) => {
+                        problems.push(format!("{name} says {message:?}, native says {native_message:?}"))
+                    }
+                    None => {
+                        problems.push(format!("{name}'s message does not start with `PROGRAM: {file}: `: {line:?}"))
+                    }
                 }
             }
         }
@@ -194,7 +206,11 @@ impl Runners {
         let stdouts: Vec<_> = outputs.iter().map(|(name, o)| (name, String::from_utf8_lossy(&o.stdout))).collect();
         for (name, stdout) in &stdouts[1..] {
             if *stdout != stdouts[0].1 {
-                problems.push(format!("{name}'s stdout differs from {}'s: {}", stdouts[0].0, first_difference(&stdouts[0].1, stdout)));
+                problems.push(format!(
+                    "{name}'s stdout differs from {}'s: {}",
+                    stdouts[0].0,
+                    first_difference(&stdouts[0].1, stdout)
+                ));
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(format!("{file}:\n  {}", problems.join("\n  "))) }
@@ -239,13 +255,14 @@ fn for_each_parallel(files: &[String], check: impl Fn(&str) -> Result<(), String
     })
 }
 
-
 /// The trace without lines whose kind starts with `x-` (engine extensions, `spec/scenarios.md`).
 fn without_extensions(trace: &str) -> String {
     trace
         .lines()
         .filter(|line| {
-            let kind = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("kind")?.as_str().map(str::to_owned));
+            let kind = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("kind")?.as_str().map(str::to_owned));
             !kind.is_some_and(|k| k.starts_with("x-"))
         })
         .map(|line| format!("{line}\n"))

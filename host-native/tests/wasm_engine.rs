@@ -46,7 +46,7 @@ fn wasm_engine_answers_like_the_native_engine() {
     assert_eq!(wasm.poll_output(), None);
     assert_eq!(wasm.poll_timeout(), None);
     assert_eq!(wasm.destination_stats(), None);
-    assert!(wasm.handle_input(0, "{}").is_err());
+    assert_eq!(wasm.handle_input(0, "{}"), native.handle_input(0, "{}"));
 
     // The core's own errors come through unchanged.
     let bad_config = wasm.start("{}", "{}");
@@ -88,4 +88,71 @@ fn modules_that_do_not_speak_the_abi_are_refused() {
     let missing = std::path::Path::new("no/such/guest.wasm");
     let message = WasmEngine::from_file(missing).unwrap_err().to_string();
     assert!(message.starts_with("cannot read wasm guest no/such/guest.wasm: "), "{message}");
+}
+
+/// A hand-written guest whose `fs_handle_input` and `fs_poll_output` run the given bodies and
+/// whose last panic message is "boom".
+fn fake_guest_module(version: u32, handle_input: &str, poll_output: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+  (memory (export "memory") 1)
+  (data (i32.const 16) "boom")
+  (func (export "fs_abi_version") (result i32) i32.const {version})
+  (func (export "fs_alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "fs_free") (param i32 i32))
+  (func (export "fs_start") (param i32 i32 i32 i32) (result i64) i64.const 0)
+  (func (export "fs_handle_input") (param i64 i32 i32) (result i64) {handle_input})
+  (func (export "fs_poll_output") (result i64) {poll_output})
+  (func (export "fs_poll_timeout") (result i64) i64.const -1)
+  (func (export "fs_destination_stats") (result i64) i64.const 0)
+  (func (export "fs_last_panic") (result i64) i64.const 0x0000001000000004))"#
+    );
+    wat::parse_str(text).unwrap()
+}
+
+/// [`fake_guest_module`] speaking ABI v1, started.
+fn fake_guest(handle_input: &str, poll_output: &str) -> WasmEngine {
+    let mut engine = WasmEngine::from_bytes(&fake_guest_module(1, handle_input, poll_output)).unwrap();
+    engine.start("{}", "{}").unwrap();
+    engine
+}
+
+#[test]
+fn a_trap_in_handle_input_is_a_one_line_error_and_discards_the_instance() {
+    let mut engine = fake_guest("unreachable", "i64.const 0");
+    let error = engine.handle_input(1, "{}").unwrap_err();
+    assert_eq!(
+        error,
+        "wasm guest failed in fs_handle_input: wasm trap: wasm `unreachable` instruction executed (boom)"
+    );
+    assert_eq!(engine.handle_input(1, "{}").unwrap_err(), "engine used before start");
+    assert_eq!(engine.poll_output(), None);
+    // A restart brings a fresh instance.
+    engine.start("{}", "{}").unwrap();
+    assert_eq!(engine.poll_output(), None);
+}
+
+#[test]
+fn a_trap_or_a_bad_buffer_while_polling_panics_like_the_native_core() {
+    let panic_of = |poll_output: &str| {
+        let mut engine = fake_guest("i64.const 0", poll_output);
+        let payload = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.poll_output())).unwrap_err();
+        payload.downcast_ref::<String>().cloned().unwrap()
+    };
+    assert_eq!(
+        panic_of("unreachable"),
+        "wasm guest failed in fs_poll_output: wasm trap: wasm `unreachable` instruction executed (boom)"
+    );
+    // A buffer at 64 KiB - 2 of length 4 runs past the one-page memory.
+    assert_eq!(panic_of("i64.const 0x0000fffe00000004"), "wasm guest returned a buffer outside its memory (65534, 4)");
+}
+
+#[test]
+fn another_abi_version_is_refused() {
+    let text = r#"(module (memory (export "memory") 1) (func (export "fs_abi_version") (result i32) i32.const 2))"#;
+    let error = WasmEngine::from_bytes(&wat::parse_str(text).unwrap()).unwrap_err().to_string();
+    // The exports are checked first, then the version.
+    assert!(error.contains("fs_alloc"), "{error}");
+    let version_2 = fake_guest_module(2, "i64.const 0", "i64.const 0");
+    assert_eq!(WasmEngine::from_bytes(&version_2).unwrap_err().to_string(), "guest ABI version 2, this host speaks 1");
 }

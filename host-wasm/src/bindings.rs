@@ -43,9 +43,7 @@ impl FederationSender {
         #[wasm_bindgen(js_name = inputJson)] input_json: &str,
     ) -> Result<(), JsError> {
         let now_ms = ms_from_js("nowMs", now_ms).map_err(|e| JsError::new(&e))?;
-        self.inner
-            .handle_input(now_ms, input_json)
-            .map_err(|e| JsError::new(&e))
+        self.inner.handle_input(now_ms, input_json).map_err(|e| JsError::new(&e))
     }
 
     /// The next output (JSON), or `undefined` when there is none for now. Drain it after

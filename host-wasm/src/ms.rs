@@ -39,23 +39,12 @@ mod tests {
         assert_eq!(ms_from_js("t", 0.0), Ok(0));
         assert_eq!(ms_from_js("t", -0.0), Ok(0));
         assert_eq!(ms_from_js("t", 1_700_000_000_123.0), Ok(1_700_000_000_123));
-        assert_eq!(
-            ms_from_js("t", 9_007_199_254_740_991.0),
-            Ok(MAX_SAFE_INTEGER)
-        );
+        assert_eq!(ms_from_js("t", 9_007_199_254_740_991.0), Ok(MAX_SAFE_INTEGER));
     }
 
     #[test]
     fn everything_else_is_refused_with_the_value_named() {
-        for bad in [
-            -1.0,
-            0.5,
-            1e20,
-            9_007_199_254_740_992.0,
-            f64::NAN,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-        ] {
+        for bad in [-1.0, 0.5, 1e20, 9_007_199_254_740_992.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             let err = ms_from_js("nowMs", bad).unwrap_err();
             assert!(err.starts_with("nowMs must be a whole number"), "{err}");
         }

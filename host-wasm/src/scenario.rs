@@ -67,10 +67,7 @@ pub fn run_scenario(
     // and every later `start`/`handleInput` fails with it, so the simulator stops at the
     // current step and names it.
     let fault = RefCell::new(None::<String>);
-    let mut js_engine = JsEngine {
-        object: engine,
-        fault: &fault,
-    };
+    let mut js_engine = JsEngine { object: engine, fault: &fault };
     let mut emit_line = |line: &str| {
         if fault.borrow().is_some() {
             return;
@@ -88,11 +85,7 @@ pub fn run_scenario(
         (Err(e), None) => e.to_string(),
         (Err(e), Some(fault)) => {
             let message = e.to_string();
-            if message.contains(&fault) {
-                message
-            } else {
-                format!("{message} (after: {fault})")
-            }
+            if message.contains(&fault) { message } else { format!("{message} (after: {fault})") }
         }
     };
     Err(JsError::new(&message))
@@ -106,10 +99,7 @@ struct JsEngine<'a> {
 
 impl JsEngine<'_> {
     fn check_fault(&self) -> Result<(), String> {
-        self.fault
-            .borrow()
-            .as_ref()
-            .map_or(Ok(()), |fault| Err(fault.clone()))
+        self.fault.borrow().as_ref().map_or(Ok(()), |fault| Err(fault.clone()))
     }
 
     fn set_fault(&self, fault: String) {
@@ -120,21 +110,15 @@ impl JsEngine<'_> {
 impl Engine for JsEngine<'_> {
     fn start(&mut self, config_json: &str, recovered_json: &str) -> Result<(), String> {
         self.check_fault()?;
-        self.object
-            .start(config_json, recovered_json)
-            .map_err(|e| error_message(&e))
+        self.object.start(config_json, recovered_json).map_err(|e| error_message(&e))
     }
 
     fn handle_input(&mut self, now_ms: u64, input_json: &str) -> Result<(), String> {
         self.check_fault()?;
         if now_ms > MAX_SAFE_INTEGER {
-            return Err(format!(
-                "time {now_ms} ms is beyond 2^53-1 ms, which a JavaScript number cannot hold exactly"
-            ));
+            return Err(format!("time {now_ms} ms is beyond 2^53-1 ms, which a JavaScript number cannot hold exactly"));
         }
-        self.object
-            .handle_input(ms_to_js(now_ms), input_json)
-            .map_err(|e| error_message(&e))
+        self.object.handle_input(ms_to_js(now_ms), input_json).map_err(|e| error_message(&e))
     }
 
     fn poll_output(&mut self) -> Option<String> {
@@ -144,9 +128,7 @@ impl Engine for JsEngine<'_> {
         match self.object.poll_output() {
             Ok(value) if value.is_undefined() || value.is_null() => None,
             Ok(value) => value.as_string().or_else(|| {
-                self.set_fault(format!(
-                    "engine.pollOutput returned {value:?}, not a string or undefined"
-                ));
+                self.set_fault(format!("engine.pollOutput returned {value:?}, not a string or undefined"));
                 None
             }),
             Err(e) => {
@@ -167,10 +149,7 @@ impl Engine for JsEngine<'_> {
                     .as_f64()
                     .ok_or_else(|| format!("{value:?} is not a number"))
                     .and_then(|n| ms_from_js("engine.pollTimeout()", n));
-                ms.map_err(|e| {
-                    self.set_fault(format!("engine.pollTimeout returned a bad deadline: {e}"))
-                })
-                .ok()
+                ms.map_err(|e| self.set_fault(format!("engine.pollTimeout returned a bad deadline: {e}"))).ok()
             }
             Err(e) => {
                 self.set_fault(format!("engine.pollTimeout threw: {}", error_message(&e)));
@@ -181,13 +160,7 @@ impl Engine for JsEngine<'_> {
 }
 
 fn check_callable(value: &JsValue, what: &str) -> Result<(), JsError> {
-    if value.is_function() {
-        Ok(())
-    } else {
-        Err(JsError::new(&format!(
-            "{what} must be a function, got {value:?}"
-        )))
-    }
+    if value.is_function() { Ok(()) } else { Err(JsError::new(&format!("{what} must be a function, got {value:?}"))) }
 }
 
 /// The text of a thrown JavaScript value. A plain `Error` gives just its message, so that the
@@ -197,11 +170,7 @@ fn error_message(thrown: &JsValue) -> String {
     if let Some(error) = thrown.dyn_ref::<js_sys::Error>() {
         let name = String::from(error.name());
         let message = String::from(error.message());
-        if name == "Error" {
-            message
-        } else {
-            format!("{name}: {message}")
-        }
+        if name == "Error" { message } else { format!("{name}: {message}") }
     } else if let Some(text) = thrown.as_string() {
         text
     } else {

@@ -90,7 +90,10 @@ impl Checker {
         *mine += 1;
         let total: u32 = self.in_flight.values().sum();
         if total > self.config.transactions_in_flight_max {
-            return Err(format!("{total} transactions in flight, above the cap {}", self.config.transactions_in_flight_max));
+            return Err(format!(
+                "{total} transactions in flight, above the cap {}",
+                self.config.transactions_in_flight_max
+            ));
         }
         if txn.pdu_ids.len() > self.config.pdus_per_transaction_max as usize {
             return Err(format!("transaction {} has {} PDUs", txn.txn_id, txn.pdu_ids.len()));

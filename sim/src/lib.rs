@@ -106,7 +106,11 @@ impl fmt::Display for ScenarioError {
 }
 
 /// Runs a whole scenario, calling `emit` with each trace line (no trailing newline).
-pub fn run_scenario(scenario_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), ScenarioError> {
+pub fn run_scenario(
+    scenario_json: &str,
+    engine: &mut dyn Engine,
+    emit: &mut dyn FnMut(&str),
+) -> Result<(), ScenarioError> {
     let mut run = ScenarioRun::start(scenario_json, engine, emit)?;
     while run.step(engine, emit)? {}
     Ok(())

@@ -72,11 +72,8 @@ impl MemoryStore {
             if after.is_some_and(|a| destination <= a) || names.last() == Some(destination) {
                 continue;
             }
-            let delivered = self
-                .destinations
-                .get(destination)
-                .and_then(|d| d.last_successful_stream_ordering)
-                .unwrap_or(0);
+            let delivered =
+                self.destinations.get(destination).and_then(|d| d.last_successful_stream_ordering).unwrap_or(0);
             if *stream > delivered {
                 names.push(destination.clone());
                 if names.len() >= limit as usize {

@@ -8,13 +8,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use fedsend_core::{Config, Prng};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
+use crate::Engine;
 use crate::checker::{Checker, Counts};
 use crate::faults::{FaultCounts, FaultRates, Faults};
 use crate::scenario::{Respond, Scenario, Step, Visibility};
 use crate::world::World;
-use crate::Engine;
 
 const SERVER_NAME: &str = "origin.sim";
 
@@ -121,6 +121,63 @@ pub struct Report {
     pub faults: FaultCounts,
     /// Virtual ms from healing to convergence.
     pub convergence_ms: u64,
+}
+
+/// Sums of many reports, for a sweep's summary.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    /// Seeds run.
+    pub seeds: u64,
+    /// Events persisted.
+    pub events: u64,
+    /// Boundary counts.
+    pub counts: Counts,
+    /// Fault counts.
+    pub faults: FaultCounts,
+}
+
+impl Totals {
+    /// Adds one passing run.
+    pub fn add(&mut self, report: &Report) {
+        self.seeds += 1;
+        self.events += report.events;
+        let (c, r) = (&mut self.counts, &report.counts);
+        c.attempts += r.attempts;
+        c.accepted += r.accepted;
+        c.retries += r.retries;
+        c.dropped += r.dropped;
+        c.catch_ups += r.catch_ups;
+        c.recoveries += r.recoveries;
+        let (f, r) = (&mut self.faults, &report.faults);
+        f.drops += r.drops;
+        f.errors += r.errors;
+        f.rate_limits += r.rate_limits;
+        f.storage_failures += r.storage_failures;
+        f.storage_delays += r.storage_delays;
+        f.remote_outages += r.remote_outages;
+        f.poisons += r.poisons;
+        f.crashes += r.crashes;
+        f.lost_writes += r.lost_writes;
+    }
+
+    /// Every fault kind and boundary behaviour with how often the sweep exercised it.
+    pub fn exercised(&self) -> [(&'static str, u64); 13] {
+        [
+            ("lost answers", self.faults.drops),
+            ("5xx", self.faults.errors),
+            ("429", self.faults.rate_limits),
+            ("storage failures", self.faults.storage_failures),
+            ("storage delays", self.faults.storage_delays),
+            ("remote outages (unreachable, timeout, 503, 429, 410 phases)", self.faults.remote_outages),
+            ("poison items", self.faults.poisons),
+            ("sender crashes", self.faults.crashes),
+            ("writes lost in crashes", self.faults.lost_writes),
+            ("retried attempts", self.counts.retries),
+            ("items given up", self.counts.dropped),
+            ("catch-ups", self.counts.catch_ups),
+            ("recoveries", self.counts.recoveries),
+        ]
+    }
 }
 
 /// A failing run: the reason and what to run to see it again.
@@ -256,7 +313,8 @@ impl Sim {
                 _ => Visibility::Shared,
             };
             let creator = format!("@local:{SERVER_NAME}");
-            self.run(engine, emit, &Step::CreateRoom { room: room.clone(), creator, visibility }).map_err(|f| f.reason)?;
+            self.run(engine, emit, &Step::CreateRoom { room: room.clone(), creator, visibility })
+                .map_err(|f| f.reason)?;
             self.rooms.push(room);
         }
         for remote in self.remotes.clone() {
@@ -267,7 +325,13 @@ impl Sim {
         Ok(())
     }
 
-    fn join(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str), user: &str, room: &str) -> Result<(), String> {
+    fn join(
+        &mut self,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+        user: &str,
+        room: &str,
+    ) -> Result<(), String> {
         let joined = self.members.entry(String::from(user)).or_default();
         if joined.iter().any(|r| r == room) {
             return Ok(());
@@ -318,7 +382,11 @@ impl Sim {
             };
             Step::Advance { ms }
         } else if roll < outage + crash + 90 {
-            let user = { let n = self.pick(3); let remote = self.random_remote(); format!("@user{n}:{remote}") };
+            let user = {
+                let n = self.pick(3);
+                let remote = self.random_remote();
+                format!("@user{n}:{remote}")
+            };
             let room = self.random_room();
             return self.join(engine, emit, &user, &room);
         } else if roll < outage + crash + 105 {
@@ -353,7 +421,16 @@ impl Sim {
             }
             let (user, room) = candidates[self.pick(candidates.len())].clone();
             let body = format!("remote {}", self.steps);
-            Step::Send { room, sender: user, event_type: String::from("m.room.message"), content: json!({ "body": body }), state_key: None, id: None, flags: None, prev: None }
+            Step::Send {
+                room,
+                sender: user,
+                event_type: String::from("m.room.message"),
+                content: json!({ "body": body }),
+                state_key: None,
+                id: None,
+                flags: None,
+                prev: None,
+            }
         } else {
             let room = self.random_room();
             let size = if self.chance(30) { self.pick(70_000) } else { self.pick(200) };
@@ -412,9 +489,8 @@ impl Sim {
                 continue;
             }
             let received = checker.received.get(&dest);
-            let has_newer = received.is_some_and(|ids| {
-                ids.iter().any(|id| self.world.event_in_room_at_or_after(id, &room, stream))
-            });
+            let has_newer = received
+                .is_some_and(|ids| ids.iter().any(|id| self.world.event_in_room_at_or_after(id, &room, stream)));
             if !has_newer {
                 return Some(format!("{dest} lacks {event} (room {room}, stream {stream})"));
             }

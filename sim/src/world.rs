@@ -9,11 +9,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use fedsend_core::{
-    server_of, CatchUpRoom, Config, DestinationState, Event as CoreEvent, Extremity, Input, Output, PduInfo,
-    ServerName, TransactionResult,
+    CatchUpRoom, Config, DestinationState, Event as CoreEvent, Extremity, Input, Output, PduInfo, ServerName,
+    TransactionResult, server_of,
 };
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::checker::Checker;
 use crate::faults::{Faults, Mishap};
@@ -163,7 +163,11 @@ pub struct ScenarioRun {
 
 impl ScenarioRun {
     /// Parses `scenario_json` and starts the engine.
-    pub fn start(scenario_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<Self, ScenarioError> {
+    pub fn start(
+        scenario_json: &str,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> Result<Self, ScenarioError> {
         let scenario = Scenario::parse(scenario_json)?;
         let steps = scenario.steps.clone();
         let world = World::start(&scenario, engine, emit)?;
@@ -239,9 +243,13 @@ pub(crate) struct World {
 type StepResult = Result<(), String>;
 
 impl World {
-    pub(crate) fn start(scenario: &Scenario, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<Self, ScenarioError> {
-        let server = ServerName::parse(&scenario.server_name)
-            .map_err(|e| ScenarioError::new(format!("server_name: {e}")))?;
+    pub(crate) fn start(
+        scenario: &Scenario,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> Result<Self, ScenarioError> {
+        let server =
+            ServerName::parse(&scenario.server_name).map_err(|e| ScenarioError::new(format!("server_name: {e}")))?;
         let mut config = serde_json::Map::new();
         config.insert("server_name".into(), Value::String(server.as_str().to_string()));
         config.insert("seed".into(), Value::from(scenario.seed));
@@ -341,7 +349,17 @@ impl World {
                 let sender = by.as_deref().unwrap_or(user);
                 check_id(sender, '@', "user")?;
                 let content = json!({ "membership": "leave" });
-                self.persist_event(room, sender, "m.room.member", content, Some(user), id.as_deref(), None, None, emit)?;
+                self.persist_event(
+                    room,
+                    sender,
+                    "m.room.member",
+                    content,
+                    Some(user),
+                    id.as_deref(),
+                    None,
+                    None,
+                    emit,
+                )?;
                 self.notify(engine, emit)
             }
             Step::Send { room, sender, event_type, content, state_key, id, flags, prev } => {
@@ -571,7 +589,13 @@ impl World {
         let joined_after = servers_with(room, &[Membership::Join]);
         let invited_after = servers_with(room, &[Membership::Join, Membership::Invite]);
         let partial_state_servers = match &room.partial_state {
-            Some(servers) => Some(servers.iter().map(|s| ServerName::parse(s)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?),
+            Some(servers) => Some(
+                servers
+                    .iter()
+                    .map(|s| ServerName::parse(s))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?,
+            ),
             None => None,
         };
 
@@ -637,7 +661,12 @@ impl World {
     }
 
     /// An operator edit of storage, which the running sender is told about.
-    fn overwrite_state(&mut self, state: DestinationState, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
+    fn overwrite_state(
+        &mut self,
+        state: DestinationState,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> StepResult {
         self.contact(state.destination.as_str());
         self.durable.destinations.insert(state.destination.clone(), state.clone());
         self.visible.destinations.insert(state.destination.clone(), state.clone());
@@ -661,7 +690,8 @@ impl World {
             if !sendable {
                 continue;
             }
-            let targets = info.partial_state_servers.as_ref().unwrap_or(&info.hosts).iter().chain(info.invitee_server.iter());
+            let targets =
+                info.partial_state_servers.as_ref().unwrap_or(&info.hosts).iter().chain(info.invitee_server.iter());
             for target in targets {
                 if target.as_str() == self.server_name || info.send_on_behalf_of.as_ref() == Some(target) {
                     continue;
@@ -737,8 +767,8 @@ impl World {
 
     fn drain(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
         while let Some(text) = engine.poll_output() {
-            let output: Output =
-                serde_json::from_str(&text).map_err(|e| format!("engine produced an undecodable output {text}: {e}"))?;
+            let output: Output = serde_json::from_str(&text)
+                .map_err(|e| format!("engine produced an undecodable output {text}: {e}"))?;
             self.perform(output, emit)?;
         }
         self.engine_deadline = engine.poll_timeout();
@@ -766,7 +796,8 @@ impl World {
                         continue;
                     }
                     let event = &self.events[index];
-                    let room = self.rooms.get(&room_id).ok_or_else(|| format!("storage names unknown room {room_id}"))?;
+                    let room =
+                        self.rooms.get(&room_id).ok_or_else(|| format!("storage names unknown room {room_id}"))?;
                     let mut extremities: Vec<usize> = room.extremities.iter().copied().collect();
                     extremities.sort_by(|a, b| self.events[*b].depth.cmp(&self.events[*a].depth).then(b.cmp(a)));
                     extremities.truncate(10);
@@ -790,7 +821,9 @@ impl World {
                 if self.trace_events {
                     let summary: Vec<(String, u64, String)> =
                         rooms.iter().map(|r| (r.room_id.clone(), r.stream_ordering, r.event_id.clone())).collect();
-                    emit(&line(&json!({"t": now, "kind": "x-catch-up", "dest": destination.as_str(), "after": after, "rooms": summary})));
+                    emit(&line(
+                        &json!({"t": now, "kind": "x-catch-up", "dest": destination.as_str(), "after": after, "rooms": summary}),
+                    ));
                 }
                 if let Some(checker) = self.checker.as_mut() {
                     let offered = rooms.iter().flat_map(|room| {
@@ -837,7 +870,13 @@ impl World {
                     emit(&line(&EventLine { t: now, kind: "x-event", event: &event }));
                 }
                 if let CoreEvent::Dropped { destination, item, reason } = event {
-                    emit(&line(&DroppedLine { t: now, kind: "dropped", dest: destination.as_str(), item: &item, reason: &reason }));
+                    emit(&line(&DroppedLine {
+                        t: now,
+                        kind: "dropped",
+                        dest: destination.as_str(),
+                        item: &item,
+                        reason: &reason,
+                    }));
                 }
                 Ok(())
             }
@@ -881,19 +920,27 @@ impl World {
             edus.iter().filter_map(|e| e.get("edu_type").and_then(Value::as_str)).map(String::from).collect();
         let rejected = self.rejects.iter().find(|rule| {
             rule.host == host
-                && (txn.pdu_ids.iter().any(|id| rule.pdus.contains(id)) || edu_types.iter().any(|t| rule.edu_types.contains(t)))
+                && (txn.pdu_ids.iter().any(|id| rule.pdus.contains(id))
+                    || edu_types.iter().any(|t| rule.edu_types.contains(t)))
         });
         let timeout_ms = self.config.request_timeout_ms;
         let mishap = self.faults.as_mut().map_or(Mishap::None, Faults::mishap);
         let extra_latency = self.faults.as_mut().map_or(0, Faults::latency_ms);
         let remote = self.remotes.entry(host.clone()).or_default();
         let respond = match rejected {
-            Some(rule) => Respond::Status { status: rule.status, retry_after_ms: None, errcode: None, pdu_errors: BTreeMap::new() },
+            Some(rule) => Respond::Status {
+                status: rule.status,
+                retry_after_ms: None,
+                errcode: None,
+                pdu_errors: BTreeMap::new(),
+            },
             None => remote.respond.clone(),
         };
         let latency = remote.latency_ms + extra_latency;
         let respond = match (mishap, &respond) {
-            (Mishap::Error, Respond::Ok) => Respond::Status { status: 500, retry_after_ms: None, errcode: None, pdu_errors: BTreeMap::new() },
+            (Mishap::Error, Respond::Ok) => {
+                Respond::Status { status: 500, retry_after_ms: None, errcode: None, pdu_errors: BTreeMap::new() }
+            }
             (Mishap::RateLimit { retry_after_ms }, Respond::Ok) => Respond::Status {
                 status: 429,
                 retry_after_ms: Some(retry_after_ms),
@@ -960,7 +1007,9 @@ impl World {
                     self.now = self.now.max(at);
                     self.engine_deadline = None;
                     self.input(engine, emit, Input::Timeout)?;
-                    if self.engine_deadline.is_some_and(|d| d <= at) && !self.agenda.keys().next().is_some_and(|k| k.0 <= at) {
+                    if self.engine_deadline.is_some_and(|d| d <= at)
+                        && !self.agenda.keys().next().is_some_and(|k| k.0 <= at)
+                    {
                         return Err(format!("engine asked for a timeout at {at} again right after it was delivered"));
                     }
                 }
@@ -978,7 +1027,13 @@ impl World {
                 if let (Some(checker), Input::TransactionDone { result, .. }) = (self.checker.as_mut(), &input) {
                     checker.on_result(&destination, &txn_id, result);
                 }
-                emit(&line(&ResultLine { t: self.now, kind: "result", dest: &destination, txn_id: &txn_id, outcome: &outcome }));
+                emit(&line(&ResultLine {
+                    t: self.now,
+                    kind: "result",
+                    dest: &destination,
+                    txn_id: &txn_id,
+                    outcome: &outcome,
+                }));
                 self.input(engine, emit, input)
             }
             Delivery::PersistAck { request, changes } => {

@@ -220,7 +220,7 @@ pub mod exports {
     ///
     /// # Safety
     ///
-    /// Both arguments must be filled `fs_alloc` buffers (see [`arg`]).
+    /// Both arguments must be `fs_alloc` buffers the host filled (the ABI's "Arguments").
     #[unsafe(no_mangle)]
     pub unsafe extern "C" fn fs_start(cfg_ptr: u32, cfg_len: u32, rec_ptr: u32, rec_len: u32) -> u64 {
         super::install_panic_hook();
@@ -233,7 +233,7 @@ pub mod exports {
     ///
     /// # Safety
     ///
-    /// The argument must be a filled `fs_alloc` buffer (see [`arg`]).
+    /// The argument must be an `fs_alloc` buffer the host filled (the ABI's "Arguments").
     #[unsafe(no_mangle)]
     pub unsafe extern "C" fn fs_handle_input(now_ms: u64, ptr: u32, len: u32) -> u64 {
         // SAFETY: forwarded contract.
@@ -335,7 +335,10 @@ mod tests {
 
     #[test]
     fn bad_utf8_is_an_error_not_a_panic() {
-        assert_eq!(start(b"\xff", b"{}").unwrap_err(), "config is not UTF-8: invalid utf-8 sequence of 1 bytes from index 0");
+        assert_eq!(
+            start(b"\xff", b"{}").unwrap_err(),
+            "config is not UTF-8: invalid utf-8 sequence of 1 bytes from index 0"
+        );
         start(CONFIG.as_bytes(), b"{}").unwrap();
         assert!(handle_input(0, b"\xc3").unwrap_err().starts_with("input is not UTF-8"));
     }

@@ -7,11 +7,11 @@
 //! ```
 //! Every failure prints the command that reproduces it, and the process exits 1.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
-use fedsend_sim::vopr::{reproduce_command, run, Options, Report};
 use fedsend_sim::NativeEngine;
+use fedsend_sim::vopr::{Options, Report, Totals, reproduce_command, run};
 
 fn usage() -> ! {
     eprintln!("usage: fedsend-vopr --seed N [--trace] | --seeds A..B | --sweep [--from N]");
@@ -87,16 +87,28 @@ fn main() {
     };
     let started = Instant::now();
     let mut passed = 0u64;
+    let mut totals = Totals::default();
     for seed in from..to {
-        if let Err(reason) = one(seed, false) {
-            eprintln!("\nseed {seed}: FAILED: {reason}\nreproduce: {}", reproduce_command(seed));
-            std::process::exit(1);
+        match one(seed, false) {
+            Ok(report) => totals.add(&report),
+            Err(reason) => {
+                eprintln!("\nseed {seed}: FAILED: {reason}\nreproduce: {}", reproduce_command(seed));
+                std::process::exit(1);
+            }
         }
         passed += 1;
         if passed % 100 == 0 {
             let rate = passed as f64 / started.elapsed().as_secs_f64();
-            eprint!("\r{passed} seeds passed (up to {seed}), {rate:.0} seeds/s   ");
+            // One updating line on a terminal; whole lines in CI logs.
+            if std::io::stderr().is_terminal() {
+                eprint!("\r{passed} seeds passed (up to {seed}), {rate:.0} seeds/s   ");
+            } else if passed % 500 == 0 {
+                eprintln!("{passed} seeds passed (up to {seed}), {rate:.0} seeds/s");
+            }
         }
     }
-    eprintln!("\n{passed} seeds passed");
+    eprintln!("\n{passed} seeds passed ({from}..{to}), {} events simulated", totals.events);
+    for (name, value) in totals.exercised() {
+        eprintln!("  {name}: {value}");
+    }
 }

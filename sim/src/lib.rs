@@ -28,7 +28,7 @@ pub use checker::Counts;
 pub use faults::{FaultCounts, FaultRates};
 pub use scenario::{Respond, Scenario, Step, Visibility};
 pub use store::MemoryStore;
-pub use world::ScenarioRun;
+pub use world::{LiveRun, ScenarioRun};
 
 /// A sender engine seen through its JSON boundary.
 pub trait Engine {

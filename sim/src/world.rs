@@ -209,6 +209,53 @@ impl ScenarioRun {
     }
 }
 
+/// A world driven one step at a time by its caller (the browser visualiser, interactive
+/// tools): start from a scenario header (its `steps` may be empty), then apply steps as JSON.
+pub struct LiveRun {
+    world: World,
+    applied: usize,
+}
+
+impl LiveRun {
+    /// Parses the scenario header, starts the engine and runs the header's own steps.
+    pub fn start(scenario_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<Self, ScenarioError> {
+        let scenario = Scenario::parse(scenario_json)?;
+        let world = World::start(&scenario, engine, emit)?;
+        let mut run = Self { world, applied: 0 };
+        for step in &scenario.steps {
+            run.run(step, engine, emit)?;
+        }
+        Ok(run)
+    }
+
+    /// Applies one step, given as the JSON of a scenario step (`{"op": …}`).
+    pub fn apply(&mut self, step_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), ScenarioError> {
+        let index = self.applied;
+        let step: Step = serde_json::from_str(step_json)
+            .map_err(|e| ScenarioError::new(format!("step {index}: {e}")))?;
+        self.run(&step, engine, emit)
+    }
+
+    fn run(&mut self, step: &Step, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), ScenarioError> {
+        let index = self.applied;
+        self.applied += 1;
+        self.world.step = index;
+        self.world
+            .run_step(step, engine, emit)
+            .map_err(|message| ScenarioError::new(format!("step {index} ({}): {message}", step.op())))
+    }
+
+    /// Virtual time now (Unix ms).
+    pub fn now_ms(&self) -> u64 {
+        self.world.now
+    }
+
+    /// Steps applied so far.
+    pub fn steps_applied(&self) -> usize {
+        self.applied
+    }
+}
+
 fn line<T: Serialize>(value: &T) -> String {
     // Trace records are plain structs of strings, integers and JSON values.
     serde_json::to_string(value).expect("trace lines always serialize")

@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::edu::{PresenceState, Receipt};
 use crate::types::{RequestId, ServerName};
 
 fn yes() -> bool {
@@ -45,6 +46,52 @@ pub enum Input {
     RemoteUp {
         /// The server that contacted us.
         destination: ServerName,
+    },
+    /// An EDU for one destination, sent at once. With a `key`, a newer EDU of the same type
+    /// and key replaces a queued older one (keyed EDUs leave oldest first).
+    Edu {
+        /// Where it goes; ourselves is refused.
+        destination: ServerName,
+        /// The EDU type.
+        edu_type: String,
+        /// The EDU content.
+        content: Value,
+        /// Replacement key, for keyed EDUs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+    /// A local user started or stopped typing: an `m.typing` EDU, keyed by (room, user), to
+    /// the room's servers that are not backing off right now.
+    Typing {
+        /// The room.
+        room_id: String,
+        /// The local user.
+        user_id: String,
+        /// Typing or not.
+        typing: bool,
+        /// The servers in the room.
+        hosts: Vec<ServerName>,
+    },
+    /// A local user's read receipt, for the room's servers. Sent at once to rooms with fewer
+    /// than 10 other servers, for events received in the last minute, and to the event
+    /// sender's server; otherwise staggered (it rides along earlier if anything else goes).
+    Receipt {
+        /// The receipt (one per room, type, user and thread: a newer one replaces).
+        receipt: Receipt,
+        /// The servers in the room.
+        hosts: Vec<ServerName>,
+        /// The receipted event's sender and arrival, if the homeserver knows the event; an
+        /// unknown event in a big room is treated as old (staggered to everyone).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<ReceiptedEvent>,
+    },
+    /// Presence of local users for the given servers (staggered; ignored when presence is
+    /// disabled).
+    Presence {
+        /// The states.
+        states: Vec<PresenceState>,
+        /// The servers interested in them.
+        destinations: Vec<ServerName>,
     },
     /// An operator overwrote the stored state of a destination (backoff timings and last
     /// successful stream position); the machine adopts it as is.
@@ -97,6 +144,16 @@ pub enum Input {
     /// The deadline from [`crate::FederationSender::poll_timeout`] has passed (early or
     /// repeated timeouts are harmless).
     Timeout,
+}
+
+/// What the receipt rules need to know about the event a receipt points at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptedEvent {
+    /// The event's sender.
+    pub sender: String,
+    /// When our server received it (Unix ms).
+    pub received_ts: u64,
 }
 
 /// The outcome of one HTTP attempt of a transaction.
@@ -402,6 +459,8 @@ pub struct DestinationStats {
     pub state: DestinationPhase,
     /// PDUs held in memory for it (queued and in the frozen transaction).
     pub queued_pdus: u64,
+    /// EDUs (and presence states, receipts) queued in memory for it.
+    pub queued_edus: u64,
     /// Age of the oldest PDU held in memory for it.
     pub oldest_pending_age_ms: Option<u64>,
     /// A transaction is awaiting an answer.

@@ -90,6 +90,7 @@ extern crate alloc;
 extern crate std;
 
 mod config;
+mod edu;
 mod error;
 mod event;
 mod io;
@@ -101,12 +102,13 @@ pub mod transaction;
 mod types;
 pub mod wire;
 
+pub use edu::{EduEntry, PresenceState, Receipt, PRESENCE_STATES_PER_EDU_MAX, RECEIPT_EDUS_PER_TRANSACTION_MAX};
 pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT};
 pub use error::{ConfigError, InputError};
 pub use event::Event;
 pub use io::{
     CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Extremity, Input,
-    OutgoingTransaction, Output, PduInfo, Recovered, TransactionResult,
+    OutgoingTransaction, Output, PduInfo, ReceiptedEvent, Recovered, TransactionResult,
 };
 pub use rng::Prng;
 pub use sender::FederationSender;

@@ -10,6 +10,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::config::Config;
+use crate::edu::{EduEntry, EduQueue, Fit};
 use crate::error::{ConfigError, InputError};
 use crate::event::Event;
 use crate::io::{
@@ -21,6 +22,11 @@ use crate::shard::should_handle;
 use crate::time::Timestamp;
 use crate::transaction::{PduEntry, build_body};
 use crate::types::{RequestId, ServerName, server_of};
+
+/// Receipts go to everyone at once in rooms with fewer other servers than this.
+const RECEIPT_SMALL_ROOM_SERVERS: usize = 10;
+/// Receipts for events received this recently go to everyone at once.
+const RECEIPT_RECENT_EVENT_MS: u64 = 60_000;
 
 /// Pause before a failed storage request is issued again.
 const STORAGE_RETRY_DELAY_MS: u64 = 1_000;
@@ -68,8 +74,23 @@ pub struct FederationSender {
     in_flight: u32,
     slot_waiters: VecDeque<ServerName>,
     waker: Waker,
+    wakeup: Wakeup,
     storage_retries: Vec<Pending>,
 }
+
+/// The staggered wake-up queue (reference §7): low-priority data (delayed receipts,
+/// presence) wakes destinations one at a time, every queued one within 30 s, at most one per
+/// 1/`rr_transactions_per_room_per_second`.
+#[derive(Debug, Default)]
+struct Wakeup {
+    queue: VecDeque<ServerName>,
+    members: BTreeSet<ServerName>,
+    processing: bool,
+    sleep_ms: u64,
+}
+
+/// Longest a destination waits in the wake-up queue.
+const WAKEUP_TIME_IN_QUEUE_MAX_MS: u64 = 30_000;
 
 /// What an outstanding request is waiting for.
 #[derive(Clone, Debug)]
@@ -117,6 +138,7 @@ impl Pending {
 enum Timer {
     Destination(ServerName),
     Waker,
+    Wakeup,
     StorageRetry,
 }
 
@@ -157,6 +179,7 @@ struct Queue {
     http_failures: u32,
     catch_up_rooms: VecDeque<CatchUpRoom>,
     catch_up_pos: Option<u64>,
+    edus: EduQueue,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -177,6 +200,7 @@ struct Frozen {
     txn_id: String,
     body: Arc<str>,
     items: Vec<Arc<PduEntry>>,
+    edus: Vec<EduEntry>,
     pdu_ids: Vec<String>,
     attempts: u32,
     /// Permanent rejections (4xx other than 401/408/429) of this exact transaction.
@@ -265,6 +289,12 @@ impl Destination {
     }
 
     /// Work held in memory that is not yet delivered.
+    /// Anything at all held in memory for this destination, EDUs included.
+    fn has_any_work(&self) -> bool {
+        self.has_memory_work() || self.queue.as_ref().is_some_and(|q| !q.edus.is_empty())
+    }
+
+    /// PDU work held in memory (what D5 must not second-guess).
     fn has_memory_work(&self) -> bool {
         self.queue.as_ref().is_some_and(|q| {
             q.frozen.is_some() || !q.pending_pdus.is_empty() || !q.catch_up_rooms.is_empty() || q.phase != Phase::Idle
@@ -319,6 +349,7 @@ impl FederationSender {
                 to_wake: VecDeque::new(),
                 run_started: Timestamp(0),
             },
+            wakeup: Wakeup::default(),
             storage_retries: Vec::new(),
         };
         sender.changes.incarnation = Some(incarnation);
@@ -411,6 +442,7 @@ impl FederationSender {
             destination: name.clone(),
             state,
             queued_pdus,
+            queued_edus: queue.map_or(0, |q| q.edus.len() as u64),
             oldest_pending_age_ms: oldest_queued_at.map(|at| self.now.as_ms().saturating_sub(at)),
             in_flight: matches!(phase, Phase::Sending(_)),
             backoff_until_ts,
@@ -442,6 +474,77 @@ impl FederationSender {
             }
             Input::WakeDestination { destination } | Input::RemoteUp { destination } => {
                 self.destination_contacted(&destination);
+                Ok(())
+            }
+            Input::Edu { destination, edu_type, content, key } => {
+                if destination == self.config.server_name {
+                    return Err(InputError::Refused(format!("an EDU ({edu_type}) addressed to ourselves")));
+                }
+                if !self.handles(&destination) {
+                    return Ok(());
+                }
+                let edu = EduEntry::new(&edu_type, &content);
+                let queue = self.destinations.entry(destination.clone()).or_insert_with(Destination::healthy).queue();
+                match key {
+                    Some(key) => queue.edus.push_keyed(key, edu),
+                    None => queue.edus.push_plain(edu),
+                }
+                self.dirty.insert(destination);
+                Ok(())
+            }
+            Input::Typing { room_id, user_id, typing, hosts } => {
+                self.check_local(&user_id)?;
+                let content = serde_json::json!({ "room_id": room_id, "typing": typing, "user_id": user_id });
+                let edu = EduEntry::new("m.typing", &content);
+                let key = format!("{room_id} {user_id}");
+                let now = self.now;
+                for host in self.ephemeral_targets(hosts, 0) {
+                    let destination = self.destinations.entry(host.clone()).or_insert_with(Destination::healthy);
+                    if destination.backed_off(now) {
+                        continue;
+                    }
+                    destination.queue().edus.push_keyed(key.clone(), edu.clone());
+                    self.dirty.insert(host);
+                }
+                Ok(())
+            }
+            Input::Receipt { receipt, hosts, event } => {
+                self.check_local(&receipt.user_id)?;
+                if receipt.receipt_type == "m.read.private" {
+                    return Err(InputError::Refused(String::from("private read receipts are not federated")));
+                }
+                let window_ms = self.config.catch_up_threshold_ms;
+                let targets = self.ephemeral_targets(hosts, window_ms);
+                let everyone_now = targets.len() < RECEIPT_SMALL_ROOM_SERVERS
+                    || event.as_ref().is_some_and(|e| self.now.as_ms().saturating_sub(e.received_ts) < RECEIPT_RECENT_EVENT_MS);
+                let sender_server = event.as_ref().and_then(|e| server_of(&e.sender)).map(String::from);
+                for host in targets {
+                    let destination = self.destinations.entry(host.clone()).or_insert_with(Destination::healthy);
+                    destination.queue().edus.push_receipt(receipt.clone());
+                    if everyone_now || sender_server.as_deref() == Some(host.as_str()) {
+                        self.dirty.insert(host);
+                    } else {
+                        self.wakeup_add(host);
+                    }
+                }
+                Ok(())
+            }
+            Input::Presence { states, destinations } => {
+                for state in &states {
+                    self.check_local(&state.user_id)?;
+                }
+                if !self.config.presence_enabled || states.is_empty() {
+                    return Ok(());
+                }
+                let window_ms = self.config.catch_up_threshold_ms;
+                for host in self.ephemeral_targets(destinations, window_ms) {
+                    let destination = self.destinations.entry(host.clone()).or_insert_with(Destination::healthy);
+                    let queue = destination.queue();
+                    for state in &states {
+                        queue.edus.push_presence(state.clone());
+                    }
+                    self.wakeup_add(host);
+                }
                 Ok(())
             }
             Input::SetDestinationState { state } => {
@@ -611,6 +714,7 @@ impl FederationSender {
                     }
                 }
                 Timer::Waker => self.waker_tick(),
+                Timer::Wakeup => self.wakeup_step(),
                 Timer::StorageRetry => {
                     for pending in core::mem::take(&mut self.storage_retries) {
                         self.reissue(pending);
@@ -760,10 +864,63 @@ impl FederationSender {
         for name in overflowing {
             // Memory stays bounded while a server is slow or down: storage has every row.
             if let Some(mut destination) = self.destinations.remove(&name) {
-                self.start_catching_up(&name, &mut destination);
+                self.start_catching_up(&name, &mut destination, false);
                 self.destinations.insert(name, destination);
             }
         }
+    }
+
+    fn check_local(&self, user_id: &str) -> Result<(), InputError> {
+        if server_of(user_id) == Some(self.config.server_name.as_str()) {
+            Ok(())
+        } else {
+            Err(InputError::Refused(format!("{user_id} is not a local user")))
+        }
+    }
+
+    /// The servers ephemeral data for `hosts` goes to: not ourselves, ours to handle, and
+    /// (with a window) due for a retry within it.
+    fn ephemeral_targets(&self, hosts: Vec<ServerName>, window_ms: u64) -> BTreeSet<ServerName> {
+        let now = self.now;
+        hosts
+            .into_iter()
+            .filter(|host| *host != self.config.server_name && self.handles(host))
+            .filter(|host| window_ms == 0 || self.destinations.get(host).is_none_or(|d| d.due_within(now, window_ms)))
+            .collect()
+    }
+
+    fn wakeup_add(&mut self, name: ServerName) {
+        if self.wakeup.members.insert(name.clone()) {
+            self.wakeup.queue.push_back(name);
+        }
+        if !self.wakeup.processing {
+            self.wakeup.processing = true;
+            let spread_ms = WAKEUP_TIME_IN_QUEUE_MAX_MS / self.wakeup.queue.len().max(1) as u64;
+            self.wakeup.sleep_ms = self.config.wakeup_interval_ms().min(spread_ms);
+            self.wakeup_step();
+        }
+    }
+
+    /// Wakes the oldest queued destination that still has something to send, then sleeps.
+    fn wakeup_step(&mut self) {
+        while let Some(name) = self.wakeup.queue.pop_front() {
+            self.wakeup.members.remove(&name);
+            // Someone else's transaction already took the data: no sleep for this one.
+            if !self.destinations.get(&name).is_some_and(Destination::has_any_work) {
+                continue;
+            }
+            self.dirty.insert(name);
+            // Sleep after every wake, even the last: a destination queued meanwhile waits its
+            // turn instead of starting a new burst.
+            if !self.wakeup.queue.is_empty() {
+                let spread_ms = WAKEUP_TIME_IN_QUEUE_MAX_MS / self.wakeup.queue.len() as u64;
+                self.wakeup.sleep_ms = self.wakeup.sleep_ms.min(spread_ms);
+            }
+            self.wakeup.sleep_ms = self.wakeup.sleep_ms.max(1);
+            self.timers.insert((self.now.plus_ms(self.wakeup.sleep_ms), Timer::Wakeup));
+            return;
+        }
+        self.wakeup.processing = false;
     }
 
     fn handles(&self, name: &ServerName) -> bool {
@@ -802,9 +959,9 @@ impl FederationSender {
         }
         if destination.backed_off(now) {
             if destination.retry_interval_ms > self.config.catch_up_threshold_ms && !destination.catching_up {
-                self.start_catching_up(name, destination);
+                self.start_catching_up(name, destination, true);
             }
-            if destination.has_memory_work() || destination.catching_up {
+            if destination.has_any_work() || destination.catching_up {
                 // Invariant: backed_off() implies retry_at() is Some.
                 let until = destination.retry_at().expect("backed off implies a retry time");
                 destination.queue().phase = Phase::Waiting(until);
@@ -813,6 +970,16 @@ impl FederationSender {
                 destination.queue = None;
             }
             return;
+        }
+        let catching_up = destination.catching_up;
+        let queue = destination.queue();
+        if queue.frozen.is_none() {
+            if catching_up && !queue.edus.is_empty() {
+                // D9: ephemeral data does not wait behind catch-up.
+                if let Some(frozen) = self.freeze_pending(name, destination, false) {
+                    destination.queue().frozen = Some(frozen);
+                }
+            }
         }
         let queue = destination.queue();
         if queue.frozen.is_none() {
@@ -849,7 +1016,7 @@ impl FederationSender {
                     return;
                 }
             } else {
-                match self.freeze_pending(name, destination) {
+                match self.freeze_pending(name, destination, true) {
                     Some(frozen) => destination.queue().frozen = Some(frozen),
                     None => {
                         // Idle with nothing to send: drop the queue from memory (D6).
@@ -890,20 +1057,41 @@ impl FederationSender {
         format!("{}.{}", self.incarnation, self.txn_counter)
     }
 
-    /// Takes the head of the PDU queue within the count and byte limits (D8).
-    fn freeze_pending(&mut self, name: &ServerName, destination: &mut Destination) -> Option<Frozen> {
+    /// Builds the next transaction from memory: EDUs in Synapse's order, then the head of
+    /// the PDU queue (if `with_pdus`), within the count and byte limits (D8).
+    fn freeze_pending(&mut self, name: &ServerName, destination: &mut Destination, with_pdus: bool) -> Option<Frozen> {
+        const EDUS_WRAPPER_BYTES: u64 = "\"edus\":[],".len() as u64;
         let overhead = build_body(&self.config.server_name, self.now.as_ms(), &[], &[]).len() as u64;
         let bytes_max = self.config.transaction_bytes_max;
+        let now_ms = self.now.as_ms();
         let queue = destination.queue.as_mut()?;
-        let count_max = queue.split_limit.unwrap_or(self.config.pdus_per_transaction_max) as usize;
+        // While isolating a poison item (D7), EDUs and PDUs are not mixed and batches shrink.
+        let isolating = queue.split_limit;
+        let edu_limit = isolating.unwrap_or(self.config.edus_per_transaction_max) as usize;
+        let mut bytes = overhead;
+        let mut edu_count = 0u64;
+        let taken_edus = queue.edus.take(edu_limit, now_ms, &mut |size| {
+            let extra = size as u64 + if edu_count == 0 { EDUS_WRAPPER_BYTES } else { 1 };
+            if overhead + EDUS_WRAPPER_BYTES + size as u64 > bytes_max {
+                Fit::Never
+            } else if bytes + extra > bytes_max {
+                Fit::NotNow
+            } else {
+                bytes += extra;
+                edu_count += 1;
+                Fit::Yes
+            }
+        });
+        let edus = taken_edus.edus;
+        let with_pdus = with_pdus && !(isolating.is_some() && !edus.is_empty());
+        let count_max = if with_pdus { isolating.unwrap_or(self.config.pdus_per_transaction_max) as usize } else { 0 };
         let mut taken: Vec<Arc<PduEntry>> = Vec::new();
         let mut too_large: Vec<Arc<PduEntry>> = Vec::new();
-        let mut bytes = overhead;
         while taken.len() < count_max {
             let Some(next) = queue.pending_pdus.front() else { break };
             let size = next.json.len() as u64 + u64::from(!taken.is_empty());
             if bytes + size > bytes_max {
-                if taken.is_empty() {
+                if overhead + next.json.len() as u64 > bytes_max {
                     too_large.extend(queue.pending_pdus.pop_front());
                     continue;
                 }
@@ -912,29 +1100,37 @@ impl FederationSender {
             bytes += size;
             taken.extend(queue.pending_pdus.pop_front());
         }
+        let reason = String::from("larger than transaction_bytes_max on its own");
         for entry in too_large {
-            self.give_up(name, destination, &entry, String::from("larger than transaction_bytes_max on its own"));
+            self.give_up(name, destination, &entry, reason.clone());
         }
-        if taken.is_empty() {
+        for edu in taken_edus.too_large {
+            destination.dropped_items += 1;
+            self.push_event(Event::Dropped { destination: name.clone(), item: edu.edu_type, reason: reason.clone() });
+        }
+        if taken.is_empty() && edus.is_empty() {
             return None;
         }
         let delivered_up_to = taken.iter().map(|p| p.stream_ordering).max();
-        Some(self.freeze(taken, delivered_up_to, None))
+        Some(self.freeze(taken, edus, delivered_up_to, None))
     }
 
     fn freeze(
         &mut self,
         items: Vec<Arc<PduEntry>>,
+        edus: Vec<EduEntry>,
         delivered_up_to: Option<u64>,
         catch_up: Option<CatchUpRoom>,
     ) -> Frozen {
         let jsons: Vec<&str> = items.iter().map(|p| &*p.json).collect();
-        let body = build_body(&self.config.server_name, self.now.as_ms(), &jsons, &[]);
+        let edu_jsons: Vec<&str> = edus.iter().map(|e| &*e.json).collect();
+        let body = build_body(&self.config.server_name, self.now.as_ms(), &jsons, &edu_jsons);
         let pdu_ids = items.iter().map(|p| p.event_id.clone()).collect();
         Frozen {
             txn_id: self.next_txn_id(),
             body: Arc::from(body),
             items,
+            edus,
             pdu_ids,
             attempts: 0,
             rejections: 0,
@@ -1003,7 +1199,7 @@ impl FederationSender {
         }
         chosen.truncate(fitting.max(1));
         let up_to = room.stream_ordering;
-        Some(self.freeze(chosen, Some(up_to), Some(room)))
+        Some(self.freeze(chosen, Vec::new(), Some(up_to), Some(room)))
     }
 
     /// Reports an item given up for a destination and counts it (D7, D8, D12).
@@ -1023,9 +1219,15 @@ impl FederationSender {
         }
     }
 
-    fn start_catching_up(&mut self, name: &ServerName, destination: &mut Destination) {
+    /// Drops the in-memory PDU queue; storage drives delivery from now on. After a long
+    /// outage (`drop_ephemeral`) queued presence, receipts and typing are stale and go too,
+    /// as in Synapse.
+    fn start_catching_up(&mut self, name: &ServerName, destination: &mut Destination, drop_ephemeral: bool) {
         destination.catching_up = true;
         if let Some(queue) = destination.queue.as_mut() {
+            if drop_ephemeral {
+                queue.edus.clear();
+            }
             queue.pending_pdus.clear();
             queue.split_limit = None;
             queue.suspects = 0;
@@ -1114,10 +1316,13 @@ impl FederationSender {
                 }
                 self.catch_up_room_done(name, destination, room.stream_ordering);
             }
-            None if frozen.items.len() > 1 => {
-                let count = frozen.items.len() as u32;
+            None if frozen.items.len() + frozen.edus.len() > 1 => {
+                let count = (frozen.items.len() + frozen.edus.len()) as u32;
                 for item in frozen.items.into_iter().rev() {
                     queue.pending_pdus.push_front(item);
+                }
+                for edu in frozen.edus.into_iter().rev() {
+                    queue.edus.push_front_plain(edu);
                 }
                 queue.split_limit = Some((count / 2).max(1));
                 queue.suspects = queue.suspects.max(count);
@@ -1125,6 +1330,11 @@ impl FederationSender {
             None => {
                 for item in &frozen.items {
                     self.give_up(name, destination, item, reason.clone());
+                }
+                for edu in &frozen.edus {
+                    destination.dropped_items += 1;
+                    let event = Event::Dropped { destination: name.clone(), item: edu.edu_type.clone(), reason: reason.clone() };
+                    self.push_event(event);
                 }
                 self.settle_normal(name, destination, &frozen);
             }
@@ -1165,7 +1375,7 @@ impl FederationSender {
     fn settle_normal(&mut self, name: &ServerName, destination: &mut Destination, frozen: &Frozen) {
         if let Some(queue) = destination.queue.as_mut() {
             if queue.split_limit.is_some() {
-                queue.suspects = queue.suspects.saturating_sub(frozen.items.len() as u32);
+                queue.suspects = queue.suspects.saturating_sub((frozen.items.len() + frozen.edus.len()) as u32);
                 if queue.suspects == 0 {
                     queue.split_limit = None;
                 }

@@ -497,13 +497,57 @@ impl World {
                 self.snapshot(emit);
                 Ok(())
             }
-            Step::Receipt { .. }
-            | Step::Presence { .. }
-            | Step::Typing { .. }
-            | Step::ToDevice { .. }
+            Step::Receipt { room, user, event, receipt_type, thread, ts } => {
+                let hosts = self.room_hosts(room)?;
+                let index = self.event(event)?;
+                let record = &self.events[index];
+                if record.room != *room {
+                    return Err(format!("event {event} is not in {room}"));
+                }
+                let mut data = serde_json::Map::new();
+                data.insert("ts".into(), Value::from(*ts));
+                let receipt = fedsend_core::Receipt {
+                    room_id: room.clone(),
+                    receipt_type: receipt_type.clone().unwrap_or_else(|| String::from("m.read")),
+                    user_id: user.clone(),
+                    event_id: event.clone(),
+                    thread_id: thread.clone(),
+                    data,
+                };
+                let event = Some(fedsend_core::ReceiptedEvent {
+                    sender: record.sender.clone(),
+                    received_ts: record.info.received_ts.unwrap_or(0),
+                });
+                self.input(engine, emit, Input::Receipt { receipt, hosts, event })
+            }
+            Step::Presence { user, presence, status_msg, last_active_ts, currently_active, destinations } => {
+                let destinations =
+                    destinations.iter().map(|d| ServerName::parse(d)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+                let state = fedsend_core::PresenceState {
+                    user_id: user.clone(),
+                    presence: presence.clone(),
+                    status_msg: status_msg.clone(),
+                    last_active_ts: *last_active_ts,
+                    currently_active: *currently_active,
+                };
+                self.input(engine, emit, Input::Presence { states: vec![state], destinations })
+            }
+            Step::Typing { room, user, typing, timeout_ms: _ } => {
+                let hosts = self.room_hosts(room)?;
+                let input = Input::Typing { room_id: room.clone(), user_id: user.clone(), typing: *typing, hosts };
+                self.input(engine, emit, input)
+            }
+            Step::Edu { destination, edu_type, content, key } => {
+                let destination = ServerName::parse(destination).map_err(|e| e.to_string())?;
+                let input =
+                    Input::Edu { destination, edu_type: edu_type.clone(), content: content.clone(), key: key.clone() };
+                self.input(engine, emit, input)
+            }
+            Step::ToDevice { .. }
             | Step::DeviceUpdate { .. }
-            | Step::SigningKeyUpdate { .. }
-            | Step::Edu { .. } => Err(String::from("EDU ops are not implemented yet (the EDU path is a later issue)")),
+            | Step::SigningKeyUpdate { .. } => {
+                Err(String::from("to-device and device-list ops are not implemented yet (the durable EDU outboxes are a later step)"))
+            }
         }
     }
 
@@ -516,6 +560,12 @@ impl World {
     fn check_local_user(&self, user: &str) -> StepResult {
         check_id(user, '@', "user")?;
         if self.is_local(user) { Ok(()) } else { Err(format!("{user} is not a local user")) }
+    }
+
+    /// The servers with a member joined to `room` now.
+    fn room_hosts(&self, room: &str) -> Result<Vec<ServerName>, String> {
+        let room = self.rooms.get(room).ok_or_else(|| format!("unknown room {room}"))?;
+        Ok(servers_with(room, &[Membership::Join]).iter().filter_map(|s| ServerName::parse(s).ok()).collect())
     }
 
     fn room_mut(&mut self, room: &str) -> Result<&mut Room, String> {

@@ -1,0 +1,317 @@
+//! Ephemeral data queued for one destination: presence, read receipts, plain and keyed EDUs,
+//! and how they are taken into a transaction (reference §8.3).
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+/// Presence states per `m.presence` EDU (Synapse's `MAX_PRESENCE_STATES_PER_EDU`).
+pub const PRESENCE_STATES_PER_EDU_MAX: usize = 50;
+/// Read-receipt EDUs per transaction.
+pub const RECEIPT_EDUS_PER_TRANSACTION_MAX: usize = 5;
+
+/// A local user's read receipt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// The room.
+    pub room_id: String,
+    /// `m.read` (never `m.read.private`, which is not federated).
+    pub receipt_type: String,
+    /// The local user.
+    pub user_id: String,
+    /// The event read.
+    pub event_id: String,
+    /// The thread, for threaded receipts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    /// The receipt's `data` (holds `ts`).
+    pub data: Map<String, Value>,
+}
+
+/// One local user's presence, as sent in `m.presence`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceState {
+    /// The local user.
+    pub user_id: String,
+    /// `online`, `unavailable` or `offline`.
+    pub presence: String,
+    /// Status message, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_msg: Option<String>,
+    /// Last activity (Unix ms); 0 or absent when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active_ts: Option<u64>,
+    /// Whether the user is active right now (sent only when online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currently_active: Option<bool>,
+}
+
+impl PresenceState {
+    /// The federation form, computed when the transaction is built (`last_active_ago`).
+    fn to_json(&self, now_ms: u64) -> Value {
+        let mut object = Map::new();
+        object.insert("presence".into(), Value::String(self.presence.clone()));
+        object.insert("user_id".into(), Value::String(self.user_id.clone()));
+        if let Some(ts) = self.last_active_ts.filter(|ts| *ts != 0) {
+            object.insert("last_active_ago".into(), Value::from(now_ms.saturating_sub(ts)));
+        }
+        if let Some(message) = &self.status_msg {
+            object.insert("status_msg".into(), Value::String(message.clone()));
+        }
+        if self.presence == "online" {
+            object.insert("currently_active".into(), Value::Bool(self.currently_active.unwrap_or(false)));
+        }
+        Value::Object(object)
+    }
+}
+
+/// An EDU ready for a transaction body: its type (for traces, metrics and poison isolation)
+/// and its JSON `{"content":…,"edu_type":…}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EduEntry {
+    /// The EDU type.
+    pub edu_type: String,
+    /// The serialized EDU.
+    pub json: Arc<str>,
+}
+
+impl EduEntry {
+    /// Serializes an EDU.
+    pub fn new(edu_type: &str, content: &Value) -> Self {
+        let edu = json!({ "content": content, "edu_type": edu_type });
+        // serde_json::Value always serializes.
+        Self { edu_type: String::from(edu_type), json: Arc::from(serde_json::to_string(&edu).unwrap_or_default()) }
+    }
+}
+
+/// Receipt identity under D3: one receipt per (room, type, user, thread).
+type ReceiptKey = (String, String, String, Option<String>);
+
+/// Everything ephemeral waiting for one destination.
+#[derive(Debug, Default)]
+pub(crate) struct EduQueue {
+    /// Latest state per user, in first-insertion order.
+    presence: VecDeque<PresenceState>,
+    /// Latest receipt per (room, type, user, thread), in first-insertion order.
+    receipts: VecDeque<(ReceiptKey, Receipt)>,
+    /// Plain EDUs, FIFO.
+    plain: VecDeque<EduEntry>,
+    /// Keyed EDUs: a newer one replaces an older one with the same (type, key) in place;
+    /// drained oldest first (Synapse drains newest first, Q10).
+    keyed: VecDeque<((String, String), EduEntry)>,
+}
+
+impl EduQueue {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.presence.is_empty() && self.receipts.is_empty() && self.plain.is_empty() && self.keyed.is_empty()
+    }
+
+    /// Items waiting, for stats.
+    pub(crate) fn len(&self) -> usize {
+        self.presence.len() + self.receipts.len() + self.plain.len() + self.keyed.len()
+    }
+
+    pub(crate) fn push_presence(&mut self, state: PresenceState) {
+        match self.presence.iter_mut().find(|s| s.user_id == state.user_id) {
+            Some(slot) => *slot = state,
+            None => self.presence.push_back(state),
+        }
+    }
+
+    pub(crate) fn push_receipt(&mut self, receipt: Receipt) {
+        let key = (receipt.room_id.clone(), receipt.receipt_type.clone(), receipt.user_id.clone(), receipt.thread_id.clone());
+        match self.receipts.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = receipt,
+            None => self.receipts.push_back((key, receipt)),
+        }
+    }
+
+    pub(crate) fn push_plain(&mut self, edu: EduEntry) {
+        self.plain.push_back(edu);
+    }
+
+    pub(crate) fn push_front_plain(&mut self, edu: EduEntry) {
+        self.plain.push_front(edu);
+    }
+
+    pub(crate) fn push_keyed(&mut self, key: String, edu: EduEntry) {
+        let full_key = (edu.edu_type.clone(), key);
+        match self.keyed.iter_mut().find(|(k, _)| *k == full_key) {
+            Some(slot) => slot.1 = edu,
+            None => self.keyed.push_back((full_key, edu)),
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Takes EDUs for one transaction in Synapse's order — presence (one EDU of at most 50
+    /// states), receipts (at most 5 EDUs), plain, keyed — up to `limit` EDUs and while
+    /// `fits(bytes)` accepts each one. An EDU too large for any transaction is returned in
+    /// `too_large` to be reported and dropped.
+    pub(crate) fn take(&mut self, limit: usize, now_ms: u64, fits: &mut dyn FnMut(usize) -> Fit) -> Taken {
+        let mut taken = Taken::default();
+        if limit == 0 {
+            return taken;
+        }
+        if !self.presence.is_empty() {
+            let count = self.presence.len().min(PRESENCE_STATES_PER_EDU_MAX);
+            let push: Vec<Value> = self.presence.iter().take(count).map(|s| s.to_json(now_ms)).collect();
+            let edu = EduEntry::new("m.presence", &json!({ "push": push }));
+            match fits(edu.json.len()) {
+                Fit::Yes => {
+                    self.presence.drain(..count);
+                    taken.edus.push(edu);
+                }
+                Fit::Never => {
+                    self.presence.drain(..count);
+                    taken.too_large.push(edu);
+                }
+                Fit::NotNow => return taken,
+            }
+        }
+        let mut receipt_edus = 0;
+        while !self.receipts.is_empty() && receipt_edus < RECEIPT_EDUS_PER_TRANSACTION_MAX && taken.edus.len() < limit {
+            // One EDU holds at most one receipt per (room, type, user); another thread of the
+            // same user waits for the next EDU.
+            let mut content: Map<String, Value> = Map::new();
+            let mut used: Vec<usize> = Vec::new();
+            for (index, ((room, kind, user, _), receipt)) in self.receipts.iter().enumerate() {
+                let by_type = content.entry(room.clone()).or_insert_with(|| Value::Object(Map::new()));
+                let Some(by_type) = by_type.as_object_mut() else { continue };
+                let by_user = by_type.entry(kind.clone()).or_insert_with(|| Value::Object(Map::new()));
+                let Some(by_user) = by_user.as_object_mut() else { continue };
+                if by_user.contains_key(user) {
+                    continue;
+                }
+                let mut data = receipt.data.clone();
+                if let Some(thread) = &receipt.thread_id {
+                    data.insert("thread_id".into(), Value::String(thread.clone()));
+                }
+                by_user.insert(user.clone(), json!({ "data": data, "event_ids": [receipt.event_id] }));
+                used.push(index);
+            }
+            let edu = EduEntry::new("m.receipt", &Value::Object(content));
+            let fit = fits(edu.json.len());
+            if fit == Fit::NotNow {
+                break;
+            }
+            for index in used.into_iter().rev() {
+                self.receipts.remove(index);
+            }
+            if fit == Fit::Never {
+                taken.too_large.push(edu);
+            } else {
+                taken.edus.push(edu);
+                receipt_edus += 1;
+            }
+        }
+        for queue in [0, 1] {
+            loop {
+                if taken.edus.len() >= limit {
+                    return taken;
+                }
+                let next = if queue == 0 { self.plain.front() } else { self.keyed.front().map(|(_, e)| e) };
+                let Some(edu) = next else { break };
+                let fit = fits(edu.json.len());
+                if fit == Fit::NotNow {
+                    return taken;
+                }
+                let edu = if queue == 0 { self.plain.pop_front() } else { self.keyed.pop_front().map(|(_, e)| e) };
+                let Some(edu) = edu else { break };
+                if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
+            }
+        }
+        taken
+    }
+}
+
+/// Whether one more item of some size fits the transaction being built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fit {
+    Yes,
+    /// Not in this transaction, but in a fresh one.
+    NotNow,
+    /// Not even alone in a transaction.
+    Never,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    pub(crate) edus: Vec<EduEntry>,
+    pub(crate) too_large: Vec<EduEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    fn receipt(user: &str, thread: Option<&str>, event: &str) -> Receipt {
+        let mut data = Map::new();
+        data.insert("ts".into(), Value::from(1234));
+        Receipt {
+            room_id: "!r:test".into(),
+            receipt_type: "m.read".into(),
+            user_id: user.into(),
+            event_id: event.into(),
+            thread_id: thread.map(ToString::to_string),
+            data,
+        }
+    }
+
+    #[test]
+    fn receipts_one_per_room_type_user_thread() {
+        let mut queue = EduQueue::default();
+        queue.push_receipt(receipt("@alice:test", None, "$1"));
+        queue.push_receipt(receipt("@alice:test", Some("thread"), "$1"));
+        queue.push_receipt(receipt("@bob:test", None, "$1"));
+        queue.push_receipt(receipt("@bob:test", Some("diff-thread"), "$1"));
+        queue.push_receipt(receipt("@alice:test", None, "$2")); // replaces alice's unthreaded one
+        let taken = queue.take(100, 0, &mut |_| Fit::Yes);
+        assert_eq!(taken.edus.len(), 2);
+        assert!(taken.edus[0].json.contains("\"@alice:test\":{\"data\":{\"ts\":1234},\"event_ids\":[\"$2\"]}"));
+        assert!(taken.edus[0].json.contains("\"@bob:test\":{\"data\":{\"ts\":1234},\"event_ids\":[\"$1\"]}"));
+        assert!(taken.edus[1].json.contains("\"thread_id\":\"thread\""));
+        assert!(taken.edus[1].json.contains("\"thread_id\":\"diff-thread\""));
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn keyed_edus_replace_in_place_and_drain_oldest_first() {
+        let mut queue = EduQueue::default();
+        queue.push_keyed("a".into(), EduEntry::new("m.typing", &json!({"n": 1})));
+        queue.push_keyed("b".into(), EduEntry::new("m.typing", &json!({"n": 2})));
+        queue.push_keyed("a".into(), EduEntry::new("m.typing", &json!({"n": 3})));
+        let taken = queue.take(1, 0, &mut |_| Fit::Yes);
+        assert_eq!(&*taken.edus[0].json, r#"{"content":{"n":3},"edu_type":"m.typing"}"#);
+        let taken = queue.take(5, 0, &mut |_| Fit::Yes);
+        assert_eq!(&*taken.edus[0].json, r#"{"content":{"n":2},"edu_type":"m.typing"}"#);
+    }
+
+    #[test]
+    fn presence_batches_fifty_states_per_edu() {
+        let mut queue = EduQueue::default();
+        for i in 0..120 {
+            queue.push_presence(PresenceState {
+                user_id: alloc::format!("@user{i}:test"),
+                presence: "offline".into(),
+                status_msg: None,
+                last_active_ts: None,
+                currently_active: None,
+            });
+        }
+        for expected in [50, 50, 20] {
+            let taken = queue.take(100, 0, &mut |_| Fit::Yes);
+            assert_eq!(taken.edus.len(), 1, "one presence EDU per transaction");
+            assert_eq!(taken.edus[0].json.matches("\"user_id\"").count(), expected);
+        }
+    }
+}

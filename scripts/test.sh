@@ -11,6 +11,9 @@
 #   native-test   cargo test --release --workspace (same selection as the build, so the test step
 #                 only compiles test harnesses; see shared spec toolchain.md §6)
 #   simulate      target/release/fedsend-vopr --seeds 1000..3000 (prints what the faults exercised)
+#   bench         target/release/fedsend-bench at a tiny size on every engine (native, wasmtime,
+#                 Node): checks that it runs, that all engines agree on every count and that the
+#                 numbers are sane; no timing thresholds (BENCHMARKS.md has the real run)
 #   no-std        tests/no-std-check built against a core + alloc sysroot: fails if std leaks into
 #                 fedsend-core
 #   node          node --test over www/test/**/*.test.{mjs,cjs,js} (if any)
@@ -20,7 +23,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/bin:$PATH"   # rustup's cargo; wasm-bindgen
 
-all_stages=(setup wasm native-build native-test simulate no-std node e2e)
+all_stages=(setup wasm native-build native-test simulate bench no-std node e2e)
 stages=("$@")
 ((${#stages[@]})) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
@@ -33,6 +36,7 @@ stage_native-build() { cargo build --release --workspace; }
 stage_native-test() { cargo test --release --workspace; }
 # A further 2 000 simulator seeds beyond the 1 000 of `cargo test`, with the fault summary.
 stage_simulate() { target/release/fedsend-vopr --seeds 1000..3000; }
+stage_bench() { target/release/fedsend-bench --scale 0.01 --runs 1 --warmup 0 --check; }
 stage_no-std() {
   # The check crate is its own workspace; starting from the main lock gives core's dependencies
   # the same versions (cargo prunes the rest). Its own target dir keeps the std build of

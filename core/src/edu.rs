@@ -125,7 +125,8 @@ impl EduQueue {
     }
 
     pub(crate) fn push_receipt(&mut self, receipt: Receipt) {
-        let key = (receipt.room_id.clone(), receipt.receipt_type.clone(), receipt.user_id.clone(), receipt.thread_id.clone());
+        let key =
+            (receipt.room_id.clone(), receipt.receipt_type.clone(), receipt.user_id.clone(), receipt.thread_id.clone());
         match self.receipts.iter_mut().find(|(k, _)| *k == key) {
             Some(slot) => slot.1 = receipt,
             None => self.receipts.push_back((key, receipt)),

@@ -102,8 +102,8 @@ pub mod transaction;
 mod types;
 pub mod wire;
 
-pub use edu::{EduEntry, PresenceState, Receipt, PRESENCE_STATES_PER_EDU_MAX, RECEIPT_EDUS_PER_TRANSACTION_MAX};
 pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT};
+pub use edu::{EduEntry, PRESENCE_STATES_PER_EDU_MAX, PresenceState, RECEIPT_EDUS_PER_TRANSACTION_MAX, Receipt};
 pub use error::{ConfigError, InputError};
 pub use event::Event;
 pub use io::{

@@ -516,7 +516,9 @@ impl FederationSender {
                 let window_ms = self.config.catch_up_threshold_ms;
                 let targets = self.ephemeral_targets(hosts, window_ms);
                 let everyone_now = targets.len() < RECEIPT_SMALL_ROOM_SERVERS
-                    || event.as_ref().is_some_and(|e| self.now.as_ms().saturating_sub(e.received_ts) < RECEIPT_RECENT_EVENT_MS);
+                    || event
+                        .as_ref()
+                        .is_some_and(|e| self.now.as_ms().saturating_sub(e.received_ts) < RECEIPT_RECENT_EVENT_MS);
                 let sender_server = event.as_ref().and_then(|e| server_of(&e.sender)).map(String::from);
                 for host in targets {
                     let destination = self.destinations.entry(host.clone()).or_insert_with(Destination::healthy);
@@ -560,10 +562,10 @@ impl FederationSender {
                         queue.catch_up_pos = None;
                     }
                 }
-                if let Some(queue) = destination.queue.as_mut() {
-                    if matches!(queue.phase, Phase::Waiting(_)) {
-                        queue.phase = Phase::Idle;
-                    }
+                if let Some(queue) = destination.queue.as_mut()
+                    && matches!(queue.phase, Phase::Waiting(_))
+                {
+                    queue.phase = Phase::Idle;
                 }
                 self.changes.destinations.push(state);
                 self.dirty.insert(name);
@@ -704,13 +706,12 @@ impl FederationSender {
             let Some((_, timer)) = self.timers.pop_first() else { break };
             match timer {
                 Timer::Destination(name) => {
-                    if let Some(queue) = self.destinations.get_mut(&name).and_then(|d| d.queue.as_mut()) {
-                        if let Phase::Waiting(until) = queue.phase {
-                            if until <= self.now {
-                                queue.phase = Phase::Idle;
-                                self.dirty.insert(name);
-                            }
-                        }
+                    if let Some(queue) = self.destinations.get_mut(&name).and_then(|d| d.queue.as_mut())
+                        && let Phase::Waiting(until) = queue.phase
+                        && until <= self.now
+                    {
+                        queue.phase = Phase::Idle;
+                        self.dirty.insert(name);
                     }
                 }
                 Timer::Waker => self.waker_tick(),
@@ -924,10 +925,10 @@ impl FederationSender {
     }
 
     fn handles(&self, name: &ServerName) -> bool {
-        if let Some(whitelist) = &self.config.domain_whitelist {
-            if !whitelist.contains(name) {
-                return false;
-            }
+        if let Some(whitelist) = &self.config.domain_whitelist
+            && !whitelist.contains(name)
+        {
+            return false;
         }
         should_handle(&self.config.instances, &self.config.instance_name, name.as_str())
     }
@@ -973,12 +974,10 @@ impl FederationSender {
         }
         let catching_up = destination.catching_up;
         let queue = destination.queue();
-        if queue.frozen.is_none() {
-            if catching_up && !queue.edus.is_empty() {
-                // D9: ephemeral data does not wait behind catch-up.
-                if let Some(frozen) = self.freeze_pending(name, destination, false) {
-                    destination.queue().frozen = Some(frozen);
-                }
+        if queue.frozen.is_none() && catching_up && !queue.edus.is_empty() {
+            // D9: ephemeral data does not wait behind catch-up.
+            if let Some(frozen) = self.freeze_pending(name, destination, false) {
+                destination.queue().frozen = Some(frozen);
             }
         }
         let queue = destination.queue();
@@ -1083,7 +1082,7 @@ impl FederationSender {
             }
         });
         let edus = taken_edus.edus;
-        let with_pdus = with_pdus && !(isolating.is_some() && !edus.is_empty());
+        let with_pdus = with_pdus && (isolating.is_none() || edus.is_empty());
         let count_max = if with_pdus { isolating.unwrap_or(self.config.pdus_per_transaction_max) as usize } else { 0 };
         let mut taken: Vec<Arc<PduEntry>> = Vec::new();
         let mut too_large: Vec<Arc<PduEntry>> = Vec::new();
@@ -1333,7 +1332,11 @@ impl FederationSender {
                 }
                 for edu in &frozen.edus {
                     destination.dropped_items += 1;
-                    let event = Event::Dropped { destination: name.clone(), item: edu.edu_type.clone(), reason: reason.clone() };
+                    let event = Event::Dropped {
+                        destination: name.clone(),
+                        item: edu.edu_type.clone(),
+                        reason: reason.clone(),
+                    };
                     self.push_event(event);
                 }
                 self.settle_normal(name, destination, &frozen);
@@ -1373,19 +1376,19 @@ impl FederationSender {
     /// A normal transaction is settled (delivered or its item given up): every row up to its
     /// newest PDU is behind us (D4: the position only grows, memory follows storage).
     fn settle_normal(&mut self, name: &ServerName, destination: &mut Destination, frozen: &Frozen) {
-        if let Some(queue) = destination.queue.as_mut() {
-            if queue.split_limit.is_some() {
-                queue.suspects = queue.suspects.saturating_sub((frozen.items.len() + frozen.edus.len()) as u32);
-                if queue.suspects == 0 {
-                    queue.split_limit = None;
-                }
+        if let Some(queue) = destination.queue.as_mut()
+            && queue.split_limit.is_some()
+        {
+            queue.suspects = queue.suspects.saturating_sub((frozen.items.len() + frozen.edus.len()) as u32);
+            if queue.suspects == 0 {
+                queue.split_limit = None;
             }
         }
-        if let Some(up_to) = frozen.delivered_up_to {
-            if destination.last_successful.is_none_or(|current| up_to > current) {
-                destination.last_successful = Some(up_to);
-                self.state_changed.insert(name.clone());
-            }
+        if let Some(up_to) = frozen.delivered_up_to
+            && destination.last_successful.is_none_or(|current| up_to > current)
+        {
+            destination.last_successful = Some(up_to);
+            self.state_changed.insert(name.clone());
         }
     }
 
@@ -1468,10 +1471,10 @@ impl FederationSender {
                 queue.catch_up_pos = None;
             }
         }
-        if let Some(queue) = destination.queue.as_mut() {
-            if matches!(queue.phase, Phase::Waiting(_)) {
-                queue.phase = Phase::Idle;
-            }
+        if let Some(queue) = destination.queue.as_mut()
+            && matches!(queue.phase, Phase::Waiting(_))
+        {
+            queue.phase = Phase::Idle;
         }
         self.dirty.insert(name.clone());
     }

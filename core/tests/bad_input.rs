@@ -65,7 +65,9 @@ fn unknown_and_mismatched_requests_are_refused_and_change_nothing() {
     // The fetch is still outstanding and answerable.
     let events = vec![pdu("$1", "!r:test", 1, &["host2"])];
     sender.handle_input(NOW, Input::EventsFetched { request: fetch, events }).unwrap();
-    assert!(drain(&mut sender).iter().any(|o| matches!(o, Output::SendTransaction(t) if t.destination == name("host2"))));
+    assert!(
+        drain(&mut sender).iter().any(|o| matches!(o, Output::SendTransaction(t) if t.destination == name("host2")))
+    );
 }
 
 #[test]
@@ -74,7 +76,11 @@ fn events_without_a_room_are_skipped_and_the_rest_is_sent() {
     let events = vec![pdu("$bad", "", 1, &["host2"]), pdu("$good", "!r:test", 2, &["host3"])];
     sender.handle_input(NOW, Input::EventsFetched { request: fetch, events }).unwrap();
     let outputs = drain(&mut sender);
-    assert!(outputs.iter().any(|o| matches!(o, Output::Event { event: Event::EventSkipped { event_id, .. } } if event_id == "$bad")));
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::Event { event: Event::EventSkipped { event_id, .. } } if event_id == "$bad"))
+    );
     assert!(outputs.iter().any(|o| matches!(o, Output::SendTransaction(t) if t.pdu_ids == ["$good"])));
     assert!(!outputs.iter().any(|o| matches!(o, Output::SendTransaction(t) if t.destination == name("host2"))));
 }
@@ -109,7 +115,11 @@ fn invalid_server_names_and_malformed_json_are_errors() {
     assert!(error.starts_with("malformed input"), "{error}");
     let error = sender.handle_input(1, "{").unwrap_err();
     assert!(error.starts_with("malformed input"), "{error}");
-    assert!(JsonSender::new(r#"{"server_name":"test","retry_multiplier":0}"#, "{}").unwrap_err().contains("retry_multiplier"));
+    assert!(
+        JsonSender::new(r#"{"server_name":"test","retry_multiplier":0}"#, "{}")
+            .unwrap_err()
+            .contains("retry_multiplier")
+    );
     assert!(JsonSender::new(r#"{"server_name":"test","bogus":1}"#, "{}").unwrap_err().contains("unknown field"));
     // Still serving.
     sender.handle_input(2, r#"{"type":"timeout"}"#).unwrap();

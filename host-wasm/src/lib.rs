@@ -9,6 +9,9 @@
 //!   browser demo and the Node runner (`www/bin/fedsend-scenario.mjs`) hand it an object that
 //!   wraps a `FederationSender`, so the core is driven across the JS boundary as JSON, exactly
 //!   as a JavaScript homeserver drives it.
+//! - [`LiveSimulation`] and [`ScenarioStepper`]: the world and the core both inside the module,
+//!   driven one step at a time (the browser visualiser): a live world fed steps as JSON, and a
+//!   scenario file stepped through, each with its trace and per-destination figures.
 //!
 //! Times cross the boundary as JavaScript numbers (`f64`) holding whole Unix milliseconds, not
 //! `BigInt`; [`ms`] does the checked conversions.
@@ -18,8 +21,10 @@
 //! function panics, and nothing native calls them).
 
 mod bindings;
+mod live;
 pub mod ms;
 mod scenario;
 
 pub use bindings::FederationSender;
+pub use live::{LiveSimulation, ScenarioStepper};
 pub use scenario::{EngineObject, run_scenario};

@@ -113,18 +113,18 @@ impl Checker {
                 self.bodies.insert(txn.txn_id.clone(), String::from(&*txn.body));
             }
         }
-        if let Some(until) = self.backoff_until.get(dest) {
-            if now < *until {
-                return Err(format!("attempt to {dest} at {now}, before its backoff ends at {until}"));
-            }
+        if let Some(until) = self.backoff_until.get(dest)
+            && now < *until
+        {
+            return Err(format!("attempt to {dest} at {now}, before its backoff ends at {until}"));
         }
-        if let Some(failed) = self.last_failed.get(dest) {
-            if *failed != txn.txn_id {
-                return Err(format!(
-                    "{dest}: transaction {} sent while the failed {failed} was neither retried nor abandoned",
-                    txn.txn_id
-                ));
-            }
+        if let Some(failed) = self.last_failed.get(dest)
+            && *failed != txn.txn_id
+        {
+            return Err(format!(
+                "{dest}: transaction {} sent while the failed {failed} was neither retried nor abandoned",
+                txn.txn_id
+            ));
         }
         self.abandoned.remove(dest);
         for event in &txn.pdu_ids {

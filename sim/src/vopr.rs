@@ -46,7 +46,7 @@ pub struct Options {
 impl Options {
     /// Draws every option from `seed` (swarm testing: each seed gets its own mix).
     pub fn swarm(seed: u64) -> Self {
-        let mut prng = Prng::from_seed(seed ^ 0x5EED_0F_F00D);
+        let mut prng = Prng::from_seed(seed ^ 0x005E_ED0F_F00D);
         let mut pick = |low: u64, high: u64| prng.range_inclusive(low, high);
         let retry_interval_min_ms = pick(1_000, 60_000);
         let retry_interval_max_ms = retry_interval_min_ms * pick(2, 60);
@@ -234,9 +234,9 @@ pub fn run(options: &Options, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str
         steps: 0,
         events: 0,
     };
-    sim.setup(engine, emit).map_err(|e| fail(e))?;
+    sim.setup(engine, emit).map_err(&fail)?;
     for _ in 0..options.actions {
-        sim.action(engine, emit).map_err(|e| fail(e))?;
+        sim.action(engine, emit).map_err(&fail)?;
     }
     let healed_at = sim.world_now();
     sim.heal(engine, emit)?;

@@ -218,7 +218,11 @@ pub struct LiveRun {
 
 impl LiveRun {
     /// Parses the scenario header, starts the engine and runs the header's own steps.
-    pub fn start(scenario_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<Self, ScenarioError> {
+    pub fn start(
+        scenario_json: &str,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> Result<Self, ScenarioError> {
         let scenario = Scenario::parse(scenario_json)?;
         let world = World::start(&scenario, engine, emit)?;
         let mut run = Self { world, applied: 0 };
@@ -229,10 +233,15 @@ impl LiveRun {
     }
 
     /// Applies one step, given as the JSON of a scenario step (`{"op": …}`).
-    pub fn apply(&mut self, step_json: &str, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), ScenarioError> {
+    pub fn apply(
+        &mut self,
+        step_json: &str,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> Result<(), ScenarioError> {
         let index = self.applied;
-        let step: Step = serde_json::from_str(step_json)
-            .map_err(|e| ScenarioError::new(format!("step {index}: {e}")))?;
+        let step: Step =
+            serde_json::from_str(step_json).map_err(|e| ScenarioError::new(format!("step {index}: {e}")))?;
         self.run(&step, engine, emit)
     }
 
@@ -521,8 +530,11 @@ impl World {
                 self.input(engine, emit, Input::Receipt { receipt, hosts, event })
             }
             Step::Presence { user, presence, status_msg, last_active_ts, currently_active, destinations } => {
-                let destinations =
-                    destinations.iter().map(|d| ServerName::parse(d)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+                let destinations = destinations
+                    .iter()
+                    .map(|d| ServerName::parse(d))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
                 let state = fedsend_core::PresenceState {
                     user_id: user.clone(),
                     presence: presence.clone(),
@@ -543,11 +555,9 @@ impl World {
                     Input::Edu { destination, edu_type: edu_type.clone(), content: content.clone(), key: key.clone() };
                 self.input(engine, emit, input)
             }
-            Step::ToDevice { .. }
-            | Step::DeviceUpdate { .. }
-            | Step::SigningKeyUpdate { .. } => {
-                Err(String::from("to-device and device-list ops are not implemented yet (the durable EDU outboxes are a later step)"))
-            }
+            Step::ToDevice { .. } | Step::DeviceUpdate { .. } | Step::SigningKeyUpdate { .. } => Err(String::from(
+                "to-device and device-list ops are not implemented yet (the durable EDU outboxes are a later step)",
+            )),
         }
     }
 
@@ -1061,10 +1071,10 @@ impl World {
             ),
         };
         if matches!(result, TransactionResult::Ok { .. }) {
-            if let Some(previous) = remote.accepted.get(&txn.txn_id) {
-                if **previous != *txn.body {
-                    return Err(format!("txn id {} was reused with a different body", txn.txn_id));
-                }
+            if let Some(previous) = remote.accepted.get(&txn.txn_id)
+                && **previous != *txn.body
+            {
+                return Err(format!("txn id {} was reused with a different body", txn.txn_id));
             }
             remote.accepted.insert(txn.txn_id.clone(), txn.body.to_string());
             if let Some(checker) = self.checker.as_mut() {
@@ -1105,7 +1115,7 @@ impl World {
                     self.engine_deadline = None;
                     self.input(engine, emit, Input::Timeout)?;
                     if self.engine_deadline.is_some_and(|d| d <= at)
-                        && !self.agenda.keys().next().is_some_and(|k| k.0 <= at)
+                        && self.agenda.keys().next().is_none_or(|k| k.0 > at)
                     {
                         return Err(format!("engine asked for a timeout at {at} again right after it was delivered"));
                     }

@@ -1,8 +1,9 @@
 // The engine object that `runScenario` drives: a thin wrapper around the wasm core's
 // `FederationSender`, so that the simulator talks to the core across the JavaScript boundary
-// as JSON, exactly as a JavaScript homeserver would. Shared by the Node runner
-// (bin/fedsend-scenario.mjs) and the browser demo (app.mjs); the caller passes the
-// `FederationSender` class of whichever wasm-bindgen build it loaded (nodejs or web).
+// as JSON, exactly as a JavaScript homeserver would. Used by the Node runner
+// (bin/fedsend-scenario.mjs) and its tests; the caller passes the `FederationSender` class of
+// whichever wasm-bindgen build it loaded (nodejs or web). (The visualiser instead links the
+// core into the world inside wasm, lib/live.mjs, for speed.)
 
 /**
  * @param {typeof import('../pkg/fedsend_wasm.js').FederationSender} FederationSender

@@ -1,160 +1,370 @@
-// Browser end-to-end test of the demo page: node www/test/e2e.mjs
+// Browser end-to-end tests of the visualiser: node www/test/e2e.mjs [CHECK…]
 //
-// Serves www/ on 127.0.0.1 (a free port), opens it in Debian's headless Chromium through
-// playwright-core (tools/node/node_modules; shared spec toolchain.md §3), waits for the page to
-// run the built-in scenario through the wasm core, and checks the drawing: one card per remote
-// server of www/scenarios/demo.json, some transactions sent, status `ok: …`. Any console
-// error or page error fails the test. Saves a screenshot to artifacts/www-demo.png.
-// Needs www/pkg (scripts/build-wasm.sh). Prints one result line; exit status 0 = pass.
+// Serves www/ (and tests/scenarios/ as the shipped scenarios) on 127.0.0.1, a free port, with
+// lib/server.mjs, and drives the page in Debian's headless Chromium through playwright-core
+// (tools/node/node_modules; shared spec toolchain.md §3). Every check asserts from the DOM
+// (text and data-* attributes). Any console error, page error or failed request fails the
+// run. Screenshots of the main states go to artifacts/www-*.png. Prints one line per check
+// and a result line; exit status 0 = pass. Needs www/pkg (scripts/build-wasm.sh).
+//
+// Checks (all by default, or the named ones): live, backoff, restart, faults, determinism,
+// replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×.
 //
 // It lives in www/test/ but is not a `node --test` file: Node 20's runner runs every .mjs under
 // a test/ directory, so when it does, this file only registers a skipped test.
 
-import { createServer } from 'node:http';
-import { createReadStream, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
-import { extname, join, relative, resolve, sep } from 'node:path';
+import { join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { backoffBoundMs, fnv, traceCounts } from '../lib/live.mjs';
+import { serve } from '../lib/server.mjs';
 
 const WWW = resolve(fileURLToPath(new URL('..', import.meta.url)));
 const ROOT = resolve(WWW, '..');
-const SHOT = join(ROOT, 'artifacts', 'www-demo.png');
+const SCENARIOS = join(ROOT, 'tests', 'scenarios');
+const ARTIFACTS = join(ROOT, 'artifacts');
 const CHROMIUM = '/usr/bin/chromium';
 const TIMEOUT_MS = 30_000;
 
-const MIME = {
-  '.html': 'text/html; charset=utf-8',
-  '.mjs': 'text/javascript; charset=utf-8',
-  '.js': 'text/javascript; charset=utf-8',
-  '.css': 'text/css; charset=utf-8',
-  '.json': 'application/json',
-  '.wasm': 'application/wasm',
-  '.png': 'image/png',
-  '.svg': 'image/svg+xml',
-  '.ts': 'text/plain; charset=utf-8',
+let base; // the server's address
+
+class Failure extends Error {}
+function expect(ok, message) {
+  if (!ok) throw new Failure(message);
+}
+
+async function summary(page) {
+  return page.$eval('#summary', (el) => Object.fromEntries(Object.entries(el.dataset)
+    .map(([k, v]) => [k, k === 'digest' || Number.isNaN(Number(v)) ? v : Number(v)])));
+}
+
+async function detail(page) {
+  return page.$eval('#detail', (el) => ({ ...el.dataset }));
+}
+
+async function ready(page, path, want = 'ok') {
+  await page.goto(new URL(path, base).href);
+  await page.waitForFunction(() => document.getElementById('status')?.textContent !== 'loading', null, { timeout: TIMEOUT_MS });
+  const status = await page.textContent('#status');
+  expect(status.startsWith(want), `status is ${JSON.stringify(status)}`);
+}
+
+async function shot(page, name) {
+  const path = join(ARTIFACTS, `www-${name}.png`);
+  await page.screenshot({ path, fullPage: true });
+  return relative(process.cwd(), path);
+}
+
+/** Clicks "step 1 s" until `until(detail)` or `max` steps; returns the virtual ms stepped. */
+async function stepUntil(page, until, max) {
+  const t0 = (await summary(page)).now;
+  for (let i = 0; i < max; i += 1) {
+    if (until(await detail(page))) break;
+    await page.click('#step');
+  }
+  return (await summary(page)).now - t0;
+}
+
+async function waitVirtual(page, ms) {
+  const t0 = (await summary(page)).now;
+  await page.waitForFunction((target) => Number(document.getElementById('summary').dataset.now) >= target, t0 + ms,
+    { timeout: TIMEOUT_MS, polling: 100 });
+}
+
+const CHECKS = {
+  async live(page) {
+    await ready(page, '?seed=1&n=30');
+    await page.waitForFunction(() => Number(document.getElementById('summary').dataset.delivered) > 0, null,
+      { timeout: TIMEOUT_MS });
+    const a = await summary(page);
+    await page.waitForTimeout(1500);
+    const b = await summary(page);
+    expect(b.now > a.now, `virtual time did not move (${a.now} → ${b.now})`);
+    expect(b.sends > a.sends && b.delivered > a.delivered, `numbers did not move: ${JSON.stringify([a, b])}`);
+    expect(b.total === 30, `${b.total} destinations drawn, want 30`);
+    await page.click('#world', { position: { x: 200, y: 40 } });
+    const d = await detail(page);
+    expect(d.dest, 'clicking the world selected no destination');
+    const file = await shot(page, 'live');
+    return `t=+${b.now} ms, ${b.sends} sends, ${b.delivered} PDUs delivered, clicked ${d.dest}; ${file}`;
+  },
+
+  async backoff(page) {
+    const host = 's0003.example';
+    await ready(page, `?seed=1&n=30&speed=0&select=${host}`);
+    await stepUntil(page, () => false, 5);
+    await page.click('[data-action=down]');
+    const bound = backoffBoundMs() + 1000;
+    const took = await stepUntil(page, (d) => d.state === 'backing_off', Math.ceil(bound / 1000) + 5);
+    let d = await detail(page);
+    expect(d.state === 'backing_off', `${host} is ${d.state} ${took} ms after going down, want backing_off within ${bound} ms`);
+    expect(took <= bound, `${host} took ${took} ms to back off, bound ${bound} ms`);
+    const downShot = await shot(page, 'backing-off');
+    // Down long enough for its queue to be dropped (catch_up_threshold_ms), then up + contact.
+    await page.click('#speed100');
+    await waitVirtual(page, 200_000);
+    await page.click('#pause');
+    d = await detail(page);
+    expect(d.converged === 'false', `${host} converged while down`);
+    await page.click('[data-action=up]');
+    await page.click('[data-action=inbound]');
+    await page.fill('#rate', '0');
+    await page.dispatchEvent('#rate', 'change');
+    await page.click('#speed10');
+    const seen = new Set();
+    const deadline = Date.now() + TIMEOUT_MS;
+    for (;;) {
+      d = await detail(page);
+      seen.add(d.state);
+      if (d.converged === 'true' && d.state === 'idle') break;
+      expect(Date.now() < deadline, `${host} did not converge after coming back (${JSON.stringify(d)})`);
+      await page.waitForTimeout(30);
+    }
+    await page.click('#pause');
+    const upShot = await shot(page, 'caught-up');
+    return `backing off ${took} ms after going down (bound ${bound}); after up + inbound: states ${[...seen].join(' → ')}, converged; ${downShot}, ${upShot}`;
+  },
+
+  async restart(page) {
+    await ready(page, '?seed=3&n=40&speed=10');
+    await waitVirtual(page, 10_000);
+    await page.click('#restart');
+    await waitVirtual(page, 3_000);
+    const mid = await shot(page, 'restart');
+    await page.fill('#rate', '0');
+    await page.dispatchEvent('#rate', 'change');
+    await page.click('#speed100');
+    await page.waitForFunction(() => {
+      const s = document.getElementById('summary').dataset;
+      return s.converged === s.total && s.queued === '0' && s.inflight === '0';
+    }, null, { timeout: TIMEOUT_MS, polling: 100 });
+    const s = await summary(page);
+    return `after a restart every destination converged (${s.converged}/${s.total}, ${s.delivered} PDUs); ${mid}`;
+  },
+
+  async faults(page) {
+    await ready(page, '?seed=2&n=30&rate=4&speed=0');
+    const pick = async (host) => {
+      await page.fill('#pick', host);
+      await page.dispatchEvent('#pick', 'change');
+      expect((await detail(page)).dest === host, `could not select ${host}`);
+    };
+    await stepUntil(page, () => false, 2);
+    await pick('s0005.example');
+    await page.click('[data-action=flaky]');
+    await pick('s0006.example');
+    await page.click('[data-action=ratelimit]');
+    await pick('s0007.example');
+    await page.click('[data-action=poison]');
+    await page.click('#partition');
+    await stepUntil(page, () => false, 30);
+    const poisoned = await detail(page);
+    expect(Number(poisoned.dropped) >= 1, `the poisoned event was not dropped for s0007 (${JSON.stringify(poisoned)})`);
+    await pick('s0006.example');
+    const limited = await detail(page);
+    expect(Number(limited.failed) >= 1 && limited.state !== 'idle', `s0006 rate-limited but ${JSON.stringify(limited)}`);
+    const s = await summary(page);
+    const failing = s.stateRetrying + s.stateBackingOff + s.stateGone;
+    expect(failing >= 12, `only ${failing} destinations failing with half of them partitioned (${JSON.stringify(s)})`);
+    const file = await shot(page, 'faults');
+    await page.click('#partition'); // heal
+    await page.fill('#rate', '0');
+    await page.dispatchEvent('#rate', 'change');
+    await page.click('#speed100');
+    await waitVirtual(page, 180_000);
+    const healed = await summary(page);
+    expect(healed.stateBackingOff + healed.stateGone <= 2, `after healing: ${JSON.stringify(healed)}`);
+    return `poison dropped for s0007, s0006 ${limited.state} after ${limited.failed} 429s, ${failing} failing in the partition; healed: ${healed.converged}/${healed.total} converged; ${file}`;
+  },
+
+  async determinism(page) {
+    const runOnce = async (seed) => {
+      await ready(page, `?seed=${seed}&n=20&rate=5&speed=0&select=s0002.example`);
+      await stepUntil(page, () => false, 4);
+      await page.click('[data-action=down]');
+      await page.click('#restart');
+      await stepUntil(page, () => false, 6);
+      await page.click('[data-action=up]');
+      await stepUntil(page, () => false, 4);
+      return (await summary(page)).digest;
+    };
+    const a = await runOnce(11);
+    const recorded = page.url();
+    const b = await runOnce(11);
+    const c = await runOnce(12);
+    expect(a === b, `seed 11 twice gave digests ${a} and ${b}`);
+    expect(a !== c, `seeds 11 and 12 gave the same digest ${a}`);
+    // The URL of the first run replays it: its actions are in `log`, with their ticks.
+    expect(new URL(recorded).searchParams.get('log')?.includes(':down:s0002.example'), `no action log in ${recorded}`);
+    await ready(page, recorded);
+    await stepUntil(page, () => false, 14);
+    const d = (await summary(page)).digest;
+    expect(d === a, `the recorded URL replayed to digest ${d}, want ${a} (${recorded})`);
+    return `seed 11 twice: ${a} = ${b}; seed 12: ${c}; replayed from the URL's action log: ${d}`;
+  },
+
+  async replay(page) {
+    const results = [];
+    for (const name of ['restart.json', 'long-outage-catch-up.json', 'd7-poison-transaction.json']) {
+      await ready(page, `?scenario=${name}`);
+      const steps = Number(await page.$eval('#r-pos', (el) => el.dataset.count));
+      for (let i = 0; i <= steps; i += 1) await page.click('#r-step');
+      const pos = await page.$eval('#r-pos', (el) => ({ ...el.dataset }));
+      expect(pos.done === 'true', `${name}: not at the end after ${steps + 1} steps (${JSON.stringify(pos)})`);
+      const shown = await page.$eval('#r-counts', (el) => Object.fromEntries(Object.entries(el.dataset).map(([k, v]) => [k, Number(v)])));
+      const nativeText = nativeTrace(name);
+      const want = traceCounts(nativeText.split('\n'));
+      expect(JSON.stringify(shown) === JSON.stringify(want),
+        `${name}: the page shows ${JSON.stringify(shown)}, the native trace has ${JSON.stringify(want)}`);
+      // Stronger: the page's digest of its whole trace equals that of the native trace text.
+      const digest = fnv(0x811c9dc5, nativeText).toString(16).padStart(8, '0');
+      const shownDigest = (await summary(page)).digest;
+      expect(shownDigest === digest, `${name}: trace digest ${shownDigest} in the page, ${digest} natively`);
+      results.push(`${name} ${want.lines} lines/${want.send} sends, digest ${digest}`);
+      if (name === 'long-outage-catch-up.json') results.push(await shot(page, 'replay'));
+    }
+    // A file picked from disk (the drop target reads files the same way).
+    await page.setInputFiles('#scenario-file', join(SCENARIOS, 'basic-fanout.json'));
+    await page.waitForFunction(() => document.getElementById('status').textContent.includes('basic-fanout.json'));
+    await page.click('#r-end');
+    const shown = await page.$eval('#r-counts', (el) => Number(el.dataset.lines));
+    expect(shown === traceCounts(nativeTrace('basic-fanout.json').split('\n')).lines, 'basic-fanout.json from a file: wrong count');
+    const source = nativeSource();
+    return `counts equal the native engine's (${source ? relative(ROOT, source) : 'expected .trace.jsonl'}): ${results.join(', ')}, basic-fanout.json (file)`;
+  },
+
+  async demo(page) {
+    await ready(page, '?scenario=demo.json&select=cedar.example');
+    const seen = new Set();
+    let midShot = null;
+    for (;;) {
+      const more = await page.$eval('#r-pos', (el) => el.dataset.done !== 'true');
+      const { state } = await detail(page);
+      seen.add(state);
+      if (state === 'backing_off' && !midShot) midShot = await shot(page, 'demo-backing-off');
+      if (!more) break;
+      await page.click('#r-step');
+    }
+    for (const state of ['backing_off', 'idle']) expect(seen.has(state), `cedar.example never ${state} in the demo (saw ${[...seen]})`);
+    const file = await shot(page, 'demo');
+    return `cedar.example went through ${[...seen].join(', ')}; ${midShot}, ${file}`;
+  },
+
+  async perf(page) {
+    // The default workload (2 events/s, rooms of ~330 servers: ~650 transactions/s against the
+    // global cap of 128 in flight), then a light one (0.2 events/s).
+    const lines = [];
+    let file;
+    for (const rate of [2, 0.2]) {
+      await ready(page, `?seed=1&n=1000&rate=${rate}&speed=100`);
+      await page.waitForTimeout(6000);
+      const perf = await page.$eval('#perf', (el) => ({ ...el.dataset }));
+      const s = await summary(page);
+      expect(Number(perf.frames) > 10, `only ${perf.frames} frames in 6 s`);
+      file ??= await shot(page, '1000');
+      const line = `1000 destinations at 100×, ${rate} events/s: frame time mean ${perf.frameMean} ms, p95 ${perf.frameP95} ms, max ${perf.frameMax} ms over ${perf.frames} frames (simulation ${perf.simMean}, folding ${perf.foldMean}, drawing ${perf.drawMean} ms per frame); virtual time ran at ${perf.effectiveSpeed}× (t=+${s.now} ms, ${s.sends} sends)`;
+      console.log(`perf: ${line}`);
+      lines.push(line);
+    }
+    return `${lines.join('; ')}; ${file}`;
+  },
 };
 
-/** A static file server for `dir` on 127.0.0.1 and a free port. Resolves to { server, url }. */
-function serve(dir) {
-  const server = createServer((req, res) => {
-    const path = decodeURIComponent(new URL(req.url, 'http://x').pathname);
-    let file = resolve(dir, `.${path}`);
-    if (file !== dir && !file.startsWith(dir + sep)) {
-      res.writeHead(403).end();
-      return;
-    }
-    try {
-      if (statSync(file).isDirectory()) file = join(file, 'index.html');
-      statSync(file);
-    } catch {
-      res.writeHead(404, { 'content-type': 'text/plain' }).end(`not found: ${path}\n`);
-      return;
-    }
-    res.writeHead(200, {
-      'content-type': MIME[extname(file)] ?? 'application/octet-stream',
-      'cache-control': 'no-store',
-    });
-    createReadStream(file).pipe(res);
-  });
-  return new Promise((ok, fail) => {
-    server.once('error', fail);
-    server.listen(0, '127.0.0.1', () => ok({ server, url: `http://127.0.0.1:${server.address().port}/` }));
-  });
+/** Where `nativeTrace` takes the native engine's traces from. */
+function nativeSource() {
+  if (process.env.FEDSEND_BIN) return process.env.FEDSEND_BIN;
+  // target/release/fedsend only when it is at least as new as the wasm build the page runs
+  // (else it may be a different core); otherwise the expected traces, which `cargo test`
+  // checks the native engine against.
+  const bin = join(ROOT, 'target', 'release', 'fedsend');
+  const wasm = join(WWW, 'pkg', 'fedsend_wasm_bg.wasm');
+  return existsSync(bin) && statSync(bin).mtimeMs >= statSync(wasm).mtimeMs ? bin : null;
 }
 
-/** Remote servers of the demo, counted independently of the page: servers of remote joiners. */
-function demoRemoteServers() {
-  const scenario = JSON.parse(readFileSync(join(WWW, 'scenarios', 'demo.json'), 'utf8'));
-  const servers = new Set();
-  for (const step of scenario.steps) {
-    if (step.op !== 'join') continue;
-    const server = step.user.slice(step.user.indexOf(':') + 1);
-    if (server !== scenario.server_name) servers.add(server);
+/** The native engine's trace of a shipped scenario: `fedsend scenario` (see nativeSource), else
+ * the expected trace it is checked against. */
+function nativeTrace(name) {
+  const file = join(SCENARIOS, name);
+  const bin = nativeSource();
+  if (bin) {
+    const r = spawnSync(bin, ['scenario', file], { encoding: 'utf8' });
+    if (r.status === 0) return r.stdout;
+    throw new Failure(`${bin} scenario ${name} failed: ${r.stderr.trim()}`);
   }
-  return servers;
+  return readFileSync(file.replace(/\.json$/, '.trace.jsonl'), 'utf8');
 }
 
-async function main() {
-  const problems = [];
+async function main(names) {
   const { chromium } = createRequire(join(ROOT, 'tools', 'node', 'package.json'))('playwright-core');
-  const expected = demoRemoteServers();
-  const { server, url } = await serve(WWW);
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const { server, url } = await serve(WWW, { scenarios: SCENARIOS });
+  base = url;
   const profile = mkdtempSync(join(tmpdir(), 'fedsend-e2e-'));
   let context;
+  let failed = 0;
   try {
     context = await chromium.launchPersistentContext(profile, {
       executablePath: CHROMIUM,
       headless: true,
-      viewport: { width: 1280, height: 900 },
+      viewport: { width: 1440, height: 1000 },
       args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
         '--disable-component-update', '--disable-sync', '--no-first-run'],
     });
-    const page = context.pages()[0] ?? (await context.newPage());
-    page.on('console', (msg) => {
-      if (msg.type() === 'error') problems.push(`console error: ${msg.text()}`);
-    });
-    page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
-    page.on('requestfailed', (req) => problems.push(`request failed: ${req.url()} (${req.failure()?.errorText})`));
-
-    await page.goto(url);
-    await page.waitForFunction(() => document.getElementById('status')?.textContent !== 'loading', null,
-      { timeout: TIMEOUT_MS });
-    const status = (await page.textContent('#status')) ?? '';
-    const cards = await page.$$eval('#destinations .dest', (els) => els.map((el) => ({
-      destination: el.dataset.destination, state: el.dataset.state, sent: Number(el.dataset.sent),
-    })));
-    mkdirSync(join(ROOT, 'artifacts'), { recursive: true });
-    await page.screenshot({ path: SHOT, fullPage: true });
-
-    if (!status.startsWith('ok')) problems.push(`status is ${JSON.stringify(status)}, not "ok: …"`);
-    const drawn = cards.map((c) => c.destination).sort();
-    const want = [...expected].sort();
-    if (drawn.join() !== want.join()) {
-      problems.push(`${cards.length} destination cards (${drawn.join(', ')}), want ${want.length} (${want.join(', ')})`);
-    }
-    if (!cards.some((c) => c.sent > 0)) problems.push('no destination has a transaction sent');
-    if (cards.some((c) => !['idle', 'sending', 'failing'].includes(c.state))) {
-      problems.push(`unknown card state in ${JSON.stringify(cards)}`);
-    }
-    // The replay slider: somewhere in the trace a transaction is in flight and a destination
-    // is failing (cedar.example is unreachable for a while).
-    const seen = await page.evaluate(() => {
-      const slider = document.getElementById('position');
-      const states = new Set();
-      for (let i = 0; i <= Number(slider.max); i += 1) {
-        slider.value = String(i);
-        slider.dispatchEvent(new Event('input'));
-        document.querySelectorAll('#destinations .dest').forEach((el) => states.add(el.dataset.state));
+    context.setDefaultTimeout(TIMEOUT_MS);
+    for (const name of names) {
+      const page = await context.newPage();
+      const problems = [];
+      page.on('console', (msg) => {
+        if (msg.type() === 'error') problems.push(`console error: ${msg.text()}`);
+      });
+      page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+      page.on('requestfailed', (req) => problems.push(`request failed: ${req.url()} (${req.failure()?.errorText})`));
+      const t0 = Date.now();
+      let result;
+      try {
+        result = await CHECKS[name](page);
+      } catch (e) {
+        problems.push(e instanceof Failure ? e.message : (e?.stack ?? String(e)).split('\n').slice(0, 3).join(' | '));
       }
-      return [...states].sort();
-    });
-    for (const state of ['failing', 'sending']) {
-      if (!seen.includes(state)) problems.push(`the replay never shows a ${state} destination (saw ${seen.join(', ')})`);
+      const secs = ((Date.now() - t0) / 1000).toFixed(1);
+      if (problems.length) {
+        failed += 1;
+        console.log(`e2e ${name} FAIL (${secs} s): ${problems.join('; ')}`);
+        await page.screenshot({ path: join(ARTIFACTS, `www-fail-${name}.png`), fullPage: true }).catch(() => {});
+      } else {
+        console.log(`e2e ${name} ok (${secs} s): ${result}`);
+      }
+      await page.close();
     }
-    const summary = `${status}; ${cards.length} cards; ${cards.reduce((n, c) => n + c.sent, 0)} sends`;
-    return { problems, summary };
   } finally {
     await context?.close();
     server.close();
     rmSync(profile, { recursive: true, force: true });
   }
+  return failed;
 }
 
 if (process.env.NODE_TEST_CONTEXT) {
   const { test } = await import('node:test');
   test('browser e2e', { skip: 'run it on its own: node www/test/e2e.mjs' }, () => {});
 } else {
-  try {
-    const { problems, summary } = await main();
-    if (problems.length) {
-      console.log(`e2e FAIL: ${problems.join('; ')} (${summary}; screenshot ${relative(process.cwd(), SHOT)})`);
+  const wanted = process.argv.slice(2);
+  const unknown = wanted.filter((n) => !(n in CHECKS));
+  if (unknown.length) {
+    console.log(`e2e: unknown check(s) ${unknown.join(', ')} (checks: ${Object.keys(CHECKS).join(', ')})`);
+    process.exitCode = 2;
+  } else {
+    const names = wanted.length ? wanted : Object.keys(CHECKS);
+    try {
+      const failed = await main(names);
+      console.log(failed ? `e2e FAIL: ${failed} of ${names.length} checks failed` : `e2e ok: ${names.length} checks passed`);
+      process.exitCode = failed ? 1 : 0;
+    } catch (e) {
+      console.log(`e2e FAIL: ${e instanceof Error ? e.message.split('\n')[0] : e}`);
       process.exitCode = 1;
-    } else {
-      console.log(`e2e ok: ${summary}; screenshot ${relative(process.cwd(), SHOT)}`);
     }
-  } catch (e) {
-    console.log(`e2e FAIL: ${e instanceof Error ? e.message.split('\n')[0] : e}`);
-    process.exitCode = 1;
   }
 }

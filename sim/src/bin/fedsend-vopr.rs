@@ -97,12 +97,12 @@ fn main() {
             }
         }
         passed += 1;
-        if passed % 100 == 0 {
+        if passed.is_multiple_of(100) {
             let rate = passed as f64 / started.elapsed().as_secs_f64();
             // One updating line on a terminal; whole lines in CI logs.
             if std::io::stderr().is_terminal() {
                 eprint!("\r{passed} seeds passed (up to {seed}), {rate:.0} seeds/s   ");
-            } else if passed % 500 == 0 {
+            } else if passed.is_multiple_of(500) {
                 eprintln!("{passed} seeds passed (up to {seed}), {rate:.0} seeds/s");
             }
         }

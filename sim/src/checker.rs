@@ -9,6 +9,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use fedsend_core::{Changes, Config, Event, OutgoingTransaction, TransactionResult};
+use serde_json::Value;
 
 /// Counts of what a run exercised, for the report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub struct Counts {
     pub retries: u64,
     /// Items given up (poison, oversized).
     pub dropped: u64,
+    /// EDUs accepted by remotes.
+    pub edus: u64,
     /// Times a destination's queue was dropped for catch-up.
     pub catch_ups: u64,
     /// Times a destination answered after failing.
@@ -47,6 +50,8 @@ pub(crate) struct Checker {
     offered: BTreeSet<(String, String)>,
     /// (destination, event) pairs given up.
     pub(crate) dropped: BTreeSet<(String, String)>,
+    /// Newest receipt ts delivered per (destination, room, type, user, thread).
+    receipts: BTreeMap<(String, String, String, String, Option<String>), u64>,
     /// Per destination, the event ids it accepted.
     pub(crate) received: BTreeMap<String, BTreeSet<String>>,
     pub(crate) counts: Counts,
@@ -64,6 +69,7 @@ impl Checker {
             offered: BTreeSet::new(),
             dropped: BTreeSet::new(),
             received: BTreeMap::new(),
+            receipts: BTreeMap::new(),
             counts: Counts::default(),
         }
     }
@@ -136,9 +142,49 @@ impl Checker {
     }
 
     /// A remote accepted a transaction (whether or not its answer reaches the sender).
-    pub(crate) fn on_accepted(&mut self, dest: &str, pdu_ids: &[String]) {
+    pub(crate) fn on_accepted(&mut self, dest: &str, pdu_ids: &[String], edus: &[Value]) -> Result<(), String> {
         self.counts.accepted += 1;
         self.received.entry(String::from(dest)).or_default().extend(pdu_ids.iter().cloned());
+        for edu in edus {
+            let (Some(kind), Some(content)) = (edu.get("edu_type").and_then(Value::as_str), edu.get("content")) else {
+                return Err(format!("malformed EDU sent to {dest}: {edu}"));
+            };
+            self.counts.edus += 1;
+            match kind {
+                "m.presence" => {
+                    let states = content.get("push").and_then(Value::as_array).map_or(0, Vec::len);
+                    if states == 0 || states > fedsend_core::PRESENCE_STATES_PER_EDU_MAX {
+                        return Err(format!("presence EDU to {dest} with {states} states"));
+                    }
+                }
+                "m.receipt" => self.check_receipts(dest, content)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// D3 and ordering: no receipt for a (room, type, user, thread) older than one delivered.
+    fn check_receipts(&mut self, dest: &str, content: &Value) -> Result<(), String> {
+        let rooms = content.as_object().ok_or("receipt content is not an object")?;
+        for (room, by_type) in rooms {
+            for (kind, by_user) in by_type.as_object().into_iter().flatten() {
+                for (user, receipt) in by_user.as_object().into_iter().flatten() {
+                    let data = receipt.get("data");
+                    let ts = data.and_then(|d| d.get("ts")).and_then(Value::as_u64).unwrap_or(0);
+                    let thread = data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from);
+                    let key = (String::from(dest), room.clone(), kind.clone(), user.clone(), thread);
+                    let newest = self.receipts.entry(key).or_insert(0);
+                    if ts < *newest {
+                        return Err(format!(
+                            "{dest} got a receipt of {user} in {room} older ({ts}) than one delivered ({newest})"
+                        ));
+                    }
+                    *newest = ts;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// An answer reached the sender.

@@ -148,6 +148,7 @@ impl Totals {
         c.dropped += r.dropped;
         c.catch_ups += r.catch_ups;
         c.recoveries += r.recoveries;
+        c.edus += r.edus;
         let (f, r) = (&mut self.faults, &report.faults);
         f.drops += r.drops;
         f.errors += r.errors;
@@ -161,7 +162,7 @@ impl Totals {
     }
 
     /// Every fault kind and boundary behaviour with how often the sweep exercised it.
-    pub fn exercised(&self) -> [(&'static str, u64); 13] {
+    pub fn exercised(&self) -> [(&'static str, u64); 14] {
         [
             ("lost answers", self.faults.drops),
             ("5xx", self.faults.errors),
@@ -176,6 +177,7 @@ impl Totals {
             ("items given up", self.counts.dropped),
             ("catch-ups", self.counts.catch_ups),
             ("recoveries", self.counts.recoveries),
+            ("EDUs delivered", self.counts.edus),
         ]
     }
 }
@@ -410,6 +412,40 @@ impl Sim {
             if self.chance(500) { Step::Inbound { host } } else { Step::Wake { host } }
         } else if roll < outage + crash + 145 {
             Step::Settle {}
+        } else if roll < outage + crash + 205 {
+            // Ephemeral traffic: typing, read receipts, presence, plain EDUs.
+            let room = self.random_room();
+            let local = format!("@local:{SERVER_NAME}");
+            match self.pick(4) {
+                0 => Step::Typing { room, user: local, typing: self.chance(500), timeout_ms: None },
+                1 => {
+                    let Some(event) = self.world.latest_event_in(&room) else { return Ok(()) };
+                    let thread = self.chance(300).then(|| String::from("thread"));
+                    let ts = self.world_now();
+                    Step::Receipt { room, user: local, event, receipt_type: None, thread, ts }
+                }
+                2 => {
+                    let count = self.pick(self.remotes.len()) + 1;
+                    let destinations = (0..count).map(|_| self.random_remote()).collect();
+                    let presence = String::from(if self.chance(500) { "online" } else { "unavailable" });
+                    let user = format!("@user{}:{SERVER_NAME}", self.pick(80));
+                    let last_active_ts = Some(self.world_now());
+                    Step::Presence {
+                        user,
+                        presence,
+                        status_msg: None,
+                        last_active_ts,
+                        currently_active: None,
+                        destinations,
+                    }
+                }
+                _ => {
+                    let destination = self.random_remote();
+                    let key = self.chance(500).then(|| format!("k{}", self.pick(5)));
+                    let content = json!({ "n": self.steps });
+                    Step::Edu { destination, edu_type: String::from("org.example.test"), content, key }
+                }
+            }
         } else if roll < outage + crash + 165 {
             let candidates: Vec<(String, String)> = self
                 .members

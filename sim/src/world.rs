@@ -809,6 +809,11 @@ impl World {
         owed.into_iter().map(|((dest, room), (id, stream))| (dest, room, id, stream)).collect()
     }
 
+    /// The newest event of `room`, if any.
+    pub(crate) fn latest_event_in(&self, room: &str) -> Option<String> {
+        self.events.iter().rev().find(|e| e.room == room).map(|e| e.id.clone())
+    }
+
     /// Whether `event_id` is in `room` at or after `stream`.
     pub(crate) fn event_in_room_at_or_after(&self, event_id: &str, room: &str, stream: u64) -> bool {
         self.event_index.get(event_id).is_some_and(|&i| self.events[i].room == room && self.events[i].stream >= stream)
@@ -1078,7 +1083,7 @@ impl World {
             }
             remote.accepted.insert(txn.txn_id.clone(), txn.body.to_string());
             if let Some(checker) = self.checker.as_mut() {
-                checker.on_accepted(&host, &txn.pdu_ids);
+                checker.on_accepted(&host, &txn.pdu_ids, &edus)?;
             }
         }
         // A lost answer: the remote did the work, the sender hears nothing until its timeout.

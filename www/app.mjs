@@ -1,7 +1,7 @@
 // The visualiser: the fedsend core compiled to wasm, with the simulated world, in the page.
 //
 // Two modes, chosen by the URL:
-// - live (default; ?seed=&n=&rooms=&rate=&speed=&select=&log=): our server and N remote
+// - live (default; ?seed=&n=&rooms=&rate=&edus=&speed=&select=&log=): our server and N remote
 //   servers in virtual time, a seeded workload, and controls to break the network and the
 //   sender (lib/live.mjs: LiveRun). Same seed and actions → same run (the digest in the
 //   summary); `log` records every action with its tick, so the URL replays the run.
@@ -69,11 +69,13 @@ function startLive() {
     destinations: intParam('n', 30, 1, 1000),
     rooms: intParam('rooms', 4, 1, 50),
     rate: Math.max(0, Number(q.get('rate') ?? 2) || 0),
+    edus: Math.max(0, Number(q.get('edus') ?? 1) || 0),
   };
   $('seed').value = params.seed;
   $('n').value = params.destinations;
   $('rooms').value = params.rooms;
   $('rate').value = params.rate;
+  $('edus').value = params.edus;
   let schedule = [];
   try {
     schedule = decodeLog(q.get('log'));
@@ -302,12 +304,13 @@ function render() {
   const summary = $('summary');
   for (const s of STATES) summary.querySelector(`[data-count="${s}"]`).textContent = String(totals.states[s] ?? 0);
   $('delivered').textContent = String(totals.delivered);
+  $('edus-delivered').textContent = String(totals.edus);
   $('queued').textContent = String(totals.queued);
   $('inflight').textContent = String(totals.inFlight);
   $('converged').textContent = `${totals.converged} / ${totals.total}`;
   $('lagmax').textContent = formatMs(totals.lagMax);
   Object.assign(summary.dataset, {
-    delivered: totals.delivered, queued: totals.queued, inflight: totals.inFlight, converged: totals.converged,
+    delivered: totals.delivered, edus: totals.edus, queued: totals.queued, inflight: totals.inFlight, converged: totals.converged,
     total: totals.total, sends: m.counts.send, now: m.now - m.startMs, digest: m.digest.toString(16).padStart(8, '0'),
     ...Object.fromEntries(STATES.map((s) => [`state${s.replace(/(^|_)(\w)/g, (_, __, c) => c.toUpperCase())}`, totals.states[s] ?? 0])),
   });
@@ -349,7 +352,7 @@ function renderDetail(m) {
     : `${p.roomsBehind} of ${d.rooms.length} room(s) behind · lag ${formatMs(p.lagMs)}${s?.catching_up ? ' · catching up from storage' : ''}`;
   $('d-txns').textContent = `${d.sent} sent · ${d.ok} ok · ${d.failed} failed · ${d.dropped} dropped`;
   const rooms = d.rooms.map((room) => `${room.replace(/:.*/, '')} #${d.received.get(room) ?? '–'}`).join(', ');
-  $('d-received').textContent = `${d.delivered} PDUs${d.lastReceived ? `, last ${d.lastReceived}` : ''}${rooms ? ` · newest per room: ${rooms}` : ''}`;
+  $('d-received').textContent = `${d.delivered} PDUs, ${d.edusDelivered} EDUs${d.lastReceived ? `, last ${d.lastReceived}` : ''}${rooms ? ` · newest per room: ${rooms}` : ''}`;
   $('d-attempts').replaceChildren(...d.attempts.slice(-8).reverse().map((a) => {
     const li = document.createElement('li');
     li.textContent = `+${formatMs(a.t - m.startMs)} ${a.txnId}: ${a.pdus} PDU · ${a.edus} EDU → ${a.outcome ?? 'in flight'}`;
@@ -382,9 +385,10 @@ function wireLive() {
   $('live-controls').hidden = false;
   $('mode-live').classList.add('on');
   $('reset').addEventListener('click', () => {
-    setUrl({ seed: $('seed').value, n: $('n').value, rooms: $('rooms').value, rate: $('rate').value, log: null });
+    setUrl({ seed: $('seed').value, n: $('n').value, rooms: $('rooms').value, rate: $('rate').value, edus: $('edus').value, log: null });
     startLive();
   });
+  $('edus').addEventListener('change', () => act({ op: 'edus', value: Number($('edus').value) }));
   $('rate').addEventListener('change', () => {
     act({ op: 'rate', value: Number($('rate').value) }); // the URL's `log` keeps it, with its tick
   });

@@ -84,12 +84,13 @@ const CHECKS = {
     const b = await summary(page);
     expect(b.now > a.now, `virtual time did not move (${a.now} → ${b.now})`);
     expect(b.sends > a.sends && b.delivered > a.delivered, `numbers did not move: ${JSON.stringify([a, b])}`);
+    expect(b.edus > 0, `no EDU delivered by t=+${b.now} ms`);
     expect(b.total === 30, `${b.total} destinations drawn, want 30`);
     await page.click('#world', { position: { x: 200, y: 40 } });
     const d = await detail(page);
     expect(d.dest, 'clicking the world selected no destination');
     const file = await shot(page, 'live');
-    return `t=+${b.now} ms, ${b.sends} sends, ${b.delivered} PDUs delivered, clicked ${d.dest}; ${file}`;
+    return `t=+${b.now} ms, ${b.sends} sends, ${b.delivered} PDUs and ${b.edus} EDUs delivered, clicked ${d.dest}; ${file}`;
   },
 
   async backoff(page) {
@@ -111,8 +112,10 @@ const CHECKS = {
     expect(d.converged === 'false', `${host} converged while down`);
     await page.click('[data-action=up]');
     await page.click('[data-action=inbound]');
-    await page.fill('#rate', '0');
-    await page.dispatchEvent('#rate', 'change');
+    for (const input of ['#rate', '#edus']) {
+      await page.fill(input, '0');
+      await page.dispatchEvent(input, 'change');
+    }
     await page.click('#speed10');
     const seen = new Set();
     const deadline = Date.now() + TIMEOUT_MS;
@@ -134,8 +137,10 @@ const CHECKS = {
     await page.click('#restart');
     await waitVirtual(page, 3_000);
     const mid = await shot(page, 'restart');
-    await page.fill('#rate', '0');
-    await page.dispatchEvent('#rate', 'change');
+    for (const input of ['#rate', '#edus']) {
+      await page.fill(input, '0');
+      await page.dispatchEvent(input, 'change');
+    }
     await page.click('#speed100');
     await page.waitForFunction(() => {
       const s = document.getElementById('summary').dataset;

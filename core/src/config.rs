@@ -41,6 +41,7 @@ pub const EDUS_PER_TRANSACTION_LIMIT: u32 = 100;
 /// | `request_timeout_ms` | 60 000 | how long the transport waits for an answer (hosts enforce it; the core only documents it) |
 /// | `poison_rejections_max` | 2 | after this many permanent rejections (4xx other than 401/408/429, or any 413) of one frozen transaction it is split to isolate the poison item (D7) |
 /// | `pending_pdus_max` | 10 000 | PDUs held in memory per destination; beyond that the queue is dropped and the destination is caught up from storage, so memory stays bounded while a server is down |
+/// | `to_device_prune_after_ms` | `null` (off) | to-device messages for a destination failing for longer than this are dropped (D14) |
 /// | `events_batch_max` | 100 | events fetched per fan-out query |
 /// | `catch_up_batch_max` | 50 | rooms fetched per catch-up query |
 /// | `catch_up_waker_period_ms` | 60 000 | period of the scan for destinations with outstanding catch-up |
@@ -89,6 +90,8 @@ pub struct Config {
     pub poison_rejections_max: u32,
     #[serde(default = "d::pending_pdus_max")]
     pub pending_pdus_max: u32,
+    #[serde(default)]
+    pub to_device_prune_after_ms: Option<u64>,
     #[serde(default = "d::events_batch_max")]
     pub events_batch_max: u32,
     #[serde(default = "d::catch_up_batch_max")]
@@ -196,6 +199,7 @@ impl Config {
             request_timeout_ms: d::request_timeout_ms(),
             poison_rejections_max: d::poison_rejections_max(),
             pending_pdus_max: d::pending_pdus_max(),
+            to_device_prune_after_ms: None,
             events_batch_max: d::events_batch_max(),
             catch_up_batch_max: d::catch_up_batch_max(),
             catch_up_waker_period_ms: d::catch_up_waker_period_ms(),

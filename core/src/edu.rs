@@ -1,7 +1,7 @@
 //! Ephemeral data queued for one destination: presence, read receipts, plain and keyed EDUs,
 //! and how they are taken into a transaction (reference §8.3).
 
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -11,6 +11,10 @@ use serde_json::{Map, Value, json};
 
 /// Presence states per `m.presence` EDU (Synapse's `MAX_PRESENCE_STATES_PER_EDU`).
 pub const PRESENCE_STATES_PER_EDU_MAX: usize = 50;
+/// EDU slots kept free for device-list updates (Synapse's `NUMBER_OF_RESERVED_EDUS_PER_TRANSACTION`).
+pub const DEVICE_LIST_RESERVED_EDUS: usize = 10;
+/// Soft maximum of one to-device EDU's content, in bytes of JSON (Synapse's `SOFT_MAX_EDU_SIZE`).
+pub const TO_DEVICE_EDU_BYTES_MAX: usize = 65_536;
 /// Read-receipt EDUs per transaction.
 pub const RECEIPT_EDUS_PER_TRANSACTION_MAX: usize = 5;
 
@@ -79,6 +83,8 @@ pub struct EduEntry {
     pub edu_type: String,
     /// The serialized EDU.
     pub json: Arc<str>,
+    /// For a to-device EDU: its row in the durable outbox, deleted once delivered.
+    pub outbox_id: Option<u64>,
 }
 
 impl EduEntry {
@@ -86,7 +92,11 @@ impl EduEntry {
     pub fn new(edu_type: &str, content: &Value) -> Self {
         let edu = json!({ "content": content, "edu_type": edu_type });
         // serde_json::Value always serializes.
-        Self { edu_type: String::from(edu_type), json: Arc::from(serde_json::to_string(&edu).unwrap_or_default()) }
+        Self {
+            edu_type: String::from(edu_type),
+            json: Arc::from(serde_json::to_string(&edu).unwrap_or_default()),
+            outbox_id: None,
+        }
     }
 }
 
@@ -100,6 +110,8 @@ pub(crate) struct EduQueue {
     presence: VecDeque<PresenceState>,
     /// Latest receipt per (room, type, user, thread), in first-insertion order.
     receipts: VecDeque<(ReceiptKey, Receipt)>,
+    /// To-device EDUs from the durable outbox, by outbox id (they survive restarts).
+    to_device: VecDeque<EduEntry>,
     /// Plain EDUs, FIFO.
     plain: VecDeque<EduEntry>,
     /// Keyed EDUs: a newer one replaces an older one with the same (type, key) in place;
@@ -109,12 +121,16 @@ pub(crate) struct EduQueue {
 
 impl EduQueue {
     pub(crate) fn is_empty(&self) -> bool {
-        self.presence.is_empty() && self.receipts.is_empty() && self.plain.is_empty() && self.keyed.is_empty()
+        self.presence.is_empty()
+            && self.receipts.is_empty()
+            && self.to_device.is_empty()
+            && self.plain.is_empty()
+            && self.keyed.is_empty()
     }
 
     /// Items waiting, for stats.
     pub(crate) fn len(&self) -> usize {
-        self.presence.len() + self.receipts.len() + self.plain.len() + self.keyed.len()
+        self.presence.len() + self.receipts.len() + self.to_device.len() + self.plain.len() + self.keyed.len()
     }
 
     pub(crate) fn push_presence(&mut self, state: PresenceState) {
@@ -137,8 +153,23 @@ impl EduQueue {
         self.plain.push_back(edu);
     }
 
-    pub(crate) fn push_front_plain(&mut self, edu: EduEntry) {
-        self.plain.push_front(edu);
+    /// Puts an EDU back at the head of its queue (after a poison split).
+    pub(crate) fn push_front(&mut self, edu: EduEntry) {
+        if edu.outbox_id.is_some() {
+            self.to_device.push_front(edu);
+        } else {
+            self.plain.push_front(edu);
+        }
+    }
+
+    /// Queues a to-device EDU that is (or is being made) durable in the outbox.
+    pub(crate) fn push_to_device(&mut self, edu: EduEntry) {
+        self.to_device.push_back(edu);
+    }
+
+    /// Removes every queued to-device row (pruning a destination, D14) and returns them.
+    pub(crate) fn take_all_to_device(&mut self) -> Vec<EduEntry> {
+        self.to_device.drain(..).collect()
     }
 
     pub(crate) fn push_keyed(&mut self, key: String, edu: EduEntry) {
@@ -149,8 +180,11 @@ impl EduQueue {
         }
     }
 
-    pub(crate) fn clear(&mut self) {
-        *self = Self::default();
+    /// Drops the ephemeral data (presence, receipts, plain and keyed EDUs); durable
+    /// to-device rows stay.
+    pub(crate) fn clear_ephemeral(&mut self) {
+        let to_device = core::mem::take(&mut self.to_device);
+        *self = Self { to_device, ..Self::default() };
     }
 
     /// Takes EDUs for one transaction in Synapse's order — presence (one EDU of at most 50
@@ -214,6 +248,18 @@ impl EduQueue {
                 receipt_edus += 1;
             }
         }
+        // To-device messages, leaving room for device-list updates (reference §8.3).
+        // A small limit (while isolating a poison item) must not starve to-device entirely.
+        let to_device_limit = limit.saturating_sub(DEVICE_LIST_RESERVED_EDUS).max(limit.min(1));
+        while !self.to_device.is_empty() && taken.edus.len() < to_device_limit {
+            let Some(edu) = self.to_device.front() else { break };
+            let fit = fits(edu.json.len());
+            if fit == Fit::NotNow {
+                return taken;
+            }
+            let Some(edu) = self.to_device.pop_front() else { break };
+            if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
+        }
         for queue in [0, 1] {
             loop {
                 if taken.edus.len() >= limit {
@@ -232,6 +278,70 @@ impl EduQueue {
         }
         taken
     }
+}
+
+/// Splits one sender's to-device messages for one destination into EDU contents of at most
+/// [`TO_DEVICE_EDU_BYTES_MAX`] bytes: whole recipients where they fit, else device by device.
+/// A single device message too large on its own is refused (Synapse answers 413 M_TOO_LARGE
+/// at its client API). Chunks after the first get `message_id.N`.
+pub fn split_to_device(
+    sender: &str,
+    message_type: &str,
+    message_id: &str,
+    messages: &BTreeMap<String, BTreeMap<String, Value>>,
+) -> Result<Vec<Value>, String> {
+    let content = |messages: &Map<String, Value>, id: &str| json!({ "message_id": id, "messages": messages, "sender": sender, "type": message_type });
+    let size = |messages: &Map<String, Value>| {
+        serde_json::to_string(&content(messages, message_id)).map_or(usize::MAX, |t| t.len())
+    };
+    let mut chunks: Vec<Map<String, Value>> = Vec::new();
+    let mut current: Map<String, Value> = Map::new();
+    for (user, devices) in messages {
+        let mut whole = current.clone();
+        whole.insert(user.clone(), json!(devices));
+        if size(&whole) <= TO_DEVICE_EDU_BYTES_MAX {
+            current = whole;
+            continue;
+        }
+        for (device, body) in devices {
+            let mut with = current.clone();
+            let entry = with.entry(user.clone()).or_insert_with(|| Value::Object(Map::new()));
+            if let Some(by_device) = entry.as_object_mut() {
+                by_device.insert(device.clone(), body.clone());
+            }
+            if size(&with) <= TO_DEVICE_EDU_BYTES_MAX {
+                current = with;
+                continue;
+            }
+            let mut alone = Map::new();
+            alone.insert(user.clone(), json!({ device: body }));
+            if size(&alone) > TO_DEVICE_EDU_BYTES_MAX {
+                return Err(alloc::format!(
+                    "M_TOO_LARGE: the to-device message for {user} device {device} exceeds {TO_DEVICE_EDU_BYTES_MAX} bytes"
+                ));
+            }
+            if !current.is_empty() {
+                chunks.push(core::mem::take(&mut current));
+            }
+            current = alone;
+        }
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    let count = chunks.len();
+    Ok(chunks
+        .iter()
+        .enumerate()
+        .map(|(index, messages)| {
+            let id = if count == 1 || index == 0 {
+                String::from(message_id)
+            } else {
+                alloc::format!("{message_id}.{index}")
+            };
+            content(messages, &id)
+        })
+        .collect())
 }
 
 /// Whether one more item of some size fits the transaction being built.

@@ -85,6 +85,21 @@ pub enum Input {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         event: Option<ReceiptedEvent>,
     },
+    /// To-device messages from a local user to remote users: grouped per server, split into
+    /// EDUs of at most 64 KiB, written to the durable outbox ([`Changes::to_device_outbox`])
+    /// and sent at once. Delivered exactly once per `message_id` by receivers that
+    /// deduplicate, across retries and restarts.
+    ToDevice {
+        /// The local sender.
+        sender: String,
+        /// The event type (e.g. `m.room_key_request`).
+        message_type: String,
+        /// Id of the message (chunks after the first get `.N`); generated when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<String>,
+        /// Recipient user → device id (or `*`) → content.
+        messages: BTreeMap<String, BTreeMap<String, Value>>,
+    },
     /// Presence of local users for the given servers (staggered; ignored when presence is
     /// disabled).
     Presence {
@@ -324,6 +339,36 @@ pub struct Changes {
     /// Whole-row upserts of `destinations`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<DestinationState>,
+    /// New rows of the to-device outbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to_device_outbox: Vec<OutboxRow>,
+    /// Outbox rows delivered (or pruned), to delete: (destination, outbox id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to_device_deleted: Vec<OutboxKey>,
+}
+
+/// A to-device EDU waiting in the durable outbox for its destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxRow {
+    /// Where it goes.
+    pub destination: ServerName,
+    /// Unique, increasing id (`incarnation × 2^32 + counter`): the order of sending.
+    pub outbox_id: u64,
+    /// When it was queued (Unix ms), for pruning (D14).
+    pub queued_ts: u64,
+    /// The whole EDU, `{"content":…,"edu_type":"m.direct_to_device"}`.
+    pub edu: Value,
+}
+
+/// Identifies an outbox row.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxKey {
+    /// The destination.
+    pub destination: ServerName,
+    /// The row.
+    pub outbox_id: u64,
 }
 
 impl Changes {
@@ -333,6 +378,8 @@ impl Changes {
             && self.events_out_pos.is_none()
             && self.destination_rooms.is_empty()
             && self.destinations.is_empty()
+            && self.to_device_outbox.is_empty()
+            && self.to_device_deleted.is_empty()
     }
 }
 
@@ -352,6 +399,9 @@ pub struct Recovered {
     /// Every stored `destinations` row.
     #[serde(default)]
     pub destinations: Vec<DestinationState>,
+    /// Every row of the to-device outbox, in any order.
+    #[serde(default)]
+    pub to_device_outbox: Vec<OutboxRow>,
 }
 
 /// Everything the machine asks the host to do.

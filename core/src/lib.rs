@@ -103,12 +103,15 @@ mod types;
 pub mod wire;
 
 pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT};
-pub use edu::{EduEntry, PRESENCE_STATES_PER_EDU_MAX, PresenceState, RECEIPT_EDUS_PER_TRANSACTION_MAX, Receipt};
+pub use edu::{
+    DEVICE_LIST_RESERVED_EDUS, EduEntry, PRESENCE_STATES_PER_EDU_MAX, PresenceState, RECEIPT_EDUS_PER_TRANSACTION_MAX,
+    Receipt, TO_DEVICE_EDU_BYTES_MAX, split_to_device,
+};
 pub use error::{ConfigError, InputError};
 pub use event::Event;
 pub use io::{
     CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Extremity, Input,
-    OutgoingTransaction, Output, PduInfo, ReceiptedEvent, Recovered, TransactionResult,
+    OutboxKey, OutboxRow, OutgoingTransaction, Output, PduInfo, ReceiptedEvent, Recovered, TransactionResult,
 };
 pub use rng::Prng;
 pub use sender::FederationSender;

@@ -10,12 +10,12 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::config::Config;
-use crate::edu::{EduEntry, EduQueue, Fit};
+use crate::edu::{EduEntry, EduQueue, Fit, split_to_device};
 use crate::error::{ConfigError, InputError};
 use crate::event::Event;
 use crate::io::{
-    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Input,
-    OutgoingTransaction, Output, PduInfo, Recovered, TransactionResult,
+    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Input, OutboxKey,
+    OutboxRow, OutgoingTransaction, Output, PduInfo, Recovered, TransactionResult,
 };
 use crate::rng::Prng;
 use crate::shard::should_handle;
@@ -76,6 +76,8 @@ pub struct FederationSender {
     waker: Waker,
     wakeup: Wakeup,
     storage_retries: Vec<Pending>,
+    /// Counter behind outbox ids (`incarnation << 32 | counter`).
+    outbox_counter: u64,
 }
 
 /// The staggered wake-up queue (reference §7): low-priority data (delayed receipts,
@@ -351,7 +353,18 @@ impl FederationSender {
             },
             wakeup: Wakeup::default(),
             storage_retries: Vec::new(),
+            outbox_counter: 0,
         };
+        // The outbox survives restarts: its rows go first, in id order.
+        let mut rows = recovered.to_device_outbox;
+        rows.sort_by_key(|row| row.outbox_id);
+        for row in rows {
+            let Some(content) = row.edu.get("content") else { continue };
+            let mut edu = EduEntry::new("m.direct_to_device", content);
+            edu.outbox_id = Some(row.outbox_id);
+            let destination = sender.destinations.entry(row.destination).or_insert_with(Destination::healthy);
+            destination.queue().edus.push_to_device(edu);
+        }
         sender.changes.incarnation = Some(incarnation);
         sender.flush_changes();
         sender.start_fetch();
@@ -528,6 +541,48 @@ impl FederationSender {
                     } else {
                         self.wakeup_add(host);
                     }
+                }
+                Ok(())
+            }
+            Input::ToDevice { sender, message_type, message_id, messages } => {
+                self.check_local(&sender)?;
+                let message_id =
+                    message_id.unwrap_or_else(|| format!("{}-{}", self.incarnation, self.outbox_counter + 1));
+                // Group by server and split first, so a refusal changes nothing.
+                let mut per_server: BTreeMap<ServerName, BTreeMap<String, BTreeMap<String, serde_json::Value>>> =
+                    BTreeMap::new();
+                for (user, devices) in messages {
+                    let server = server_of(&user)
+                        .and_then(|s| ServerName::parse(s).ok())
+                        .ok_or_else(|| InputError::Refused(format!("invalid recipient {user:?}")))?;
+                    if server != self.config.server_name && self.handles(&server) {
+                        per_server.entry(server).or_default().insert(user, devices);
+                    }
+                }
+                let mut contents = Vec::new();
+                for (server, messages) in per_server {
+                    let chunks =
+                        split_to_device(&sender, &message_type, &message_id, &messages).map_err(InputError::Refused)?;
+                    contents.push((server, chunks));
+                }
+                let now_ms = self.now.as_ms();
+                for (server, chunks) in contents {
+                    for content in chunks {
+                        self.outbox_counter += 1;
+                        let outbox_id = (self.incarnation << 32) | self.outbox_counter;
+                        let mut edu = EduEntry::new("m.direct_to_device", &content);
+                        edu.outbox_id = Some(outbox_id);
+                        let row_edu = serde_json::json!({ "content": content, "edu_type": "m.direct_to_device" });
+                        self.changes.to_device_outbox.push(OutboxRow {
+                            destination: server.clone(),
+                            outbox_id,
+                            queued_ts: now_ms,
+                            edu: row_edu,
+                        });
+                        let destination = self.destinations.entry(server.clone()).or_insert_with(Destination::healthy);
+                        destination.queue().edus.push_to_device(edu);
+                    }
+                    self.dirty.insert(server);
                 }
                 Ok(())
             }
@@ -1103,9 +1158,8 @@ impl FederationSender {
         for entry in too_large {
             self.give_up(name, destination, &entry, reason.clone());
         }
-        for edu in taken_edus.too_large {
-            destination.dropped_items += 1;
-            self.push_event(Event::Dropped { destination: name.clone(), item: edu.edu_type, reason: reason.clone() });
+        for edu in &taken_edus.too_large {
+            self.give_up_edu(name, destination, edu, reason.clone());
         }
         if taken.is_empty() && edus.is_empty() {
             return None;
@@ -1207,6 +1261,15 @@ impl FederationSender {
         self.push_event(Event::Dropped { destination: name.clone(), item: entry.event_id.clone(), reason });
     }
 
+    /// Reports an EDU given up for a destination; a to-device one also leaves the outbox.
+    fn give_up_edu(&mut self, name: &ServerName, destination: &mut Destination, edu: &EduEntry, reason: String) {
+        destination.dropped_items += 1;
+        if let Some(outbox_id) = edu.outbox_id {
+            self.changes.to_device_deleted.push(OutboxKey { destination: name.clone(), outbox_id });
+        }
+        self.push_event(Event::Dropped { destination: name.clone(), item: edu.edu_type.clone(), reason });
+    }
+
     /// A catch-up room is settled (sent or given up): storage's row for it is behind us.
     fn catch_up_room_done(&mut self, name: &ServerName, destination: &mut Destination, up_to: u64) {
         if let Some(queue) = destination.queue.as_mut() {
@@ -1225,12 +1288,19 @@ impl FederationSender {
         destination.catching_up = true;
         if let Some(queue) = destination.queue.as_mut() {
             if drop_ephemeral {
-                queue.edus.clear();
+                queue.edus.clear_ephemeral();
             }
             queue.pending_pdus.clear();
             queue.split_limit = None;
             queue.suspects = 0;
-            queue.frozen = None;
+            // The abandoned transaction's PDUs are covered by storage and its to-device
+            // messages by the outbox, so those go back to the queue. Its receipts, presence and
+            // typing go with it: requeued as opaque EDUs they could overtake newer ones.
+            if let Some(frozen) = queue.frozen.take() {
+                for edu in frozen.edus.into_iter().rev().filter(|edu| edu.outbox_id.is_some()) {
+                    queue.edus.push_front(edu);
+                }
+            }
             queue.catch_up_rooms.clear();
             queue.catch_up_pos = None;
             queue.http_failures = 0;
@@ -1321,7 +1391,7 @@ impl FederationSender {
                     queue.pending_pdus.push_front(item);
                 }
                 for edu in frozen.edus.into_iter().rev() {
-                    queue.edus.push_front_plain(edu);
+                    queue.edus.push_front(edu);
                 }
                 queue.split_limit = Some((count / 2).max(1));
                 queue.suspects = queue.suspects.max(count);
@@ -1331,13 +1401,7 @@ impl FederationSender {
                     self.give_up(name, destination, item, reason.clone());
                 }
                 for edu in &frozen.edus {
-                    destination.dropped_items += 1;
-                    let event = Event::Dropped {
-                        destination: name.clone(),
-                        item: edu.edu_type.clone(),
-                        reason: reason.clone(),
-                    };
-                    self.push_event(event);
+                    self.give_up_edu(name, destination, edu, reason.clone());
                 }
                 self.settle_normal(name, destination, &frozen);
             }
@@ -1363,6 +1427,13 @@ impl FederationSender {
             destination.failure_ts = None;
             self.state_changed.insert(name.clone());
             self.push_event(Event::DestinationUp { destination: name.clone() });
+        }
+        if let Some(frozen) = &frozen {
+            for edu in &frozen.edus {
+                if let Some(outbox_id) = edu.outbox_id {
+                    self.changes.to_device_deleted.push(OutboxKey { destination: name.clone(), outbox_id });
+                }
+            }
         }
         match frozen {
             Some(Frozen { catch_up: Some(room), .. }) => {
@@ -1507,6 +1578,7 @@ impl FederationSender {
     fn waker_tick(&mut self) {
         match self.waker.phase {
             WakerPhase::Scheduled(at) if at <= self.now => {
+                self.prune_to_device();
                 self.waker.run_started = self.now;
                 self.waker.cursor = None;
                 self.waker_query();
@@ -1522,6 +1594,41 @@ impl FederationSender {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// D14: to-device messages for a destination failing longer than
+    /// `to_device_prune_after_ms` are dropped (off by default), so a dead server does not keep
+    /// its outbox forever.
+    fn prune_to_device(&mut self) {
+        let Some(after_ms) = self.config.to_device_prune_after_ms else { return };
+        let now_ms = self.now.as_ms();
+        let names: Vec<ServerName> = self
+            .destinations
+            .iter()
+            .filter(|(_, d)| d.failure_ts.is_some_and(|since| now_ms.saturating_sub(since) > after_ms))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let Some(mut destination) = self.destinations.remove(&name) else { continue };
+            let in_flight = destination.queue.as_ref().is_some_and(|q| matches!(q.phase, Phase::Sending(_)));
+            let frozen_to_device = destination
+                .queue
+                .as_ref()
+                .and_then(|q| q.frozen.as_ref())
+                .is_some_and(|f| f.edus.iter().any(|e| e.outbox_id.is_some()));
+            if frozen_to_device && !in_flight {
+                // The frozen transaction cannot lose items (D1): abandon it as catch-up does,
+                // which puts its to-device messages back in the queue to be pruned below.
+                self.start_catching_up(&name, &mut destination, true);
+            }
+            let pruned = destination.queue.as_mut().map(|q| q.edus.take_all_to_device()).unwrap_or_default();
+            let since = destination.failure_ts.unwrap_or(0);
+            for edu in &pruned {
+                let reason = format!("pruned: the destination has been failing since {since}");
+                self.give_up_edu(&name, &mut destination, edu, reason);
+            }
+            self.destinations.insert(name, destination);
         }
     }
 

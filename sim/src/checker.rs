@@ -24,6 +24,8 @@ pub struct Counts {
     pub dropped: u64,
     /// EDUs accepted by remotes.
     pub edus: u64,
+    /// To-device messages a remote got again (after a crash; receivers drop them by id).
+    pub to_device_repeats: u64,
     /// Times a destination's queue was dropped for catch-up.
     pub catch_ups: u64,
     /// Times a destination answered after failing.
@@ -50,6 +52,15 @@ pub(crate) struct Checker {
     offered: BTreeSet<(String, String)>,
     /// (destination, event) pairs given up.
     pub(crate) dropped: BTreeSet<(String, String)>,
+    /// Outbox rows seen: (destination, outbox id) → (destination, sender, message id).
+    outbox: BTreeMap<(String, u64), (String, String, String)>,
+    /// To-device messages whose row was deleted (delivered, or given up with a `Dropped`).
+    pub(crate) to_device_deleted: BTreeSet<(String, String, String)>,
+    /// To-device messages whose outbox row became durable: (destination, sender, message id).
+    pub(crate) to_device_owed: BTreeSet<(String, String, String)>,
+    /// To-device messages received per (destination, sender, message id): receivers drop
+    /// repeats by message id, so at least once here is exactly once for them.
+    pub(crate) to_device: BTreeMap<(String, String, String), u32>,
     /// Newest receipt ts delivered per (destination, room, type, user, thread).
     receipts: BTreeMap<(String, String, String, String, Option<String>), u64>,
     /// Per destination, the event ids it accepted.
@@ -70,6 +81,10 @@ impl Checker {
             dropped: BTreeSet::new(),
             received: BTreeMap::new(),
             receipts: BTreeMap::new(),
+            to_device: BTreeMap::new(),
+            to_device_owed: BTreeSet::new(),
+            outbox: BTreeMap::new(),
+            to_device_deleted: BTreeSet::new(),
             counts: Counts::default(),
         }
     }
@@ -158,6 +173,16 @@ impl Checker {
                     }
                 }
                 "m.receipt" => self.check_receipts(dest, content)?,
+                "m.direct_to_device" => {
+                    let sender = content.get("sender").and_then(Value::as_str).unwrap_or_default();
+                    let id = content.get("message_id").and_then(Value::as_str).unwrap_or_default();
+                    let key = (String::from(dest), String::from(sender), String::from(id));
+                    let seen = self.to_device.entry(key).or_insert(0);
+                    *seen += 1;
+                    if *seen > 1 {
+                        self.counts.to_device_repeats += 1;
+                    }
+                }
                 _ => {}
             }
         }
@@ -212,14 +237,34 @@ impl Checker {
         }
     }
 
-    /// Stored backoff tells when the next attempt may come.
+    /// Stored backoff tells when the next attempt may come; outbox rows tell which to-device
+    /// message each row holds, and deletions which rows are settled.
     pub(crate) fn on_persist(&mut self, changes: &Changes) {
+        for row in &changes.to_device_outbox {
+            if let Some(key) = to_device_key(row) {
+                self.outbox.insert((String::from(row.destination.as_str()), row.outbox_id), key);
+            }
+        }
+        for key in &changes.to_device_deleted {
+            if let Some(message) = self.outbox.get(&(String::from(key.destination.as_str()), key.outbox_id)) {
+                self.to_device_deleted.insert(message.clone());
+            }
+        }
         for row in &changes.destinations {
             let dest = String::from(row.destination.as_str());
             if row.retry_last_ts == 0 {
                 self.backoff_until.remove(&dest);
             } else {
                 self.backoff_until.insert(dest, row.retry_last_ts.saturating_add(row.retry_interval));
+            }
+        }
+    }
+
+    /// A write became durable: its to-device rows are now promised.
+    pub(crate) fn on_durable(&mut self, changes: &Changes) {
+        for row in &changes.to_device_outbox {
+            if let Some(key) = to_device_key(row) {
+                self.to_device_owed.insert(key);
             }
         }
     }
@@ -277,4 +322,12 @@ impl Checker {
         }
         Ok(())
     }
+}
+
+/// (destination, sender, message id) of an outbox row.
+fn to_device_key(row: &fedsend_core::OutboxRow) -> Option<(String, String, String)> {
+    let content = row.edu.get("content")?;
+    let sender = content.get("sender").and_then(Value::as_str)?;
+    let id = content.get("message_id").and_then(Value::as_str)?;
+    Some((String::from(row.destination.as_str()), String::from(sender), String::from(id)))
 }

@@ -5,7 +5,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use fedsend_core::{Changes, DestinationRoom, DestinationState, Recovered, ServerName};
+use fedsend_core::{Changes, DestinationRoom, DestinationState, OutboxRow, Recovered, ServerName};
 
 /// Sender-owned tables: `destinations`, `destination_rooms`, stream position, incarnation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct MemoryStore {
     pub destinations: BTreeMap<ServerName, DestinationState>,
     /// `destination_rooms`: (destination, room) → stream ordering.
     pub destination_rooms: BTreeMap<(ServerName, String), u64>,
+    /// The to-device outbox: (destination, outbox id) → row.
+    pub to_device_outbox: BTreeMap<(ServerName, u64), OutboxRow>,
 }
 
 impl MemoryStore {
@@ -40,6 +42,12 @@ impl MemoryStore {
         for row in &changes.destinations {
             self.destinations.insert(row.destination.clone(), row.clone());
         }
+        for row in &changes.to_device_outbox {
+            self.to_device_outbox.insert((row.destination.clone(), row.outbox_id), row.clone());
+        }
+        for key in &changes.to_device_deleted {
+            self.to_device_outbox.remove(&(key.destination.clone(), key.outbox_id));
+        }
     }
 
     /// What a restarted sender loads.
@@ -48,6 +56,7 @@ impl MemoryStore {
             incarnation: self.incarnation,
             events_out_pos: self.events_out_pos,
             destinations: self.destinations.values().cloned().collect(),
+            to_device_outbox: self.to_device_outbox.values().cloned().collect(),
         }
     }
 
@@ -65,22 +74,28 @@ impl MemoryStore {
         rows
     }
 
-    /// Destinations after `after` with a row above their last successful position.
+    /// Destinations after `after` with a row above their last successful position, or with
+    /// to-device messages in the outbox; sorted, at most `limit`.
     pub fn outstanding(&self, after: Option<&ServerName>, limit: u32) -> Vec<ServerName> {
-        let mut names: Vec<ServerName> = Vec::new();
+        let mut names: Vec<ServerName> = self
+            .to_device_outbox
+            .keys()
+            .map(|(destination, _)| destination.clone())
+            .filter(|d| after.is_none_or(|a| d > a))
+            .collect();
         for ((destination, _), stream) in &self.destination_rooms {
-            if after.is_some_and(|a| destination <= a) || names.last() == Some(destination) {
+            if after.is_some_and(|a| destination <= a) {
                 continue;
             }
             let delivered =
                 self.destinations.get(destination).and_then(|d| d.last_successful_stream_ordering).unwrap_or(0);
             if *stream > delivered {
                 names.push(destination.clone());
-                if names.len() >= limit as usize {
-                    break;
-                }
             }
         }
+        names.sort();
+        names.dedup();
+        names.truncate(limit as usize);
         names
     }
 }

@@ -149,6 +149,7 @@ impl Totals {
         c.catch_ups += r.catch_ups;
         c.recoveries += r.recoveries;
         c.edus += r.edus;
+        c.to_device_repeats += r.to_device_repeats;
         let (f, r) = (&mut self.faults, &report.faults);
         f.drops += r.drops;
         f.errors += r.errors;
@@ -162,7 +163,7 @@ impl Totals {
     }
 
     /// Every fault kind and boundary behaviour with how often the sweep exercised it.
-    pub fn exercised(&self) -> [(&'static str, u64); 14] {
+    pub fn exercised(&self) -> [(&'static str, u64); 15] {
         [
             ("lost answers", self.faults.drops),
             ("5xx", self.faults.errors),
@@ -178,6 +179,7 @@ impl Totals {
             ("catch-ups", self.counts.catch_ups),
             ("recoveries", self.counts.recoveries),
             ("EDUs delivered", self.counts.edus),
+            ("to-device repeats after crashes (dropped by receivers by message id)", self.counts.to_device_repeats),
         ]
     }
 }
@@ -416,7 +418,7 @@ impl Sim {
             // Ephemeral traffic: typing, read receipts, presence, plain EDUs.
             let room = self.random_room();
             let local = format!("@local:{SERVER_NAME}");
-            match self.pick(4) {
+            match self.pick(5) {
                 0 => Step::Typing { room, user: local, typing: self.chance(500), timeout_ms: None },
                 1 => {
                     let Some(event) = self.world.latest_event_in(&room) else { return Ok(()) };
@@ -437,6 +439,23 @@ impl Sim {
                         last_active_ts,
                         currently_active: None,
                         destinations,
+                    }
+                }
+                3 => {
+                    // A to-device message: durable, exactly once per message id, across crashes.
+                    let remote = self.random_remote();
+                    let message_id = format!("td{}", self.steps);
+                    let size = if self.chance(100) { 20_000 } else { self.pick(300) };
+                    let body: String = core::iter::repeat_n('k', size).collect();
+                    let mut devices = BTreeMap::new();
+                    devices.insert(String::from("DEVICE"), json!({ "key": body }));
+                    let mut messages = BTreeMap::new();
+                    messages.insert(format!("@user:{remote}"), devices);
+                    Step::ToDevice {
+                        sender: local,
+                        event_type: String::from("m.room_key"),
+                        messages,
+                        message_id: Some(message_id),
                     }
                 }
                 _ => {
@@ -520,6 +539,15 @@ impl Sim {
     /// owed (or something newer in that room), unless that event was given up as poison.
     fn unconverged(&self) -> Option<String> {
         let checker = self.world.checker.as_ref()?;
+        // Owed: every to-device message whose outbox row became durable (what a homeserver
+        // acknowledges to its client); one lost with an unacknowledged write was never promised.
+        for key in &checker.to_device_owed {
+            let given_up = checker.to_device_deleted.contains(key)
+                && checker.dropped.contains(&(key.0.clone(), String::from("m.direct_to_device")));
+            if !checker.to_device.contains_key(key) && !given_up {
+                return Some(format!("{} lacks to-device message {} from {}", key.0, key.2, key.1));
+            }
+        }
         for (dest, room, event, stream) in self.world.owed() {
             if checker.dropped.contains(&(dest.clone(), event.clone())) {
                 continue;

@@ -2,7 +2,7 @@
 # scripts/run.sh — the main command: set up, build everything, then run one scenario through the
 # native engine and print its trace for humans.
 #
-#   scripts/run.sh                         the first tests/scenarios/*.json
+#   scripts/run.sh                         tests/scenarios/retry-frozen.json (retries, backoff, recovery)
 #   scripts/run.sh tests/scenarios/X.json  another scenario file
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,8 +13,7 @@ scenario="${1:-}"
 [ -z "$scenario" ] || scenario="$(realpath -- "$scenario")"
 cd "$root"
 if [ -z "$scenario" ]; then
-  scenario="$(find tests/scenarios -maxdepth 1 -type f -name '*.json' 2>/dev/null | sort | head -n 1)"
-  [ -n "$scenario" ] || { echo "run.sh: no tests/scenarios/*.json to run" >&2; exit 1; }
+  scenario=tests/scenarios/retry-frozen.json
 fi
 
 echo "==== setup";  scripts/setup.sh

@@ -57,7 +57,11 @@
 //! - `destination_rooms` — (destination, room) → stream ordering of the newest event owed;
 //! - `events_out_pos` — the events-stream position up to which fan-out is durable;
 //! - `incarnation` — bumped and persisted at every start, before any transaction leaves, so
-//!   transaction ids (`{incarnation}.{counter}`) never repeat.
+//!   transaction ids (`{incarnation}.{counter}`) never repeat;
+//! - `to_device_outbox` — to-device EDUs not yet delivered ([`OutboxRow`]; inserted with
+//!   [`Changes::to_device_outbox`], deleted with [`Changes::to_device_deleted`]). A host
+//!   acknowledges a to-device submission to its client once the batch holding its rows is
+//!   durable.
 //!
 //! *Homeserver-owned facts* are queries the host answers:
 //! - [`Output::FetchEvents`] → [`Input::EventsFetched`]: new events with their routing facts
@@ -66,7 +70,11 @@
 //!   rows between two positions, joined with the event, the room's partial-state flag and its
 //!   forward extremities with their visibility to that destination ([`CatchUpRoom`]);
 //! - [`Output::LoadOutstanding`] → [`Input::OutstandingLoaded`]: destinations with rows above
-//!   their last successful position.
+//!   their last successful position, or with to-device rows.
+//!
+//! Ephemeral data arrives as commands carrying the facts it needs: [`Input::Receipt`] (the
+//! room's servers, the receipted event's sender and arrival), [`Input::Typing`] (the room's
+//! servers), [`Input::Presence`] (interested servers), [`Input::ToDevice`], [`Input::Edu`].
 //!
 //! A storage failure is answered with [`Input::StorageFailed`]; the machine retries.
 //!

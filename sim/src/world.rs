@@ -186,10 +186,7 @@ impl ScenarioRun {
         };
         let index = self.next;
         self.next += 1;
-        self.world.step = index;
-        self.world
-            .run_step(&step, engine, emit)
-            .map_err(|message| ScenarioError::new(format!("step {index} ({}): {message}", step.op())))?;
+        self.world.run_numbered(index, &step, engine, emit)?;
         Ok(true)
     }
 
@@ -248,10 +245,7 @@ impl LiveRun {
     fn run(&mut self, step: &Step, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), ScenarioError> {
         let index = self.applied;
         self.applied += 1;
-        self.world.step = index;
-        self.world
-            .run_step(step, engine, emit)
-            .map_err(|message| ScenarioError::new(format!("step {index} ({}): {message}", step.op())))
+        self.world.run_numbered(index, step, engine, emit)
     }
 
     /// Virtual time now (Unix ms).
@@ -369,6 +363,19 @@ impl World {
         let recovered = serde_json::to_string(&self.durable.recovered()).map_err(|e| e.to_string())?;
         engine.start(&self.config_json, &recovered)?;
         self.drain(engine, emit)
+    }
+
+    /// Runs step number `index`; an error names the step and its op.
+    fn run_numbered(
+        &mut self,
+        index: usize,
+        step: &Step,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> Result<(), ScenarioError> {
+        self.step = index;
+        self.run_step(step, engine, emit)
+            .map_err(|message| ScenarioError::new(format!("step {index} ({}): {message}", step.op())))
     }
 
     pub(crate) fn run_step(&mut self, step: &Step, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {

@@ -253,8 +253,8 @@ impl Config {
         if self.events_batch_max == 0 || self.catch_up_batch_max == 0 || self.catch_up_waker_page_max == 0 {
             return bad("events_batch_max", "batch sizes must be at least 1");
         }
-        if self.catch_up_waker_period_ms == 0 {
-            return bad("catch_up_waker_period_ms", "must be at least 1");
+        if self.catch_up_waker_period_ms == 0 || self.catch_up_waker_interval_ms == 0 {
+            return bad("catch_up_waker_period_ms", "the waker's period and interval must be at least 1 ms");
         }
         Ok(())
     }

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 #[test]
 fn a_hundred_and_one_large_messages_split_across_transactions() {
     let now = Timestamp(1_000_000);
-    let mut sender = FederationSender::new(Config::new(ServerName::parse("test").unwrap()), Recovered::default()).unwrap();
+    let mut sender =
+        FederationSender::new(Config::new(ServerName::parse("test").unwrap()), Recovered::default()).unwrap();
     let body = "a".repeat(65_536 - 1000);
     let messages: BTreeMap<String, BTreeMap<String, Value>> = (0..101)
         .map(|i| (format!("@user{i}:secondserver"), BTreeMap::from([(String::from("D"), json!({ "x": body }))])))

@@ -901,6 +901,7 @@ impl FederationSender {
             if !destination.due_within(now, window_ms) {
                 // Not worth holding in memory: the row above makes catch-up send it (D5).
                 destination.catching_up = true;
+                destination.catch_up_last_skipped = info.stream_ordering;
                 if let Some(queue) = destination.queue.as_mut() {
                     queue.pending_pdus.clear();
                 }
@@ -1287,6 +1288,16 @@ impl FederationSender {
     fn start_catching_up(&mut self, name: &ServerName, destination: &mut Destination, drop_ephemeral: bool) {
         destination.catching_up = true;
         if let Some(queue) = destination.queue.as_mut() {
+            // PDUs dropped from memory count as skipped: their rows may sit in a write not yet
+            // emitted, so catch-up must look again until it has seen them.
+            let newest_dropped = queue
+                .pending_pdus
+                .iter()
+                .chain(queue.frozen.iter().flat_map(|f| f.items.iter()))
+                .map(|p| p.stream_ordering)
+                .max()
+                .unwrap_or(0);
+            destination.catch_up_last_skipped = destination.catch_up_last_skipped.max(newest_dropped);
             if drop_ephemeral {
                 queue.edus.clear_ephemeral();
             }

@@ -1,0 +1,922 @@
+//! # fedsend-bench: standard workloads through the core, on every engine
+//!
+//! An *instant host* ([`Host`]) drives a core through its run-loop contract and answers every
+//! output at once: `FetchEvents` from a generated event list, `Persist` acknowledged (and applied
+//! to an in-memory store), `LoadCatchUp`/`LoadOutstanding` from that store, `SendTransaction`
+//! answered `ok` (or `unreachable` for the failing destinations of W2). Inputs wait in one FIFO
+//! queue, so every engine sees exactly the same inputs in the same order, and the counts
+//! (transactions, pairs, bytes) must agree across engines: the bench checks that.
+//!
+//! The engines ([`Core`]): the natively linked core through its typed API (reference) and through
+//! its JSON boundary ([`fedsend_core::wire::JsonSender`]), and the core compiled to wasm inside
+//! wasmtime ([`fedsend_host_native::wasm_engine::WasmEngine`]). The Node engine is
+//! `bench/node/bench.mjs`, which implements this same host in JavaScript.
+//!
+//! *Core time* is measured around each `handle_input` together with the draining of its outputs
+//! (for JSON engines that is where outputs are serialized); turning inputs into JSON and parsing
+//! outputs is host work and is not counted.
+
+pub mod counting;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use fedsend_core::{
+    CatchUpRoom, Config, DestinationState, Extremity, FederationSender, Input, Output, PduInfo, Recovered, ServerName,
+    Timestamp, TransactionResult,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// Our homeserver.
+pub const ORIGIN: &str = "origin.test";
+/// Virtual time at the start of every workload (Unix ms).
+pub const T0: u64 = 1_700_000_000_000;
+/// Events per `NewEvents` notification (and per virtual 100 ms in W2).
+pub const EVENT_BATCH: u64 = 100;
+
+/// The PDU workloads. W4 (ephemeral EDUs) and W5 (to-device) are pending: they come later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Workload {
+    /// One event to many destinations, repeated.
+    W1,
+    /// Many events over many rooms and destinations, 2% of destinations failing.
+    W2,
+    /// Destinations come back after an outage and are caught up from storage.
+    W3,
+}
+
+impl Workload {
+    /// All of them, in table order.
+    pub const ALL: [Self; 3] = [Self::W1, Self::W2, Self::W3];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::W1 => "W1",
+            Self::W2 => "W2",
+            Self::W3 => "W3",
+        }
+    }
+
+    /// What it is, for the table.
+    pub fn describe(self, s: &Sizes) -> String {
+        match self {
+            Self::W1 => format!("fan-out: 1 event to {} destinations, x{}", s.w1_destinations, s.w1_repeats),
+            Self::W2 => format!(
+                "steady: {} events, {} rooms, {} destinations, 2% failing",
+                s.w2_events, s.w2_rooms, s.w2_destinations
+            ),
+            Self::W3 => {
+                format!("catch-up: {} destinations back after an outage over {} rooms", s.w3_destinations, s.w3_rooms)
+            }
+        }
+    }
+}
+
+/// Every size a run uses; [`Sizes::at_scale`] derives them from the sizes (scale 1).
+/// The same values are handed to the Node runner, so both generate the same workloads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sizes {
+    /// W1: destinations of the one room.
+    pub w1_destinations: u64,
+    /// W1: events sent (each to every destination).
+    pub w1_repeats: u64,
+    /// W2: events. The W2 has 100 000; the default runs 10 000 over the same rooms and
+    /// destinations (the rates are steady-state, and with about one transaction per pair the full
+    /// size takes minutes per engine and run). `fedsend-bench --w2-events 100000` runs all.
+    pub w2_events: u64,
+    /// W2: rooms (events go round-robin over them).
+    pub w2_rooms: u64,
+    /// W2: destinations.
+    pub w2_destinations: u64,
+    /// W3: destinations.
+    pub w3_destinations: u64,
+    /// W3: rooms.
+    pub w3_rooms: u64,
+    /// W3: rooms each destination shares with us.
+    pub w3_rooms_per_destination: u64,
+    /// W3: events each room received during the outage.
+    pub w3_events_per_room: u64,
+    /// Idle probe: destinations at the first and the second measurement.
+    pub idle_destinations: [u64; 2],
+    /// Queued probe: destinations of the two runs.
+    pub queued_destinations: [u64; 2],
+    /// Queued probe: events queued at the first and the second measurement.
+    pub queued_events: [u64; 2],
+}
+
+impl Sizes {
+    /// The sizes times `scale` (W1 repeats and the probes scale too; W2 runs a tenth of
+    /// its events, see [`Sizes::w2_events`]), with floors that keep every workload meaningful at
+    /// tiny scales.
+    pub fn at_scale(scale: f64) -> Self {
+        let s = |full: u64, floor: u64| (((full as f64) * scale).round() as u64).max(floor);
+        let hundreds = |full: u64, floor: u64| s(full, floor).div_ceil(100) * 100;
+        Self {
+            w1_destinations: s(10_000, 20),
+            w1_repeats: s(20, 2),
+            w2_events: hundreds(10_000, 200),
+            w2_rooms: s(1_000, 10),
+            w2_destinations: s(5_000, 50),
+            w3_destinations: s(10_000, 50),
+            w3_rooms: s(1_000, 10),
+            w3_rooms_per_destination: 5,
+            w3_events_per_room: 3,
+            idle_destinations: [hundreds(2_000, 100), hundreds(22_000, 1_100)],
+            queued_destinations: [s(500, 100), s(50, 2)],
+            queued_events: [hundreds(500, 100), hundreds(2_500, 500)],
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// the generated world
+
+/// Name of destination `i`.
+pub fn destination(i: u64) -> ServerName {
+    ServerName::parse(&format!("d{i}.test")).expect("valid server name")
+}
+
+/// Id of room `r`.
+pub fn room_id(r: u64) -> String {
+    format!("!r{r}:{ORIGIN}")
+}
+
+/// A room message in federation format (about 500 bytes), the same in the Node runner.
+pub fn pdu(k: u64, room: &str) -> Value {
+    json!({
+        "auth_events": ["$create-event-id-000000000000000000000000000", "$power-levels-event-id-0000000000000000000000", "$member-event-id-0000000000000000000000000000"],
+        "content": {"body": format!("benchmark message number {k}"), "msgtype": "m.text"},
+        "depth": k,
+        "hashes": {"sha256": "ThisIsAFakeContentHashOfFortyThreeCharacter"},
+        "origin_server_ts": T0 + k,
+        "prev_events": [format!("$ev{}", k - 1)],
+        "room_id": room,
+        "sender": format!("@alice:{ORIGIN}"),
+        "signatures": {ORIGIN: {"ed25519:a_key": "ThisIsAFakeSignatureOfEightySixCharactersThisIsAFakeSignatureOfEightySixCharactersXX"}},
+        "type": "m.room.message"
+    })
+}
+
+/// Event ids: `$ev{stream_ordering}`.
+pub fn event_id(k: u64) -> String {
+    format!("$ev{k}")
+}
+
+/// Who is in which room and which events exist.
+#[derive(Debug, Default)]
+pub struct World {
+    /// Hosts of each room.
+    pub rooms: Vec<Vec<ServerName>>,
+    /// Room index of event k (index k-1).
+    pub event_rooms: Vec<u32>,
+    /// Events the homeserver has persisted so far.
+    pub produced: u64,
+}
+
+impl World {
+    fn event(&self, k: u64) -> PduInfo {
+        let r = u64::from(self.event_rooms[(k - 1) as usize]);
+        let room = room_id(r);
+        PduInfo {
+            event_id: event_id(k),
+            stream_ordering: k,
+            sender: format!("@alice:{ORIGIN}"),
+            has_prev_events: true,
+            hosts: self.rooms[r as usize].clone(),
+            partial_state_servers: None,
+            invitee_server: None,
+            proactively_send: true,
+            out_of_band: false,
+            send_on_behalf_of: None,
+            received_ts: None,
+            pdu: pdu(k, &room),
+            room_id: room,
+        }
+    }
+}
+
+/// Sender-owned storage, in memory, indexed for the two queries.
+#[derive(Debug, Default)]
+pub struct Store {
+    /// destination → room → newest stream ordering owed.
+    pub rows: BTreeMap<ServerName, BTreeMap<String, u64>>,
+    /// destination → last successful stream ordering.
+    pub delivered: HashMap<ServerName, u64>,
+}
+
+impl Store {
+    fn apply(&mut self, changes: &fedsend_core::Changes) {
+        for row in &changes.destination_rooms {
+            let slot = self.rows.entry(row.destination.clone()).or_default().entry(row.room_id.clone()).or_insert(0);
+            *slot = (*slot).max(row.stream_ordering);
+        }
+        for state in &changes.destinations {
+            if let Some(pos) = state.last_successful_stream_ordering {
+                self.delivered.insert(state.destination.clone(), pos);
+            }
+        }
+    }
+
+    fn catch_up(&self, destination: &ServerName, after: u64, up_to: u64, limit: u32) -> Vec<(String, u64)> {
+        let mut rows: Vec<(String, u64)> = self
+            .rows
+            .get(destination)
+            .map(|rooms| {
+                rooms.iter().filter(|(_, so)| **so > after && **so <= up_to).map(|(r, so)| (r.clone(), *so)).collect()
+            })
+            .unwrap_or_default();
+        rows.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        rows.truncate(limit as usize);
+        rows
+    }
+
+    fn outstanding(&self, after: Option<&ServerName>, limit: u32) -> Vec<ServerName> {
+        let range = match after {
+            Some(a) => self.rows.range::<ServerName, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.rows.range::<ServerName, _>(..),
+        };
+        range
+            .filter(|(d, rooms)| {
+                rooms.values().max().copied().unwrap_or(0) > self.delivered.get(*d).copied().unwrap_or(0)
+            })
+            .map(|(d, _)| d.clone())
+            .take(limit as usize)
+            .collect()
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// engines
+
+/// A core as the bench drives it. `step` feeds one input, drains every output into `out` and
+/// returns the core time in nanoseconds.
+pub trait Core {
+    /// Creates a fresh machine; its first outputs go to `out`.
+    fn start(&mut self, config: &Config, recovered: &Recovered, out: &mut Vec<Output>) -> u64;
+    /// Feeds one input at `now` and drains the outputs.
+    fn step(&mut self, now: u64, input: Input, out: &mut Vec<Output>) -> u64;
+    /// The next deadline.
+    fn poll_timeout(&mut self) -> Option<u64>;
+    /// Gives back the outputs of the last step once the host has acted on them.
+    fn release(&mut self, out: &mut Vec<Output>) {
+        out.clear();
+    }
+    /// The core's memory now, in bytes (heap for native engines, linear memory for wasm).
+    fn memory(&mut self) -> u64;
+    /// The core's memory high-water mark since `start`.
+    fn peak_memory(&mut self) -> u64;
+}
+
+fn elapsed_ns(t0: Instant) -> u64 {
+    t0.elapsed().as_nanos() as u64
+}
+
+/// The natively linked core through its typed API: the reference row.
+#[derive(Debug, Default)]
+pub struct TypedCore(Option<FederationSender>);
+
+impl Core for TypedCore {
+    fn start(&mut self, config: &Config, recovered: &Recovered, out: &mut Vec<Output>) -> u64 {
+        self.0 = None;
+        counting::reset();
+        counting::scoped(|| {
+            let (config, recovered) = (config.clone(), recovered.clone());
+            let t0 = Instant::now();
+            let mut sender = FederationSender::new(config, recovered).expect("valid config");
+            while let Some(o) = sender.poll_output() {
+                out.push(o);
+            }
+            self.0 = Some(sender);
+            elapsed_ns(t0)
+        })
+    }
+
+    fn step(&mut self, now: u64, input: Input, out: &mut Vec<Output>) -> u64 {
+        let sender = self.0.as_mut().expect("started");
+        counting::scoped(|| {
+            // The input is rebuilt inside the core's accounting, since the core keeps parts of it.
+            let input = input.clone();
+            let t0 = Instant::now();
+            sender.handle_input(Timestamp(now), input).expect("the bench host answers correctly");
+            while let Some(o) = sender.poll_output() {
+                out.push(o);
+            }
+            elapsed_ns(t0)
+        })
+    }
+
+    fn poll_timeout(&mut self) -> Option<u64> {
+        self.0.as_ref()?.poll_timeout().map(Timestamp::as_ms)
+    }
+
+    fn release(&mut self, out: &mut Vec<Output>) {
+        counting::scoped(|| out.clear());
+    }
+
+    fn memory(&mut self) -> u64 {
+        counting::live()
+    }
+
+    fn peak_memory(&mut self) -> u64 {
+        counting::peak()
+    }
+}
+
+/// How a JSON engine's memory is read.
+#[derive(Clone, Copy, Debug)]
+pub enum JsonMemory {
+    /// The counting allocator (the core is linked into this process).
+    Heap,
+    /// The wasm guest's linear memory, read from `/proc/self/maps` (it only grows).
+    WasmLinear,
+}
+
+/// Any engine behind the JSON boundary of [`fedsend_sim::Engine`].
+pub struct JsonCore<E> {
+    engine: E,
+    memory: JsonMemory,
+    strings: Vec<String>,
+}
+
+impl<E> std::fmt::Debug for JsonCore<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonCore").field("memory", &self.memory).finish_non_exhaustive()
+    }
+}
+
+impl<E: fedsend_sim::Engine> JsonCore<E> {
+    /// Wraps an engine.
+    pub fn new(engine: E, memory: JsonMemory) -> Self {
+        Self { engine, memory, strings: Vec::with_capacity(1 << 16) }
+    }
+
+    fn parse_outputs(&mut self, out: &mut Vec<Output>) {
+        for s in &self.strings {
+            out.push(serde_json::from_str(s).expect("outputs parse"));
+        }
+        let strings = &mut self.strings;
+        match self.memory {
+            JsonMemory::Heap => counting::scoped(|| strings.clear()),
+            JsonMemory::WasmLinear => strings.clear(),
+        }
+    }
+}
+
+impl<E: fedsend_sim::Engine> Core for JsonCore<E> {
+    fn start(&mut self, config: &Config, recovered: &Recovered, out: &mut Vec<Output>) -> u64 {
+        let config = serde_json::to_string(config).expect("config serializes");
+        let recovered = serde_json::to_string(recovered).expect("recovered serializes");
+        counting::reset();
+        let (engine, strings) = (&mut self.engine, &mut self.strings);
+        let ns = match self.memory {
+            JsonMemory::Heap => counting::scoped(|| start_json(engine, strings, &config, &recovered)),
+            JsonMemory::WasmLinear => start_json(engine, strings, &config, &recovered),
+        };
+        self.parse_outputs(out);
+        ns
+    }
+
+    fn step(&mut self, now: u64, input: Input, out: &mut Vec<Output>) -> u64 {
+        let json = serde_json::to_string(&input).expect("inputs serialize");
+        drop(input);
+        let (engine, strings) = (&mut self.engine, &mut self.strings);
+        let mut run = || {
+            let t0 = Instant::now();
+            engine.handle_input(now, &json).expect("the bench host answers correctly");
+            while let Some(s) = engine.poll_output() {
+                strings.push(s);
+            }
+            elapsed_ns(t0)
+        };
+        let ns = match self.memory {
+            JsonMemory::Heap => counting::scoped(run),
+            JsonMemory::WasmLinear => run(),
+        };
+        self.parse_outputs(out);
+        ns
+    }
+
+    fn poll_timeout(&mut self) -> Option<u64> {
+        self.engine.poll_timeout()
+    }
+
+    fn memory(&mut self) -> u64 {
+        match self.memory {
+            JsonMemory::Heap => counting::live(),
+            JsonMemory::WasmLinear => wasm_linear_memory_bytes(),
+        }
+    }
+
+    fn peak_memory(&mut self) -> u64 {
+        match self.memory {
+            JsonMemory::Heap => counting::peak(),
+            JsonMemory::WasmLinear => wasm_linear_memory_bytes(),
+        }
+    }
+}
+
+fn start_json<E: fedsend_sim::Engine>(engine: &mut E, strings: &mut Vec<String>, config: &str, recovered: &str) -> u64 {
+    let t0 = Instant::now();
+    engine.start(config, recovered).expect("engine starts");
+    while let Some(s) = engine.poll_output() {
+        strings.push(s);
+    }
+    elapsed_ns(t0)
+}
+
+/// The accessible size of wasmtime linear memories in this process, from `/proc/self/maps`:
+/// wasmtime reserves 4 GiB plus guard pages per memory and makes the grown part read-write, so
+/// a linear memory is the run of contiguous read-write mappings (anonymous ones and the
+/// copy-on-write memfd image of the data segments) that ends where a huge inaccessible
+/// reservation begins. A high-water mark: linear memory never shrinks. 0 without `/proc`.
+pub fn wasm_linear_memory_bytes() -> u64 {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return 0 };
+    let parsed: Vec<(u64, u64, bool)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (a, b) = parts.next()?.split_once('-')?;
+            let perms = parts.next()?;
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?, perms.starts_with("rw")))
+        })
+        .collect();
+    let mut total = 0;
+    for (i, &(start, end, rw)) in parsed.iter().enumerate() {
+        if rw || end - start < 1 << 30 {
+            continue;
+        }
+        let mut at = start;
+        for &(s, e, w) in parsed[..i].iter().rev() {
+            if !w || e != at {
+                break;
+            }
+            total += e - s;
+            at = s;
+        }
+    }
+    total
+}
+
+// ----------------------------------------------------------------------------------------------
+// the instant host
+
+/// What one run measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Sum of core time over all inputs (ns).
+    pub core_ns: u64,
+    /// Core time of the fan-out inputs (`events_fetched`) only (ns).
+    pub fanout_ns: u64,
+    /// Wall time of the run, host included (ns).
+    pub wall_ns: u64,
+    /// Inputs fed.
+    pub inputs: u64,
+    /// Transactions built (first attempts).
+    pub txns: u64,
+    /// HTTP attempts (retries included).
+    pub attempts: u64,
+    /// (event, destination) pairs in built transactions.
+    pub pairs: u64,
+    /// (event, destination) pairs enqueued by fan-out (`destination_rooms` rows are per room, so
+    /// this is counted by the host from the events it served: events × their hosts).
+    pub enqueued: u64,
+    /// Bytes of the bodies of built transactions.
+    pub bytes: u64,
+    /// Median core time per input (ns).
+    pub median_ns: u64,
+    /// 99th percentile core time per input (ns).
+    pub p99_ns: u64,
+    /// The core's memory high-water mark (bytes).
+    pub peak_memory: u64,
+    /// `catch_up_finished` events seen.
+    pub catch_ups_finished: u64,
+    /// (destination, room) rows owed at the start of W3.
+    pub rows_owed: u64,
+}
+
+/// The instant host around one core.
+#[derive(Debug)]
+pub struct Host {
+    /// Current virtual time.
+    pub now: u64,
+    /// Rooms and events.
+    pub world: World,
+    /// Sender-owned storage.
+    pub store: Store,
+    /// Apply `Persist` batches to the store (probes do not need it).
+    pub keep_store: bool,
+    /// Destinations that answer `unreachable`.
+    pub failing: HashSet<ServerName>,
+    /// Never answer transactions (the queued-pairs probe).
+    pub hold_transactions: bool,
+    queue: VecDeque<Input>,
+    out: Vec<Output>,
+    samples: Vec<u32>,
+    /// Counters so far.
+    pub result: RunResult,
+}
+
+impl Host {
+    /// A host over `world` at `T0`.
+    pub fn new(world: World) -> Self {
+        Self {
+            now: T0,
+            world,
+            store: Store::default(),
+            keep_store: true,
+            failing: HashSet::new(),
+            hold_transactions: false,
+            queue: VecDeque::new(),
+            out: Vec::with_capacity(1 << 16),
+            samples: Vec::new(),
+            result: RunResult::default(),
+        }
+    }
+
+    /// Starts a fresh machine.
+    pub fn start(&mut self, core: &mut dyn Core, recovered: &Recovered) {
+        let mut config = Config::new(ServerName::parse(ORIGIN).expect("valid"));
+        config.seed = 1;
+        let ns = core.start(&config, recovered, &mut self.out);
+        self.result.core_ns += ns;
+        self.answer_outputs(core);
+        self.run(core);
+    }
+
+    /// Feeds queued inputs and answers outputs until nothing is left.
+    pub fn run(&mut self, core: &mut dyn Core) {
+        while let Some(input) = self.queue.pop_front() {
+            let fanout = matches!(input, Input::EventsFetched { .. });
+            let ns = core.step(self.now, input, &mut self.out);
+            self.result.core_ns += ns;
+            self.result.inputs += 1;
+            if fanout {
+                self.result.fanout_ns += ns;
+            }
+            self.samples.push(ns.min(u64::from(u32::MAX)) as u32);
+            self.answer_outputs(core);
+        }
+    }
+
+    /// Delivers every timeout due up to `t`, then sets the clock to `t`.
+    pub fn advance_to(&mut self, core: &mut dyn Core, t: u64) {
+        for _ in 0..1_000_000 {
+            match core.poll_timeout() {
+                Some(deadline) if deadline <= t => {
+                    self.now = self.now.max(deadline);
+                    self.queue.push_back(Input::Timeout);
+                    self.run(core);
+                }
+                _ => break,
+            }
+        }
+        self.now = self.now.max(t);
+    }
+
+    /// The homeserver persisted `count` more events.
+    pub fn produce(&mut self, core: &mut dyn Core, count: u64) {
+        self.world.produced += count;
+        self.queue.push_back(Input::NewEvents { up_to: self.world.produced });
+        self.run(core);
+    }
+
+    /// Queues an input for the next `run`.
+    pub fn push(&mut self, input: Input) {
+        self.queue.push_back(input);
+    }
+
+    fn answer_outputs(&mut self, core: &mut dyn Core) {
+        let mut out = std::mem::take(&mut self.out);
+        for output in &out {
+            self.answer(output);
+        }
+        core.release(&mut out);
+        self.out = out;
+    }
+
+    fn answer(&mut self, output: &Output) {
+        let input = match output {
+            Output::SendTransaction(t) => {
+                self.result.attempts += 1;
+                if t.attempt == 1 {
+                    self.result.txns += 1;
+                    self.result.pairs += t.pdu_ids.len() as u64;
+                    self.result.bytes += t.body.len() as u64;
+                }
+                if self.hold_transactions {
+                    return;
+                }
+                let result = if self.failing.contains(&t.destination) {
+                    TransactionResult::Unreachable
+                } else {
+                    TransactionResult::Ok { pdu_errors: BTreeMap::new() }
+                };
+                Input::TransactionDone { request: t.request, result }
+            }
+            Output::FetchEvents { request, after, limit } => {
+                let end = self.world.produced.min(after + u64::from(*limit));
+                let events: Vec<PduInfo> = (after + 1..=end).map(|k| self.world.event(k)).collect();
+                self.result.enqueued += events.iter().map(|e| e.hosts.len() as u64).sum::<u64>();
+                Input::EventsFetched { request: *request, events }
+            }
+            Output::Persist { request, changes } => {
+                if self.keep_store {
+                    self.store.apply(changes);
+                }
+                Input::Persisted { request: *request }
+            }
+            Output::LoadCatchUp { request, destination, after, up_to, limit } => {
+                let rooms = self
+                    .store
+                    .catch_up(destination, *after, *up_to, *limit)
+                    .into_iter()
+                    .map(|(room_id, so)| catch_up_room(room_id, so))
+                    .collect();
+                Input::CatchUpLoaded { request: *request, rooms }
+            }
+            Output::LoadOutstanding { request, after, limit } => {
+                let destinations = self.store.outstanding(after.as_ref(), *limit);
+                Input::OutstandingLoaded { request: *request, destinations }
+            }
+            Output::Event { event } => {
+                if matches!(event, fedsend_core::Event::CatchUpFinished { .. }) {
+                    self.result.catch_ups_finished += 1;
+                }
+                return;
+            }
+            _ => return,
+        };
+        self.queue.push_back(input);
+    }
+
+    /// Closes the run: percentiles, memory and wall time.
+    pub fn finish(mut self, core: &mut dyn Core, started: Instant) -> RunResult {
+        self.result.wall_ns = elapsed_ns(started);
+        self.samples.sort_unstable();
+        let at = |q: f64| -> u64 {
+            if self.samples.is_empty() {
+                return 0;
+            }
+            let i = ((self.samples.len() as f64 - 1.0) * q).round() as usize;
+            u64::from(self.samples[i])
+        };
+        self.result.median_ns = at(0.5);
+        self.result.p99_ns = at(0.99);
+        self.result.peak_memory = core.peak_memory();
+        self.result
+    }
+}
+
+/// The catch-up answer for one room: its newest event, which is also its only forward extremity.
+fn catch_up_room(room_id: String, so: u64) -> CatchUpRoom {
+    let pdu = pdu(so, &room_id);
+    CatchUpRoom {
+        extremities: vec![Extremity { event_id: event_id(so), stream_ordering: so, visible: true, pdu: pdu.clone() }],
+        event_id: event_id(so),
+        pdu,
+        partial_state: false,
+        room_id,
+        stream_ordering: so,
+    }
+}
+
+fn fresh() -> Recovered {
+    Recovered { incarnation: 0, events_out_pos: Some(0), ..Recovered::default() }
+}
+
+/// Runs one workload once on `core`.
+pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> RunResult {
+    let started = Instant::now();
+    match workload {
+        Workload::W1 => {
+            let world = World {
+                rooms: vec![(0..sizes.w1_destinations).map(destination).collect()],
+                event_rooms: vec![0; sizes.w1_repeats as usize],
+                produced: 0,
+            };
+            let mut host = Host::new(world);
+            host.start(core, &fresh());
+            host.advance_to(core, T0);
+            for _ in 0..sizes.w1_repeats {
+                let t = host.now + 1_000;
+                host.advance_to(core, t);
+                host.produce(core, 1);
+            }
+            host.finish(core, started)
+        }
+        Workload::W2 => {
+            let d = sizes.w2_destinations;
+            let rooms = (0..sizes.w2_rooms)
+                .map(|r| {
+                    let size = w2_room_size(r).min(d);
+                    (0..size).map(|j| destination((r * 97 + j) % d)).collect()
+                })
+                .collect();
+            let world = World {
+                rooms,
+                event_rooms: (0..sizes.w2_events).map(|k| (k % sizes.w2_rooms) as u32).collect(),
+                produced: 0,
+            };
+            let mut host = Host::new(world);
+            host.failing = (0..d).filter(|i| i % 50 == 7).map(destination).collect();
+            host.start(core, &fresh());
+            host.advance_to(core, T0);
+            for _ in 0..sizes.w2_events / EVENT_BATCH {
+                let t = host.now + 100;
+                host.advance_to(core, t);
+                host.produce(core, EVENT_BATCH);
+            }
+            host.finish(core, started)
+        }
+        Workload::W3 => {
+            let (mut host, recovered) = w3_setup(sizes);
+            host.start(core, &recovered);
+            host.advance_to(core, T0);
+            for i in 0..sizes.w3_destinations {
+                host.push(Input::RemoteUp { destination: destination(i) });
+            }
+            host.run(core);
+            host.finish(core, started)
+        }
+    }
+}
+
+/// W2 room sizes: 4 to 36 servers, 20 on average (so about 20 (event, destination) pairs per event).
+pub fn w2_room_size(r: u64) -> u64 {
+    4 + (r * 7919) % 33
+}
+
+fn w3_setup(sizes: &Sizes) -> (Host, Recovered) {
+    let (d, rooms) = (sizes.w3_destinations, sizes.w3_rooms);
+    let step = (d / rooms).max(1);
+    let members = (sizes.w3_rooms_per_destination * step).min(d);
+    let room_hosts: Vec<Vec<ServerName>> =
+        (0..rooms).map(|r| (0..members).map(|j| destination((r * step + j) % d)).collect()).collect();
+    let events = rooms * sizes.w3_events_per_room;
+    let world =
+        World { rooms: room_hosts, event_rooms: (0..events).map(|k| (k % rooms) as u32).collect(), produced: events };
+    let mut host = Host::new(world);
+    // Storage after the outage: every (destination, room) owes the room's newest event.
+    for (r, hosts) in host.world.rooms.iter().enumerate() {
+        let newest = events - rooms + r as u64 + 1;
+        for h in hosts {
+            host.store.rows.entry(h.clone()).or_default().insert(room_id(r as u64), newest);
+        }
+    }
+    host.result.rows_owed = host.store.rows.values().map(|r| r.len() as u64).sum();
+    let destinations = (0..d)
+        .map(|i| {
+            host.store.delivered.insert(destination(i), 0);
+            DestinationState {
+                destination: destination(i),
+                retry_last_ts: T0 - 3_600_000,
+                retry_interval: 7_200_000,
+                failure_ts: Some(T0 - 14_400_000),
+                last_successful_stream_ordering: Some(0),
+            }
+        })
+        .collect();
+    (host, Recovered { incarnation: 7, events_out_pos: Some(events), destinations, ..Recovered::default() })
+}
+
+// ----------------------------------------------------------------------------------------------
+// memory probes
+
+/// Memory per idle destination and per queued (PDU, destination) pair.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// Bytes per known, idle destination.
+    pub idle_per_destination: f64,
+    /// Bytes per queued (PDU, destination) pair beyond the shared PDU.
+    pub queued_per_pair: f64,
+    /// Bytes per queued PDU, shared by its destinations.
+    pub shared_per_pdu: f64,
+}
+
+/// Idle destinations: event k goes to 100 new destinations, all answer at once; the core's
+/// memory is read at two destination counts and the difference divided.
+pub fn probe_idle(sizes: &Sizes, core: &mut dyn Core) -> f64 {
+    let [n1, n2] = sizes.idle_destinations;
+    let events = n2 / 100;
+    let world = World {
+        rooms: (0..events).map(|r| (r * 100..r * 100 + 100).map(destination).collect()).collect(),
+        event_rooms: (0..events as u32).collect(),
+        produced: 0,
+    };
+    let mut host = Host::new(world);
+    host.keep_store = false;
+    host.start(core, &fresh());
+    host.advance_to(core, T0);
+    let mut first = 0;
+    for k in 1..=events {
+        host.produce(core, 1);
+        if k * 100 == n1 {
+            first = core.memory();
+        }
+    }
+    let second = core.memory();
+    (second as f64 - first as f64) / (n2 - n1) as f64
+}
+
+/// Queued pairs: transactions are never answered, so events pile up in the queues. Two runs
+/// with different destination counts separate the per-pair cost from the shared PDU.
+pub fn probe_queued(sizes: &Sizes, make: &mut dyn FnMut() -> Box<dyn Core>) -> (f64, f64) {
+    let slope = |destinations: u64, core: &mut dyn Core| -> f64 {
+        let [e1, e2] = sizes.queued_events;
+        let world = World {
+            rooms: vec![(0..destinations).map(destination).collect()],
+            event_rooms: vec![0; e2 as usize],
+            produced: 0,
+        };
+        let mut host = Host::new(world);
+        host.keep_store = false;
+        host.hold_transactions = true;
+        host.start(core, &fresh());
+        host.advance_to(core, T0);
+        let mut first = 0;
+        while host.world.produced < e2 {
+            host.produce(core, EVENT_BATCH);
+            if host.world.produced == e1 {
+                first = core.memory();
+            }
+        }
+        (core.memory() as f64 - first as f64) / (e2 - e1) as f64
+    };
+    let [da, db] = sizes.queued_destinations;
+    let a = slope(da, &mut *make());
+    let b = slope(db, &mut *make());
+    let per_pair = (a - b) / (da - db) as f64;
+    (per_pair, b - per_pair * db as f64)
+}
+
+/// Both probes on fresh engines from `make`.
+pub fn probes(sizes: &Sizes, make: &mut dyn FnMut() -> Box<dyn Core>) -> ProbeResult {
+    let idle_per_destination = probe_idle(sizes, &mut *make());
+    let (queued_per_pair, shared_per_pdu) = probe_queued(sizes, make);
+    ProbeResult { idle_per_destination, queued_per_pair, shared_per_pdu }
+}
+
+// ----------------------------------------------------------------------------------------------
+// statistics
+
+/// Medians over runs, field by field.
+pub fn median_run(runs: &[RunResult]) -> RunResult {
+    let med = |f: &dyn Fn(&RunResult) -> u64| -> u64 {
+        let mut v: Vec<u64> = runs.iter().map(f).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    RunResult {
+        core_ns: med(&|r| r.core_ns),
+        fanout_ns: med(&|r| r.fanout_ns),
+        wall_ns: med(&|r| r.wall_ns),
+        inputs: med(&|r| r.inputs),
+        txns: med(&|r| r.txns),
+        attempts: med(&|r| r.attempts),
+        pairs: med(&|r| r.pairs),
+        enqueued: med(&|r| r.enqueued),
+        bytes: med(&|r| r.bytes),
+        median_ns: med(&|r| r.median_ns),
+        p99_ns: med(&|r| r.p99_ns),
+        peak_memory: runs.iter().map(|r| r.peak_memory).max().unwrap_or(0),
+        catch_ups_finished: med(&|r| r.catch_ups_finished),
+        rows_owed: med(&|r| r.rows_owed),
+    }
+}
+
+/// Runs `warmup` unmeasured and `runs` measured repetitions; returns the measured ones.
+pub fn repeat(workload: Workload, sizes: &Sizes, warmup: u32, runs: u32, core: &mut dyn Core) -> Vec<RunResult> {
+    for _ in 0..warmup {
+        run_workload(workload, sizes, core);
+    }
+    (0..runs).map(|_| run_workload(workload, sizes, core)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed and the JSON native engines see the same inputs and must count the same.
+    #[test]
+    fn engines_agree_at_a_tiny_size() {
+        let sizes = Sizes::at_scale(0.005);
+        for workload in Workload::ALL {
+            let typed = run_workload(workload, &sizes, &mut TypedCore::default());
+            let json = run_workload(
+                workload,
+                &sizes,
+                &mut JsonCore::new(fedsend_sim::NativeEngine::default(), JsonMemory::Heap),
+            );
+            let key =
+                |r: &RunResult| (r.txns, r.attempts, r.pairs, r.enqueued, r.bytes, r.inputs, r.catch_ups_finished);
+            assert_eq!(key(&typed), key(&json), "{workload:?}");
+            assert!(typed.txns > 0 && typed.pairs > 0, "{workload:?}: {typed:?}");
+        }
+        let w1 = run_workload(Workload::W1, &sizes, &mut TypedCore::default());
+        assert_eq!(w1.pairs, sizes.w1_destinations * sizes.w1_repeats);
+        let w3 = run_workload(Workload::W3, &sizes, &mut TypedCore::default());
+        assert!(w3.txns <= w3.rows_owed && w3.catch_ups_finished == sizes.w3_destinations, "{w3:?}");
+    }
+}

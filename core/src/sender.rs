@@ -20,7 +20,7 @@ use crate::io::{
 use crate::rng::Prng;
 use crate::shard::should_handle;
 use crate::time::Timestamp;
-use crate::transaction::{PduEntry, build_body};
+use crate::transaction::{PduEntry, build_body, empty_body_len};
 use crate::types::{RequestId, ServerName, server_of};
 
 /// Receipts go to everyone at once in rooms with fewer other servers than this.
@@ -1116,7 +1116,7 @@ impl FederationSender {
     /// the PDU queue (if `with_pdus`), within the count and byte limits (D8).
     fn freeze_pending(&mut self, name: &ServerName, destination: &mut Destination, with_pdus: bool) -> Option<Frozen> {
         const EDUS_WRAPPER_BYTES: u64 = "\"edus\":[],".len() as u64;
-        let overhead = build_body(&self.config.server_name, self.now.as_ms(), &[], &[]).len() as u64;
+        let overhead = empty_body_len(&self.config.server_name, self.now.as_ms());
         let bytes_max = self.config.transaction_bytes_max;
         let now_ms = self.now.as_ms();
         let queue = destination.queue.as_mut()?;
@@ -1214,7 +1214,7 @@ impl FederationSender {
                 queued_at_ms: 0,
             })
         };
-        let overhead = build_body(&self.config.server_name, self.now.as_ms(), &[], &[]).len() as u64;
+        let overhead = empty_body_len(&self.config.server_name, self.now.as_ms());
         let bytes_max = self.config.transaction_bytes_max;
         let fits_alone = |p: &PduEntry| overhead + p.json.len() as u64 <= bytes_max;
         let mut chosen: Vec<Arc<PduEntry>> = Vec::new();

@@ -45,6 +45,19 @@ pub fn build_body(origin: &ServerName, origin_server_ts: u64, pdus: &[&str], edu
     body
 }
 
+/// Length of a body with no PDUs and no EDUs, computed without building it: transaction
+/// assembly needs it for every transaction to apply the byte cap.
+pub fn empty_body_len(origin: &ServerName, origin_server_ts: u64) -> u64 {
+    const FIXED: &str = r#"{"origin":"","origin_server_ts":,"pdus":[]}"#;
+    let mut digits = 1;
+    let mut rest = origin_server_ts / 10;
+    while rest > 0 {
+        digits += 1;
+        rest /= 10;
+    }
+    (FIXED.len() + origin.as_str().len() + digits) as u64
+}
+
 fn push_joined(body: &mut String, items: &[&str]) {
     for (index, item) in items.iter().enumerate() {
         if index > 0 {
@@ -70,5 +83,8 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(serde_json::to_string(&parsed).unwrap(), body, "keys must already be sorted");
         assert_eq!(build_body(&origin, 5, &[], &[]), r#"{"origin":"test","origin_server_ts":5,"pdus":[]}"#);
+        for ts in [0, 5, 9, 10, 1_000_000, u64::MAX] {
+            assert_eq!(empty_body_len(&origin, ts), build_body(&origin, ts, &[], &[]).len() as u64, "{ts}");
+        }
     }
 }

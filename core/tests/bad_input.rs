@@ -2,34 +2,14 @@
 
 use fedsend_core::wire::JsonSender;
 use fedsend_core::{
-    Config, Event, FederationSender, Input, InputError, Output, PduInfo, Prng, Recovered, RequestId, ServerName,
-    Timestamp, TransactionResult,
+    Config, Event, FederationSender, Input, InputError, Output, Prng, Recovered, RequestId, ServerName, Timestamp,
+    TransactionResult,
 };
-use serde_json::json;
+mod common;
+
+use common::{name, pdu};
 
 const NOW: Timestamp = Timestamp(1_000_000);
-
-fn name(s: &str) -> ServerName {
-    ServerName::parse(s).unwrap()
-}
-
-fn pdu(id: &str, room: &str, stream: u64, hosts: &[&str]) -> PduInfo {
-    PduInfo {
-        event_id: id.into(),
-        room_id: room.into(),
-        stream_ordering: stream,
-        sender: "@alice:test".into(),
-        has_prev_events: true,
-        hosts: hosts.iter().map(|h| name(h)).collect(),
-        partial_state_servers: None,
-        invitee_server: None,
-        proactively_send: true,
-        out_of_band: false,
-        send_on_behalf_of: None,
-        received_ts: None,
-        pdu: json!({ "event_id": id, "room_id": room }),
-    }
-}
 
 /// A machine past start-up: incarnation persisted, first fetch still outstanding.
 fn started() -> (FederationSender, RequestId) {

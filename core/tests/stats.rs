@@ -3,31 +3,15 @@
 use std::collections::BTreeMap;
 
 use fedsend_core::{
-    Config, DestinationPhase, FederationSender, Input, Output, PduInfo, Recovered, RequestId, ServerName, Timestamp,
+    Config, DestinationPhase, FederationSender, Input, Output, PduInfo, Recovered, RequestId, Timestamp,
     TransactionResult,
 };
-use serde_json::json;
+mod common;
 
-fn name(s: &str) -> ServerName {
-    ServerName::parse(s).unwrap()
-}
+use common::{name, pdu};
 
 fn event(stream: u64) -> PduInfo {
-    PduInfo {
-        event_id: format!("${stream}"),
-        room_id: "!r:test".into(),
-        stream_ordering: stream,
-        sender: "@alice:test".into(),
-        has_prev_events: true,
-        hosts: vec![name("host2")],
-        partial_state_servers: None,
-        invitee_server: None,
-        proactively_send: true,
-        out_of_band: false,
-        send_on_behalf_of: None,
-        received_ts: None,
-        pdu: json!({ "event_id": format!("${stream}") }),
-    }
+    pdu(&format!("${stream}"), "!r:test", stream, &["host2"])
 }
 
 /// Feeds `input`, acknowledges writes, and returns the request ids of fetches and sends.

@@ -3,6 +3,7 @@
 #   host-wasm/pkg/node/   wasm-bindgen --target nodejs bindings of fedsend-wasm (Node)
 #   www/pkg/              wasm-bindgen --target web bindings of fedsend-wasm (browser)
 #   target/fedsend_guest.wasm   plain C-ABI module of fedsend-guest (wasmtime in the native host)
+#   npm/dist/             wasm-bindgen --target web bindings of fedsend-wasm (the npm package, Node + browser)
 #
 # Both crates are built in ONE cargo invocation so that std is compiled once (cold: 1.5-2.5 min on 2 cores).
 set -euo pipefail
@@ -29,4 +30,9 @@ wasm-bindgen --target nodejs --out-dir host-wasm/pkg/node "$out/fedsend_wasm.was
 wasm-bindgen --target web --out-dir www/pkg "$out/fedsend_wasm.wasm"
 cp "$out/fedsend_guest.wasm" target/fedsend_guest.wasm
 
-echo "build-wasm: host-wasm/pkg/node, www/pkg ($(wc -c < www/pkg/fedsend_wasm_bg.wasm) B), target/fedsend_guest.wasm ($(wc -c < target/fedsend_guest.wasm) B)"
+# The npm package (npm/): one ES-module build serves Node (which instantiates it synchronously
+# from the file) and browsers/bundlers (which fetch it); npm/dist/ is generated, git-ignored.
+rm -rf npm/dist
+wasm-bindgen --target web --out-dir npm/dist "$out/fedsend_wasm.wasm"
+
+echo "build-wasm: host-wasm/pkg/node, www/pkg, npm/dist ($(wc -c < www/pkg/fedsend_wasm_bg.wasm) B), target/fedsend_guest.wasm ($(wc -c < target/fedsend_guest.wasm) B)"

@@ -69,7 +69,7 @@ else
   "${cargo_cmd[@]}" install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --root "$PREFIX" --force
 fi
 
-# 4. npm tools (playwright-core, pinned by the committed lock). Never `npx playwright install`:
+# 4. npm tools (playwright-core; better-sqlite3 and typescript for npm/; pinned by the committed lock). Never `npx playwright install`:
 #    tests drive Debian's /usr/bin/chromium. The stamp skips `npm ci` while the lock is unchanged
 #    (`npm ci` deletes node_modules, which also deletes the stamp).
 command -v node >/dev/null && command -v npm >/dev/null || die "node and npm (Node >= 20) are required"
@@ -80,9 +80,87 @@ want="$(cat "$NODE_TOOLS_DIR/package.json" "$NODE_TOOLS_DIR/package-lock.json" |
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   say "npm: tools/node already installed"
 else
-  say "npm: npm ci in tools/node"
+  # ---- npm package (npm/) tests: better-sqlite3 and typescript in tools/node ----
+  # better-sqlite3's prebuilt binaries live on GitHub, which CI cannot reach: it is compiled
+  # (~1 min) with node-gyp against the headers of the installed Node (nodedir, so node-gyp
+  # downloads nothing), which needs python3, make and g++.
+  build_pkgs=()
+  command -v python3 >/dev/null || build_pkgs+=(python3)
+  command -v make >/dev/null || build_pkgs+=(make)
+  command -v g++ >/dev/null || build_pkgs+=(g++)
+  if ((${#build_pkgs[@]})); then
+    need_root "build tools for better-sqlite3 (${build_pkgs[*]})"
+    say "apt: installing ${build_pkgs[*]}"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${build_pkgs[@]}"
+  fi
+  node_prefix="$(node -p 'process.config.variables.node_prefix || ""')"
+  for dir in "$node_prefix" /usr /usr/local; do
+    if [ -n "$dir" ] && [ -f "$dir/include/node/node_api.h" ]; then export npm_config_nodedir="$dir"; break; fi
+  done
+  [ -n "${npm_config_nodedir:-}" ] || die "Node's headers (include/node/node_api.h) are missing: install the nodejs package with headers"
+  export npm_config_build_from_source=true
+  # ---- end npm package block ----
+  say "npm: npm ci in tools/node (compiles better-sqlite3, ~1 min)"
   (cd "$NODE_TOOLS_DIR" && npm ci --no-audit --no-fund --loglevel=error)
   echo "$want" > "$stamp"
 fi
+
+# ---- 5. Interop peer (issue 6): a real Synapse from PyPI in a cached virtualenv ------------------
+#    tools/python/synapse-venv, every package pinned in interop/requirements.txt, wheels only, on
+#    Debian's own Python 3.11 (not whatever python3 comes first on PATH, so the venv is the same
+#    everywhere). The stamp skips pip while the pins and the interpreter are unchanged; a changed
+#    pin rebuilds the venv from scratch so nothing unpinned lingers.
+SYNAPSE_VENV="$root/tools/python/synapse-venv"
+SYSTEM_PYTHON=/usr/bin/python3
+if ! [ -x "$SYSTEM_PYTHON" ] || ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
+  need_root "python3 / python3-venv (for the Synapse interop peer)"
+  say "apt: installing python3 python3-venv"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends python3 python3-venv
+fi
+venv_want="$( (cat "$root/interop/requirements.txt"; "$SYSTEM_PYTHON" --version) | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$SYNAPSE_VENV/.setup-stamp" 2>/dev/null)" = "$venv_want" ]; then
+  say "synapse venv: already in tools/python/synapse-venv"
+else
+  say "synapse venv: creating tools/python/synapse-venv (pip, wheels only; ~30 s, 240 MB)"
+  rm -rf "$SYNAPSE_VENV"
+  mkdir -p "$(dirname "$SYNAPSE_VENV")"
+  "$SYSTEM_PYTHON" -m venv "$SYNAPSE_VENV"
+  "$SYNAPSE_VENV/bin/pip" install --disable-pip-version-check --no-input -q \
+    --only-binary :all: --no-deps -r "$root/interop/requirements.txt"
+  "$SYNAPSE_VENV/bin/python" -c 'import synapse, signedjson, requests' \
+    || die "synapse venv: the installed packages do not import"
+  echo "$venv_want" > "$SYNAPSE_VENV/.setup-stamp"
+  say "synapse venv: matrix-synapse $("$SYNAPSE_VENV/bin/python" -c 'from importlib.metadata import version; print(version("matrix-synapse"))') installed"
+fi
+# ---- end of interop peer ------------------------------------------------------------------------
+
+# ---- 6. Transport tests (issue 5): Python signedjson in a small virtualenv ---------------------
+#    tests/transport.rs checks our X-Matrix signatures with this independent implementation.
+#    Pins in host-native/tests/fixtures/sign-requirements.txt; same stamp scheme as above.
+SIGN_VENV="$root/tools/python/sign-venv"
+SIGN_REQUIREMENTS="$root/host-native/tests/fixtures/sign-requirements.txt"
+if ! [ -x /usr/bin/python3 ] || ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
+  need_root "python3 / python3-venv (for the signedjson test venv)"
+  say "apt: installing python3 python3-venv"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends python3 python3-venv
+fi
+sign_want="$( (cat "$SIGN_REQUIREMENTS"; /usr/bin/python3 --version) | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$SIGN_VENV/.setup-stamp" 2>/dev/null)" = "$sign_want" ]; then
+  say "sign venv: already in tools/python/sign-venv"
+else
+  say "sign venv: creating tools/python/sign-venv (signedjson, pip, wheels only; ~10 s)"
+  rm -rf "$SIGN_VENV"
+  mkdir -p "$(dirname "$SIGN_VENV")"
+  /usr/bin/python3 -m venv "$SIGN_VENV"
+  "$SIGN_VENV/bin/pip" install --disable-pip-version-check --no-input -q \
+    --only-binary :all: --no-deps -r "$SIGN_REQUIREMENTS"
+  "$SIGN_VENV/bin/python" -c 'import signedjson.sign, canonicaljson' \
+    || die "sign venv: the installed packages do not import"
+  echo "$sign_want" > "$SIGN_VENV/.setup-stamp"
+fi
+# ---- end of transport tests block -----------------------------------------------------------------
 
 say "ok: $(/usr/bin/rustc --version | cut -d' ' -f1-2) (wasm), $(rustc --version | cut -d' ' -f1-2) (native), $("$PREFIX/bin/wasm-bindgen" --version), node $(node --version)"

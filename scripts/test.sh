@@ -16,14 +16,18 @@
 #                 numbers are sane; no timing thresholds (BENCHMARKS.md has the real run)
 #   no-std        tests/no-std-check built against a core + alloc sysroot: fails if std leaks into
 #                 fedsend-core
-#   node          node --test over www/test/**/*.test.{mjs,cjs,js} (if any)
+#   node          node --test over www/test/**/*.test.{mjs,cjs,js} and npm/test/ (the npm package:
+#                 scenarios, stores, driven API, errors, the HTTPS example, npm pack + tsc)
 #   e2e           node www/test/e2e.mjs, headless Chromium through Playwright (if present)
+#   interop       interop/test_interop.py: a real Synapse (PyPI, venv made by setup) on loopback as
+#                 the federation peer, judging what Synapse's /sync, database and log show (issue 6);
+#                 first the harness sends signed transactions itself, then `fedsend serve` does
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/bin:$PATH"   # rustup's cargo; wasm-bindgen
 
-all_stages=(setup wasm native-build native-test simulate bench no-std node e2e)
+all_stages=(setup wasm native-build native-test simulate bench no-std node e2e interop)
 stages=("$@")
 ((${#stages[@]})) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
@@ -47,14 +51,24 @@ stage_no-std() {
 }
 stage_node() {
   local files=()
-  [ -d www/test ] && mapfile -t files < <(find www/test -type f \
+  local dirs=()
+  for d in www/test npm/test; do [ -d "$d" ] && dirs+=("$d"); done
+  ((${#dirs[@]})) && mapfile -t files < <(find "${dirs[@]}" -type f \
     \( -name '*.test.mjs' -o -name '*.test.cjs' -o -name '*.test.js' \) -not -path '*/node_modules/*' | sort)
-  ((${#files[@]})) || { skipped+=(node); echo "skipped: no www/test/**/*.test.{mjs,cjs,js}"; return 0; }
+  ((${#files[@]})) || { skipped+=(node); echo "skipped: no {www,npm}/test/**/*.test.{mjs,cjs,js}"; return 0; }
   node --test "${files[@]}"
 }
 stage_e2e() {
   [ -f www/test/e2e.mjs ] || { skipped+=(e2e); echo "skipped: no www/test/e2e.mjs"; return 0; }
   node www/test/e2e.mjs
+}
+stage_interop() {
+  local py=tools/python/synapse-venv/bin/python
+  [ -x "$py" ] || { echo "test.sh: $py is missing; run scripts/setup.sh" >&2; return 1; }
+  "$py" interop/test_interop.py --mode harness
+  # Synapse's default room version (12: room ids without a server part, create events without
+  # a room_id).
+  "$py" interop/test_interop.py --mode fedsend
 }
 
 start=$SECONDS

@@ -1,7 +1,8 @@
 // The visualiser: the fedsend core compiled to wasm, with the simulated world, in the page.
 //
 // Two modes, chosen by the URL:
-// - live (default; ?seed=&n=&rooms=&rate=&edus=&speed=&select=&log=): our server and N remote
+// - live (default; ?seed=&n=&rooms=&rate=&edus=&presence=&todevice=&devices=&speed=&select=&log=):
+//   our server and N remote
 //   servers in virtual time, a seeded workload, and controls to break the network and the
 //   sender (lib/live.mjs: LiveRun). Same seed and actions → same run (the digest in the
 //   summary); `log` records every action with its tick, so the URL replays the run.
@@ -12,7 +13,9 @@
 // and data-* attributes (the e2e tests read those).
 
 import init, { LiveSimulation, ScenarioStepper } from './pkg/fedsend_wasm.js';
-import { LiveRun, ScenarioReplay, START_MS, TICK_MS, decodeLog, encodeLog, traceCounts } from './lib/live.mjs';
+import {
+  DEFAULT_PARAMS, LiveRun, MIXES, ScenarioReplay, START_MS, TICK_MS, decodeLog, encodeLog, traceCounts,
+} from './lib/live.mjs';
 import { remoteServers, serverOf } from './lib/trace.mjs';
 import { LABELS, STATES, drawLag, drawSeries, drawTimeline, drawWorld, formatMs, hit } from './lib/draw.mjs';
 
@@ -44,6 +47,15 @@ function intParam(name, fallback, min, max) {
   return q.has(name) && Number.isFinite(v) ? Math.min(max, Math.max(min, Math.floor(v))) : fallback;
 }
 
+function rateParam(name) {
+  return Math.max(0, Number(q.get(name) ?? DEFAULT_PARAMS[name]) || 0);
+}
+
+/** EDU counts by type, most frequent first, as "3 m.typing, 1 m.presence". */
+function kindsText(kinds) {
+  return [...kinds].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1)).map(([k, n]) => `${n} ${k}`).join(', ');
+}
+
 function setUrl(updates) {
   for (const [k, v] of Object.entries(updates)) {
     if (v === null || v === undefined) q.delete(k);
@@ -68,14 +80,14 @@ function startLive() {
     seed: intParam('seed', 1, 0, 2 ** 32 - 1),
     destinations: intParam('n', 30, 1, 1000),
     rooms: intParam('rooms', 4, 1, 50),
-    rate: Math.max(0, Number(q.get('rate') ?? 2) || 0),
-    edus: Math.max(0, Number(q.get('edus') ?? 1) || 0),
+    rate: rateParam('rate'),
+    ...Object.fromEntries(Object.keys(MIXES).map((mix) => [mix, rateParam(mix)])),
   };
   $('seed').value = params.seed;
   $('n').value = params.destinations;
   $('rooms').value = params.rooms;
   $('rate').value = params.rate;
-  $('edus').value = params.edus;
+  for (const mix of Object.keys(MIXES)) $(mix).value = params[mix];
   let schedule = [];
   try {
     schedule = decodeLog(q.get('log'));
@@ -305,6 +317,8 @@ function render() {
   for (const s of STATES) summary.querySelector(`[data-count="${s}"]`).textContent = String(totals.states[s] ?? 0);
   $('delivered').textContent = String(totals.delivered);
   $('edus-delivered').textContent = String(totals.edus);
+  $('edu-kinds').textContent = m.eduKinds.size ? `(${kindsText(m.eduKinds)})` : '';
+  $('edu-kinds').dataset.kinds = JSON.stringify(Object.fromEntries(m.eduKinds));
   $('queued').textContent = String(totals.queued);
   $('inflight').textContent = String(totals.inFlight);
   $('converged').textContent = `${totals.converged} / ${totals.total}`;
@@ -352,10 +366,13 @@ function renderDetail(m) {
     : `${p.roomsBehind} of ${d.rooms.length} room(s) behind · lag ${formatMs(p.lagMs)}${s?.catching_up ? ' · catching up from storage' : ''}`;
   $('d-txns').textContent = `${d.sent} sent · ${d.ok} ok · ${d.failed} failed · ${d.dropped} dropped`;
   const rooms = d.rooms.map((room) => `${room.replace(/:.*/, '')} #${d.received.get(room) ?? '–'}`).join(', ');
-  $('d-received').textContent = `${d.delivered} PDUs, ${d.edusDelivered} EDUs${d.lastReceived ? `, last ${d.lastReceived}` : ''}${rooms ? ` · newest per room: ${rooms}` : ''}`;
+  const kinds = d.eduKinds.size ? ` (${kindsText(d.eduKinds)})` : '';
+  $('d-received').textContent = `${d.delivered} PDUs, ${d.edusDelivered} EDUs${kinds}${d.lastReceived ? `, last ${d.lastReceived}` : ''}${rooms ? ` · newest per room: ${rooms}` : ''}`;
+  $('d-received').dataset.kinds = JSON.stringify(Object.fromEntries(d.eduKinds));
   $('d-attempts').replaceChildren(...d.attempts.slice(-8).reverse().map((a) => {
     const li = document.createElement('li');
     li.textContent = `+${formatMs(a.t - m.startMs)} ${a.txnId}: ${a.pdus} PDU · ${a.edus} EDU → ${a.outcome ?? 'in flight'}`;
+    li.title = a.eduTypes?.length ? a.eduTypes.join(', ') : '';
     li.className = a.outcome === null ? 'pending' : a.outcome.startsWith('ok') ? 'ok' : 'bad';
     return li;
   }));
@@ -385,10 +402,17 @@ function wireLive() {
   $('live-controls').hidden = false;
   $('mode-live').classList.add('on');
   $('reset').addEventListener('click', () => {
-    setUrl({ seed: $('seed').value, n: $('n').value, rooms: $('rooms').value, rate: $('rate').value, edus: $('edus').value, log: null });
+    setUrl({
+      seed: $('seed').value, n: $('n').value, rooms: $('rooms').value, rate: $('rate').value,
+      ...Object.fromEntries(Object.keys(MIXES).map((mix) => [mix, $(mix).value])), log: null,
+    });
     startLive();
   });
-  $('edus').addEventListener('change', () => act({ op: 'edus', value: Number($('edus').value) }));
+  // A rate changed mid-run is an action (the URL's `log` keeps it with its tick); the
+  // starting rates are the URL's parameters.
+  for (const mix of Object.keys(MIXES)) {
+    $(mix).addEventListener('change', () => act({ op: mix, value: Number($(mix).value) }));
+  }
   $('rate').addEventListener('change', () => {
     act({ op: 'rate', value: Number($('rate').value) }); // the URL's `log` keeps it, with its tick
   });

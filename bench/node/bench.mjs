@@ -4,7 +4,7 @@
 // (host-wasm/pkg/node, built by scripts/build-wasm.sh). `target/release/fedsend-bench` spawns it;
 // it prints JSON on stdout:
 //
-//   node bench/node/bench.mjs --sizes JSON --workload W1|W2|W3 --runs N --warmup N
+//   node bench/node/bench.mjs --sizes JSON --workload W1|W2|W3|W4|W5 --runs N --warmup N
 //       → {"runs":[RunResult, …]}  (the fields of fedsend_bench::RunResult)
 //   node bench/node/bench.mjs --sizes JSON --probe idle|queued-a|queued-b
 //       → one number: bytes per idle destination, or bytes per queued event (slope) with the
@@ -36,7 +36,14 @@ WebAssembly.Instance = OriginalInstance;
 const ORIGIN = 'origin.test';
 const T0 = 1_700_000_000_000;
 const EVENT_BATCH = 100;
-const CONFIG = JSON.stringify({ server_name: ORIGIN, seed: 1 });
+const W5_BATCH = 500;
+const W5_LARGE_EVERY = 100;
+const W5_LARGE_DEVICES = 20;
+const W5_LARGE_CIPHERTEXT_BYTES = 4000;
+const W5_SMALL_CIPHERTEXT_BYTES = 200;
+const CONFIG = JSON.stringify({ server_name: ORIGIN, seed: 1, presence_enabled: true });
+// The kinds of EDU W4 expects every server of the room to receive, as they appear in a body.
+const EDU_KINDS = ['"edu_type":"m.receipt"', '"edu_type":"m.presence"', '"edu_type":"m.typing"'];
 
 const destination = (i) => `d${i}.test`;
 const roomId = (r) => `!r${r}:${ORIGIN}`;
@@ -67,12 +74,77 @@ function pdu(k, room) {
 
 const byString = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
 
+const localUser = (u) => `@u${u}:${ORIGIN}`;
+
+/** EDUs in a transaction body (bench/src/lib.rs `edus_in_body`). */
+const edusInBody = (body) => body.split('"edu_type":"').length - 1;
+
+/** W4: user u's read receipt in a round (bench/src/lib.rs `w4_receipt`). */
+function w4Receipt(round, u, receivedTs, hosts) {
+  return {
+    type: 'receipt',
+    receipt: {
+      room_id: roomId(0),
+      receipt_type: 'm.read',
+      user_id: localUser(u),
+      event_id: `$w4ev${round}.${u}`,
+      data: { ts: T0 + round * 1000 + u },
+    },
+    hosts,
+    event: { sender: '@bob:d1.test', received_ts: receivedTs },
+  };
+}
+
+/** W4: every user's presence in a round (bench/src/lib.rs `w4_presence`). */
+function w4Presence(round, users, now) {
+  return range(0, users).map((u) => {
+    const state = {
+      user_id: localUser(u),
+      presence: (round + u) % 3 === 0 ? 'unavailable' : 'online',
+      last_active_ts: now - 1000 * u,
+      currently_active: u % 2 === 0,
+    };
+    if (u % 4 === 0) state.status_msg = `status ${round}`;
+    return state;
+  });
+}
+
+function w5Ciphertext(k, device, len) {
+  const head = `${k}.${device}.`;
+  return head.length >= len ? head : head + 'A'.repeat(len - head.length);
+}
+
+/** W5: to-device message k (bench/src/lib.rs `w5_message`). */
+function w5Message(k, destinations) {
+  const user = `@u${k % 7}:d${k % destinations}.test`;
+  const large = k % W5_LARGE_EVERY === 0;
+  const devices = large ? W5_LARGE_DEVICES : 1;
+  const len = large ? W5_LARGE_CIPHERTEXT_BYTES : W5_SMALL_CIPHERTEXT_BYTES;
+  const first = devices === 1 ? k % 3 : 0;
+  const byDevice = {};
+  for (let d = first; d < first + devices; d++) {
+    byDevice[`DEV${d}`] = {
+      algorithm: 'm.olm.v1.curve25519-aes-sha2',
+      ciphertext: w5Ciphertext(k, d, len),
+      sender_key: 'SenderCurve25519KeyOfFortyThreeCharactersXX',
+    };
+  }
+  return {
+    type: 'to_device',
+    sender: `@alice:${ORIGIN}`,
+    message_type: 'm.room.encrypted',
+    message_id: `w5m${k}`,
+    messages: { [user]: byDevice },
+  };
+}
+
 /** Sender-owned storage, in memory (bench/src/lib.rs `Store`). */
 class Store {
   constructor() {
     this.rows = new Map(); // destination → Map(room → stream ordering)
     this.delivered = new Map();
     this.sorted = null;
+    this.outbox = new Set(); // `${destination} ${outbox_id}` of rows not yet deleted
   }
   set(dest, room, so) {
     let rooms = this.rows.get(dest);
@@ -90,6 +162,8 @@ class Store {
         this.delivered.set(state.destination, state.last_successful_stream_ordering);
       }
     }
+    for (const row of changes.to_device_outbox ?? []) this.outbox.add(`${row.destination} ${row.outbox_id}`);
+    for (const key of changes.to_device_deleted ?? []) this.outbox.delete(`${key.destination} ${key.outbox_id}`);
   }
   catchUp(dest, after, upTo, limit) {
     const rows = [];
@@ -139,13 +213,14 @@ class Host {
     this.keepStore = true;
     this.failing = new Set();
     this.hold = false;
+    this.eduKinds = new Map(); // destination → bits of EDU_KINDS received (W4)
     this.queue = [];
     this.head = 0;
     this.samples = [];
     this.sender = null;
     this.result = {
       core_ns: 0, fanout_ns: 0, wall_ns: 0, inputs: 0, txns: 0, attempts: 0, pairs: 0, enqueued: 0, bytes: 0,
-      median_ns: 0, p99_ns: 0, peak_memory: 0, catch_ups_finished: 0, rows_owed: 0,
+      median_ns: 0, p99_ns: 0, peak_memory: 0, catch_ups_finished: 0, rows_owed: 0, incomplete: 0,
     };
     this.started = performance.now();
   }
@@ -222,8 +297,13 @@ class Host {
         this.result.attempts += 1;
         if (out.attempt === 1) {
           this.result.txns += 1;
-          this.result.pairs += out.pdu_ids.length;
+          this.result.pairs += out.pdu_ids.length + edusInBody(out.body);
           this.result.bytes += Buffer.byteLength(out.body);
+          let kinds = 0;
+          EDU_KINDS.forEach((kind, i) => {
+            if (out.body.includes(kind)) kinds |= 1 << i;
+          });
+          if (kinds !== 0) this.eduKinds.set(out.destination, (this.eduKinds.get(out.destination) ?? 0) | kinds);
         }
         if (this.hold) return;
         const outcome = this.failing.has(out.destination) ? 'unreachable' : 'ok';
@@ -334,6 +414,51 @@ function runWorkload(name, sizes) {
       host.advanceTo(T0);
       for (let i = 0; i < d; i++) host.queue.push({ type: 'remote_up', destination: destination(i) });
       host.run();
+      return host.finish();
+    }
+    case 'W4': {
+      const hosts = range(0, sizes.w4_destinations).map(destination);
+      const d = hosts.length;
+      const users = sizes.w4_users;
+      const half = Math.floor(users / 2);
+      const host = new Host({ rooms: [], eventRooms: [], produced: 0 });
+      host.start(fresh());
+      host.advanceTo(T0);
+      for (let round = 0; round < sizes.w4_rounds; round++) {
+        for (let u = 0; u < half; u++) host.queue.push(w4Receipt(round, u, host.now - 600_000, hosts));
+        host.queue.push({ type: 'presence', states: w4Presence(round, users, host.now), destinations: hosts });
+        host.result.enqueued += (half + users) * d;
+        host.run();
+        host.advanceTo(host.now + 35_000);
+        const typing = (u, on) => ({ type: 'typing', room_id: roomId(0), user_id: localUser(u), typing: on, hosts });
+        for (let u = 0; u < users; u++) host.queue.push(typing(u, true));
+        for (let u = half; u < users; u++) host.queue.push(w4Receipt(round, u, host.now - 1000, hosts));
+        for (let u = 0; u < users; u++) host.queue.push(typing(u, false));
+        host.result.enqueued += (2 * users + (users - half)) * d;
+        host.run();
+        host.advanceTo(host.now + 5000);
+      }
+      host.advanceTo(host.now + 60_000);
+      host.result.incomplete = hosts.filter((h) => (host.eduKinds.get(h) ?? 0) !== 7).length;
+      return host.finish();
+    }
+    case 'W5': {
+      const host = new Host({ rooms: [], eventRooms: [], produced: 0 });
+      host.start(fresh());
+      host.advanceTo(T0);
+      let k = 0;
+      while (k < sizes.w5_messages) {
+        host.advanceTo(host.now + 100);
+        const batch = Math.min(W5_BATCH, sizes.w5_messages - k);
+        for (let i = 0; i < batch; i++) {
+          k += 1;
+          host.queue.push(w5Message(k, sizes.w5_destinations));
+          host.result.enqueued += 1;
+        }
+        host.run();
+      }
+      host.advanceTo(host.now + 60_000);
+      host.result.incomplete = host.store.outbox.size;
       return host.finish();
     }
     default:

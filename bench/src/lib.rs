@@ -3,9 +3,11 @@
 //! An *instant host* ([`Host`]) drives a core through its run-loop contract and answers every
 //! output at once: `FetchEvents` from a generated event list, `Persist` acknowledged (and applied
 //! to an in-memory store), `LoadCatchUp`/`LoadOutstanding` from that store, `SendTransaction`
-//! answered `ok` (or `unreachable` for the failing destinations of W2). Inputs wait in one FIFO
-//! queue, so every engine sees exactly the same inputs in the same order, and the counts
-//! (transactions, pairs, bytes) must agree across engines: the bench checks that.
+//! answered `ok` (or `unreachable` for the failing destinations of W2). W4 and W5 hand in
+//! receipts, presence, typing and to-device messages directly; the store keeps the to-device
+//! outbox so a run can prove it was emptied. Inputs wait in one FIFO queue, so every engine sees
+//! exactly the same inputs in the same order, and the counts (transactions, pairs, bytes) must
+//! agree across engines: the bench checks that.
 //!
 //! The engines ([`Core`]): the natively linked core through its typed API (reference) and through
 //! its JSON boundary ([`fedsend_core::wire::JsonSender`]), and the core compiled to wasm inside
@@ -22,8 +24,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use fedsend_core::{
-    CatchUpRoom, Config, DestinationState, Extremity, FederationSender, Input, Output, PduInfo, Recovered, ServerName,
-    Timestamp, TransactionResult,
+    CatchUpRoom, Config, DestinationState, Extremity, FederationSender, Input, Output, PduInfo, PresenceState, Receipt,
+    ReceiptedEvent, Recovered, ServerName, Timestamp, TransactionResult,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -34,8 +36,18 @@ pub const ORIGIN: &str = "origin.test";
 pub const T0: u64 = 1_700_000_000_000;
 /// Events per `NewEvents` notification (and per virtual 100 ms in W2).
 pub const EVENT_BATCH: u64 = 100;
+/// W5: to-device messages handed in per virtual 100 ms.
+pub const W5_BATCH: u64 = 500;
+/// W5: every this many messages one is large (many devices with big ciphertexts).
+pub const W5_LARGE_EVERY: u64 = 100;
+/// W5: devices of a large message's recipient.
+pub const W5_LARGE_DEVICES: u64 = 20;
+/// W5: ciphertext per device of a large message (20 × 4 000 B is more than one 64 KiB EDU).
+pub const W5_LARGE_CIPHERTEXT_BYTES: u64 = 4_000;
+/// W5: ciphertext of a small message.
+pub const W5_SMALL_CIPHERTEXT_BYTES: u64 = 200;
 
-/// The PDU workloads. W4 (ephemeral EDUs) and W5 (to-device) are pending: they come later.
+/// The standard workloads: W1–W3 carry PDUs, W4 and W5 EDUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Workload {
     /// One event to many destinations, repeated.
@@ -44,11 +56,15 @@ pub enum Workload {
     W2,
     /// Destinations come back after an outage and are caught up from storage.
     W3,
+    /// Receipt, presence and typing storms in one big room.
+    W4,
+    /// To-device messages, some large enough to be split into several EDUs.
+    W5,
 }
 
 impl Workload {
     /// All of them, in table order.
-    pub const ALL: [Self; 3] = [Self::W1, Self::W2, Self::W3];
+    pub const ALL: [Self; 5] = [Self::W1, Self::W2, Self::W3, Self::W4, Self::W5];
 
     /// Short name.
     pub fn name(self) -> &'static str {
@@ -56,6 +72,8 @@ impl Workload {
             Self::W1 => "W1",
             Self::W2 => "W2",
             Self::W3 => "W3",
+            Self::W4 => "W4",
+            Self::W5 => "W5",
         }
     }
 
@@ -70,6 +88,16 @@ impl Workload {
             Self::W3 => {
                 format!("catch-up: {} destinations back after an outage over {} rooms", s.w3_destinations, s.w3_rooms)
             }
+            Self::W4 => format!(
+                "ephemeral: {} rounds of receipts, presence and typing of {} users in a {}-server room",
+                s.w4_rounds, s.w4_users, s.w4_destinations
+            ),
+            Self::W5 => format!(
+                "to-device: {} messages to {} servers, 1 in {W5_LARGE_EVERY} of ~{} KiB (split)",
+                s.w5_messages,
+                s.w5_destinations,
+                W5_LARGE_DEVICES * W5_LARGE_CIPHERTEXT_BYTES / 1024
+            ),
         }
     }
 }
@@ -104,6 +132,17 @@ pub struct Sizes {
     pub queued_destinations: [u64; 2],
     /// Queued probe: events queued at the first and the second measurement.
     pub queued_events: [u64; 2],
+    /// W4: servers in the room.
+    pub w4_destinations: u64,
+    /// W4: local users in the room, each sending a receipt, a presence update and typing
+    /// notifications every round.
+    pub w4_users: u64,
+    /// W4: storm rounds.
+    pub w4_rounds: u64,
+    /// W5: to-device messages.
+    pub w5_messages: u64,
+    /// W5: destination servers.
+    pub w5_destinations: u64,
 }
 
 impl Sizes {
@@ -126,6 +165,11 @@ impl Sizes {
             idle_destinations: [hundreds(2_000, 100), hundreds(22_000, 1_100)],
             queued_destinations: [s(500, 100), s(50, 2)],
             queued_events: [hundreds(500, 100), hundreds(2_500, 500)],
+            w4_destinations: s(1_000, 20),
+            w4_users: s(50, 10),
+            w4_rounds: s(5, 2),
+            w5_messages: (s(100_000, 1_000)).div_ceil(W5_BATCH) * W5_BATCH,
+            w5_destinations: s(100, 20),
         }
     }
 }
@@ -162,6 +206,80 @@ pub fn pdu(k: u64, room: &str) -> Value {
 /// Event ids: `$ev{stream_ordering}`.
 pub fn event_id(k: u64) -> String {
     format!("$ev{k}")
+}
+
+/// Local user `u` (W4).
+pub fn local_user(u: u64) -> String {
+    format!("@u{u}:{ORIGIN}")
+}
+
+/// W4: user `u`'s read receipt in round `round`, for an event received at `received_ts` from
+/// a user of `d1.test` (so that server always gets it at once).
+pub fn w4_receipt(round: u64, u: u64, received_ts: u64) -> Input {
+    let mut data = serde_json::Map::new();
+    data.insert("ts".into(), Value::from(T0 + round * 1_000 + u));
+    Input::Receipt {
+        receipt: Receipt {
+            room_id: room_id(0),
+            receipt_type: "m.read".into(),
+            user_id: local_user(u),
+            event_id: format!("$w4ev{round}.{u}"),
+            thread_id: None,
+            data,
+        },
+        hosts: Vec::new(),
+        event: Some(ReceiptedEvent { sender: "@bob:d1.test".into(), received_ts }),
+    }
+}
+
+/// W4: the presence of every user in round `round` (the host fills in the destinations).
+pub fn w4_presence(round: u64, users: u64, now: u64) -> Vec<PresenceState> {
+    (0..users)
+        .map(|u| PresenceState {
+            user_id: local_user(u),
+            presence: if (round + u) % 3 == 0 { "unavailable" } else { "online" }.into(),
+            status_msg: (u % 4 == 0).then(|| format!("status {round}")),
+            last_active_ts: Some(now - 1_000 * u),
+            currently_active: Some(u % 2 == 0),
+        })
+        .collect()
+}
+
+/// W5: the ciphertext of message `k` for one device, `len` bytes of ASCII.
+pub fn w5_ciphertext(k: u64, device: u64, len: u64) -> String {
+    let mut text = format!("{k}.{device}.");
+    while (text.len() as u64) < len {
+        text.push('A');
+    }
+    text
+}
+
+/// W5: message `k` (from 1): to one user of destination `k % destinations`, one device, or
+/// every [`W5_LARGE_EVERY`]th message to [`W5_LARGE_DEVICES`] devices with big ciphertexts.
+pub fn w5_message(k: u64, destinations: u64) -> Input {
+    let user = format!("@u{}:d{}.test", k % 7, k % destinations);
+    let (devices, len) = if k % W5_LARGE_EVERY == 0 {
+        (W5_LARGE_DEVICES, W5_LARGE_CIPHERTEXT_BYTES)
+    } else {
+        (1, W5_SMALL_CIPHERTEXT_BYTES)
+    };
+    let first = if devices == 1 { k % 3 } else { 0 };
+    let by_device = (first..first + devices)
+        .map(|d| {
+            let content = json!({
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "ciphertext": w5_ciphertext(k, d, len),
+                "sender_key": "SenderCurve25519KeyOfFortyThreeCharactersXX",
+            });
+            (format!("DEV{d}"), content)
+        })
+        .collect();
+    Input::ToDevice {
+        sender: format!("@alice:{ORIGIN}"),
+        message_type: "m.room.encrypted".into(),
+        message_id: Some(format!("w5m{k}")),
+        messages: BTreeMap::from([(user, by_device)]),
+    }
 }
 
 /// Who is in which room and which events exist.
@@ -204,6 +322,8 @@ pub struct Store {
     pub rows: BTreeMap<ServerName, BTreeMap<String, u64>>,
     /// destination → last successful stream ordering.
     pub delivered: HashMap<ServerName, u64>,
+    /// The to-device outbox: (destination, outbox id) of rows not yet deleted.
+    pub outbox: HashSet<(ServerName, u64)>,
 }
 
 impl Store {
@@ -216,6 +336,12 @@ impl Store {
             if let Some(pos) = state.last_successful_stream_ordering {
                 self.delivered.insert(state.destination.clone(), pos);
             }
+        }
+        for row in &changes.to_device_outbox {
+            self.outbox.insert((row.destination.clone(), row.outbox_id));
+        }
+        for key in &changes.to_device_deleted {
+            self.outbox.remove(&(key.destination.clone(), key.outbox_id));
         }
     }
 
@@ -477,10 +603,13 @@ pub struct RunResult {
     pub txns: u64,
     /// HTTP attempts (retries included).
     pub attempts: u64,
-    /// (event, destination) pairs in built transactions.
+    /// (event, destination) pairs in built transactions; in W4/W5, (EDU, destination) pairs,
+    /// i.e. the EDUs in built transactions.
     pub pairs: u64,
     /// (event, destination) pairs enqueued by fan-out (`destination_rooms` rows are per room, so
-    /// this is counted by the host from the events it served: events × their hosts).
+    /// this is counted by the host from the events it served: events × their hosts). W4: (item,
+    /// destination) pairs handed in (receipts, typing notifications and presence states times
+    /// their servers); W5: to-device messages handed in (each for one server).
     pub enqueued: u64,
     /// Bytes of the bodies of built transactions.
     pub bytes: u64,
@@ -494,6 +623,9 @@ pub struct RunResult {
     pub catch_ups_finished: u64,
     /// (destination, room) rows owed at the start of W3.
     pub rows_owed: u64,
+    /// What was not delivered at the end: W4 — servers of the room that did not receive all
+    /// three kinds of EDU (receipt, presence, typing); W5 — to-device rows left in the outbox.
+    pub incomplete: u64,
 }
 
 /// The instant host around one core.
@@ -511,6 +643,8 @@ pub struct Host {
     pub failing: HashSet<ServerName>,
     /// Never answer transactions (the queued-pairs probe).
     pub hold_transactions: bool,
+    /// Kinds of EDU each destination received (bits: receipt, presence, typing), for W4.
+    pub edu_kinds: HashMap<ServerName, u8>,
     queue: VecDeque<Input>,
     out: Vec<Output>,
     samples: Vec<u32>,
@@ -528,6 +662,7 @@ impl Host {
             keep_store: true,
             failing: HashSet::new(),
             hold_transactions: false,
+            edu_kinds: HashMap::new(),
             queue: VecDeque::new(),
             out: Vec::with_capacity(1 << 16),
             samples: Vec::new(),
@@ -539,6 +674,8 @@ impl Host {
     pub fn start(&mut self, core: &mut dyn Core, recovered: &Recovered) {
         let mut config = Config::new(ServerName::parse(ORIGIN).expect("valid"));
         config.seed = 1;
+        // W4 needs presence; it is the default, stated here because the Node runner says it too.
+        config.presence_enabled = true;
         let ns = core.start(&config, recovered, &mut self.out);
         self.result.core_ns += ns;
         self.answer_outputs(core);
@@ -602,8 +739,16 @@ impl Host {
                 self.result.attempts += 1;
                 if t.attempt == 1 {
                     self.result.txns += 1;
-                    self.result.pairs += t.pdu_ids.len() as u64;
+                    self.result.pairs += t.pdu_ids.len() as u64 + edus_in_body(&t.body);
                     self.result.bytes += t.body.len() as u64;
+                    let kinds = EDU_KINDS
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, kind)| t.body.contains(*kind))
+                        .fold(0u8, |bits, (i, _)| bits | 1 << i);
+                    if kinds != 0 {
+                        *self.edu_kinds.entry(t.destination.clone()).or_default() |= kinds;
+                    }
                 }
                 if self.hold_transactions {
                     return;
@@ -667,6 +812,16 @@ impl Host {
         self.result.peak_memory = core.peak_memory();
         self.result
     }
+}
+
+/// The EDU kinds W4 expects every server of the room to receive, as they appear in a body.
+const EDU_KINDS: [&str; 3] = ["\"edu_type\":\"m.receipt\"", "\"edu_type\":\"m.presence\"", "\"edu_type\":\"m.typing\""];
+
+/// EDUs in a transaction body. The core writes every EDU as `{"content":…,"edu_type":…}`
+/// (compact JSON), and a quote inside a JSON string is escaped, so the key occurs exactly once
+/// per EDU as long as no content has a key named `edu_type` (none in these workloads).
+pub fn edus_in_body(body: &str) -> u64 {
+    body.matches("\"edu_type\":\"").count() as u64
 }
 
 /// The catch-up answer for one room: its newest event, which is also its only forward extremity.
@@ -738,6 +893,80 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
                 host.push(Input::RemoteUp { destination: destination(i) });
             }
             host.run(core);
+            host.finish(core, started)
+        }
+        Workload::W4 => {
+            let hosts: Vec<ServerName> = (0..sizes.w4_destinations).map(destination).collect();
+            let d = hosts.len() as u64;
+            let users = sizes.w4_users;
+            let mut host = Host::new(World::default());
+            host.start(core, &fresh());
+            host.advance_to(core, T0);
+            let with_hosts = |input: Input, hosts: &[ServerName]| match input {
+                Input::Receipt { receipt, event, .. } => Input::Receipt { receipt, hosts: hosts.to_vec(), event },
+                other => other,
+            };
+            for round in 0..sizes.w4_rounds {
+                // Receipts for old events and presence: staggered through the wake-up queue,
+                // so virtual time runs until every destination has been woken.
+                for u in 0..users / 2 {
+                    host.push(with_hosts(w4_receipt(round, u, host.now - 600_000), &hosts));
+                }
+                let states = w4_presence(round, users, host.now);
+                host.push(Input::Presence { states, destinations: hosts.clone() });
+                host.result.enqueued += (users / 2 + users) * d;
+                host.run(core);
+                let t = host.now + 35_000;
+                host.advance_to(core, t);
+                // Typing and receipts for recent events go at once.
+                for u in 0..users {
+                    host.push(Input::Typing {
+                        room_id: room_id(0),
+                        user_id: local_user(u),
+                        typing: true,
+                        hosts: hosts.clone(),
+                    });
+                }
+                for u in users / 2..users {
+                    host.push(with_hosts(w4_receipt(round, u, host.now - 1_000), &hosts));
+                }
+                for u in 0..users {
+                    host.push(Input::Typing {
+                        room_id: room_id(0),
+                        user_id: local_user(u),
+                        typing: false,
+                        hosts: hosts.clone(),
+                    });
+                }
+                host.result.enqueued += (2 * users + (users - users / 2)) * d;
+                host.run(core);
+                let t = host.now + 5_000;
+                host.advance_to(core, t);
+            }
+            let t = host.now + 60_000;
+            host.advance_to(core, t);
+            host.result.incomplete =
+                hosts.iter().filter(|h| host.edu_kinds.get(*h).copied().unwrap_or(0) != 7).count() as u64;
+            host.finish(core, started)
+        }
+        Workload::W5 => {
+            let mut host = Host::new(World::default());
+            host.start(core, &fresh());
+            host.advance_to(core, T0);
+            let mut k = 0;
+            while k < sizes.w5_messages {
+                let t = host.now + 100;
+                host.advance_to(core, t);
+                for _ in 0..W5_BATCH.min(sizes.w5_messages - k) {
+                    k += 1;
+                    host.push(w5_message(k, sizes.w5_destinations));
+                    host.result.enqueued += 1;
+                }
+                host.run(core);
+            }
+            let t = host.now + 60_000;
+            host.advance_to(core, t);
+            host.result.incomplete = host.store.outbox.len() as u64;
             host.finish(core, started)
         }
     }
@@ -883,6 +1112,7 @@ pub fn median_run(runs: &[RunResult]) -> RunResult {
         peak_memory: runs.iter().map(|r| r.peak_memory).max().unwrap_or(0),
         catch_ups_finished: med(&|r| r.catch_ups_finished),
         rows_owed: med(&|r| r.rows_owed),
+        incomplete: med(&|r| r.incomplete),
     }
 }
 
@@ -909,14 +1139,40 @@ mod tests {
                 &sizes,
                 &mut JsonCore::new(fedsend_sim::NativeEngine::default(), JsonMemory::Heap),
             );
-            let key =
-                |r: &RunResult| (r.txns, r.attempts, r.pairs, r.enqueued, r.bytes, r.inputs, r.catch_ups_finished);
+            let key = |r: &RunResult| {
+                (r.txns, r.attempts, r.pairs, r.enqueued, r.bytes, r.inputs, r.catch_ups_finished, r.incomplete)
+            };
             assert_eq!(key(&typed), key(&json), "{workload:?}");
             assert!(typed.txns > 0 && typed.pairs > 0, "{workload:?}: {typed:?}");
+            assert_eq!(typed.incomplete, 0, "{workload:?}: something was not delivered: {typed:?}");
         }
         let w1 = run_workload(Workload::W1, &sizes, &mut TypedCore::default());
         assert_eq!(w1.pairs, sizes.w1_destinations * sizes.w1_repeats);
         let w3 = run_workload(Workload::W3, &sizes, &mut TypedCore::default());
         assert!(w3.txns <= w3.rows_owed && w3.catch_ups_finished == sizes.w3_destinations, "{w3:?}");
+        // Every large to-device message is split, so more EDUs leave than messages came in.
+        let w5 = run_workload(Workload::W5, &sizes, &mut TypedCore::default());
+        let large = sizes.w5_messages / W5_LARGE_EVERY;
+        assert!(large > 0 && w5.pairs >= w5.enqueued + large, "{w5:?}");
+    }
+
+    #[test]
+    fn large_to_device_messages_are_split() {
+        let Input::ToDevice { sender, message_type, message_id, messages } = w5_message(W5_LARGE_EVERY, 10) else {
+            unreachable!()
+        };
+        let chunks = fedsend_core::split_to_device(&sender, &message_type, &message_id.unwrap_or_default(), &messages)
+            .expect("splits");
+        assert_eq!(chunks.len(), 2);
+        let Input::ToDevice { messages, .. } = w5_message(1, 10) else { unreachable!() };
+        let chunks = fedsend_core::split_to_device("@a:x", "t", "m", &messages).expect("fits");
+        assert_eq!(chunks.len(), 1);
+    }
+
+    #[test]
+    fn counts_edus_in_a_body() {
+        let body = r#"{"edus":[{"content":{"a":"\"edu_type\":\"x"},"edu_type":"m.typing"},{"content":{},"edu_type":"m.receipt"}],"origin":"o"}"#;
+        assert_eq!(edus_in_body(body), 2);
+        assert_eq!(edus_in_body(r#"{"origin":"o","pdus":[]}"#), 0);
     }
 }

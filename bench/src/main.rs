@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! fedsend-bench [--scale F] [--runs N] [--warmup N] [--engines typed,native,wasm,node]
-//!               [--workloads W1,W2,W3] [--wasm PATH] [--node-script PATH] [--check] [--no-probes]
+//!               [--workloads W1,W2,W3,W4,W5] [--wasm PATH] [--node-script PATH] [--check] [--no-probes]
 //!               [--w2-events N]
 //! ```
 //!
 //! `--scale 1` (the default) is the issue's sizes, except that W2 runs 10 000 of its 100 000
 //! events unless `--w2-events 100000`; `--scale 0.01` is the tiny CI run.
 //! `--check` exits non-zero unless the numbers are sane (all engines agree on every count, W3
-//! sends at most one transaction per (destination, room), memory figures are plausible).
+//! sends at most one transaction per (destination, room), W4 and W5 deliver everything,
+//! memory figures are plausible).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -102,7 +103,7 @@ fn parse_args() -> Result<Args, String> {
                         Workload::ALL
                             .into_iter()
                             .find(|w| w.name().eq_ignore_ascii_case(s))
-                            .ok_or_else(|| format!("unknown workload {s:?} (W1, W2, W3; W4 and W5 are pending)"))
+                            .ok_or_else(|| format!("unknown workload {s:?} (W1, W2, W3, W4, W5)"))
                     })
                     .collect::<Result<_, _>>()?;
             }
@@ -114,7 +115,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 println!(
                     "fedsend-bench [--scale F] [--runs N] [--warmup N] [--engines typed,native,wasm,node] \
-                     [--workloads W1,W2,W3] [--wasm PATH] [--node-script PATH] [--check] [--no-probes] [--w2-events N]"
+                     [--workloads W1,W2,W3,W4,W5] [--wasm PATH] [--node-script PATH] [--check] [--no-probes] [--w2-events N]"
                 );
                 std::process::exit(0);
             }
@@ -373,24 +374,28 @@ fn print_tables(args: &Args, sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineK
             );
         }
     }
-    println!("| W4 | all | ephemeral (EDUs): pending, comes with the EDU workloads | | | | | | | | |");
-    println!("| W5 | all | to-device: pending, comes with the EDU workloads | | | | | | | | |");
     println!();
     for &workload in &args.workloads {
         let any = rows.iter().find(|r| r.workload == workload).map(|r| &r.result);
         if let Some(r) = any {
+            let (pairs, enqueued) = match workload {
+                Workload::W4 => ("(EDU, destination) pairs sent", "(item, destination) pairs handed in"),
+                Workload::W5 => ("to-device EDUs sent", "messages handed in"),
+                _ => ("(event, destination) pairs sent", "enqueued"),
+            };
             println!(
-                "{}: {} — {} transactions, {} (event, destination) pairs sent, {} enqueued, {} inputs{}",
+                "{}: {} — {} transactions, {} {pairs}, {} {enqueued}, {} inputs{}",
                 workload.name(),
                 workload.describe(sizes),
                 r.txns,
                 r.pairs,
                 r.enqueued,
                 r.inputs,
-                if workload == Workload::W3 {
-                    format!(", {} (destination, room) rows owed", r.rows_owed)
-                } else {
-                    String::new()
+                match workload {
+                    Workload::W3 => format!(", {} (destination, room) rows owed", r.rows_owed),
+                    Workload::W4 => format!(", {} servers missing a kind of EDU", r.incomplete),
+                    Workload::W5 => format!(", {} outbox rows left undelivered", r.incomplete),
+                    _ => String::new(),
                 }
             );
         }
@@ -476,7 +481,13 @@ fn targets(sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineKind, ProbeResult)]
             ),
         );
     }
-    line(None, "W4/W5 targets: pending (EDU workloads come later)".into());
+    for (workload, what) in
+        [(Workload::W4, "room servers missing a kind of EDU"), (Workload::W5, "to-device rows undelivered")]
+    {
+        if let Some(r) = rows.iter().find(|r| r.workload == workload).map(|r| &r.result) {
+            line(Some(r.incomplete == 0), format!("{} delivers everything: {} {what}", workload.name(), r.incomplete));
+        }
+    }
     all
 }
 
@@ -485,11 +496,13 @@ fn sanity(sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineKind, ProbeResult)])
     for workload in Workload::ALL {
         let cells: Vec<&Row> = rows.iter().filter(|r| r.workload == workload).collect();
         let Some(first) = cells.first() else { continue };
-        let key = |r: &RunResult| (r.txns, r.attempts, r.pairs, r.enqueued, r.bytes, r.inputs, r.catch_ups_finished);
+        let key = |r: &RunResult| {
+            (r.txns, r.attempts, r.pairs, r.enqueued, r.bytes, r.inputs, r.catch_ups_finished, r.incomplete)
+        };
         for row in &cells {
             if key(&row.result) != key(&first.result) {
                 problems.push(format!(
-                    "{}: {} counted (txns, attempts, pairs, enqueued, bytes, inputs, catch-ups) = {:?} but {} counted {:?}",
+                    "{}: {} counted (txns, attempts, pairs, enqueued, bytes, inputs, catch-ups, incomplete) = {:?} but {} counted {:?}",
                     workload.name(),
                     row.engine.label(),
                     key(&row.result),
@@ -498,7 +511,14 @@ fn sanity(sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineKind, ProbeResult)])
                 ));
             }
             let r = &row.result;
-            if r.core_ns == 0 || r.txns == 0 || r.pairs == 0 || r.bytes < r.pairs * 100 || r.median_ns > r.p99_ns {
+            // A PDU is ~600 bytes, the smallest EDU (typing) ~100.
+            let bytes_per_pair_min = if matches!(workload, Workload::W4 | Workload::W5) { 50 } else { 100 };
+            if r.core_ns == 0
+                || r.txns == 0
+                || r.pairs == 0
+                || r.bytes < r.pairs * bytes_per_pair_min
+                || r.median_ns > r.p99_ns
+            {
                 problems.push(format!("{} on {}: implausible {r:?}", workload.name(), row.engine.label()));
             }
             if r.peak_memory == 0 || r.peak_memory > 16 << 30 {
@@ -523,6 +543,16 @@ fn sanity(sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineKind, ProbeResult)])
                 problems.push(format!(
                     "W3: {} transactions for {} rows, {} of {} destinations finished catching up",
                     r.txns, r.rows_owed, r.catch_ups_finished, sizes.w3_destinations
+                ));
+            }
+            Workload::W4 if r.incomplete != 0 => {
+                problems
+                    .push(format!("W4: {} servers of the room missed a receipt, presence or typing EDU", r.incomplete));
+            }
+            Workload::W5 if r.incomplete != 0 || r.enqueued != sizes.w5_messages || r.pairs <= r.enqueued => {
+                problems.push(format!(
+                    "W5: {} of {} messages handed in, {} EDUs sent (large messages must add chunks), {} outbox rows left",
+                    r.enqueued, sizes.w5_messages, r.pairs, r.incomplete
                 ));
             }
             _ => {}

@@ -42,6 +42,7 @@ pub const EDUS_PER_TRANSACTION_LIMIT: u32 = 100;
 /// | `poison_rejections_max` | 2 | after this many permanent rejections (4xx other than 401/408/429, or any 413) of one frozen transaction it is split to isolate the poison item (D7) |
 /// | `pending_pdus_max` | 10 000 | PDUs held in memory per destination; beyond that the queue is dropped and the destination is caught up from storage, so memory stays bounded while a server is down |
 /// | `to_device_prune_after_ms` | `null` (off) | to-device messages for a destination failing for longer than this are dropped (D14) |
+/// | `device_list_prune_after_ms` | 86 400 000 (24 h) | a user with several device-list changes queued for one destination, the oldest queued longer ago than this, keeps only the newest and the destination resynchronises the user's list (Synapse's hourly pruning of outbound pokes); `null` turns it off |
 /// | `events_batch_max` | 100 | events fetched per fan-out query |
 /// | `catch_up_batch_max` | 50 | rooms fetched per catch-up query |
 /// | `catch_up_waker_period_ms` | 60 000 | period of the scan for destinations with outstanding catch-up |
@@ -92,6 +93,8 @@ pub struct Config {
     pub pending_pdus_max: u32,
     #[serde(default)]
     pub to_device_prune_after_ms: Option<u64>,
+    #[serde(default = "d::device_list_prune_after_ms")]
+    pub device_list_prune_after_ms: Option<u64>,
     #[serde(default = "d::events_batch_max")]
     pub events_batch_max: u32,
     #[serde(default = "d::catch_up_batch_max")]
@@ -158,6 +161,9 @@ mod d {
     pub(super) fn pending_pdus_max() -> u32 {
         10_000
     }
+    pub(super) fn device_list_prune_after_ms() -> Option<u64> {
+        Some(86_400_000)
+    }
     pub(super) fn events_batch_max() -> u32 {
         100
     }
@@ -200,6 +206,7 @@ impl Config {
             poison_rejections_max: d::poison_rejections_max(),
             pending_pdus_max: d::pending_pdus_max(),
             to_device_prune_after_ms: None,
+            device_list_prune_after_ms: d::device_list_prune_after_ms(),
             events_batch_max: d::events_batch_max(),
             catch_up_batch_max: d::catch_up_batch_max(),
             catch_up_waker_period_ms: d::catch_up_waker_period_ms(),

@@ -1,5 +1,5 @@
-//! Ephemeral data queued for one destination: presence, read receipts, plain and keyed EDUs,
-//! and how they are taken into a transaction (reference §8.3).
+//! EDUs queued for one destination: presence, read receipts, to-device messages, device-list
+//! updates, plain and keyed EDUs, and how they are taken into a transaction (reference §8.3).
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
@@ -85,7 +85,32 @@ pub struct EduEntry {
     pub json: Arc<str>,
     /// For a to-device EDU: its row in the durable outbox, deleted once delivered.
     pub outbox_id: Option<u64>,
+    /// For a device-list EDU: the poke it carries, settled once delivered.
+    pub device_list: Option<PokeRef>,
 }
+
+/// The version of a device-list poke that a built EDU carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PokeRef {
+    /// The local user.
+    pub user_id: String,
+    /// The device; `None` for cross-signing keys.
+    pub device_id: Option<String>,
+    /// The poke's stream id.
+    pub stream_id: u64,
+}
+
+/// A device-list change waiting for one destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Poke {
+    pub(crate) stream_id: u64,
+    pub(crate) queued_ts: u64,
+    /// The EDU content without `prev_id`.
+    pub(crate) content: Value,
+}
+
+/// Device-list pokes by (user, device); `None` is the user's cross-signing keys.
+type PokeKey = (String, Option<String>);
 
 impl EduEntry {
     /// Serializes an EDU.
@@ -96,6 +121,7 @@ impl EduEntry {
             edu_type: String::from(edu_type),
             json: Arc::from(serde_json::to_string(&edu).unwrap_or_default()),
             outbox_id: None,
+            device_list: None,
         }
     }
 }
@@ -112,6 +138,12 @@ pub(crate) struct EduQueue {
     receipts: VecDeque<(ReceiptKey, Receipt)>,
     /// To-device EDUs from the durable outbox, by outbox id (they survive restarts).
     to_device: VecDeque<EduEntry>,
+    /// Device-list changes (durable), newest per (user, device). A poke stays here until a
+    /// transaction carrying it is delivered, so an abandoned transaction loses nothing.
+    device_lists: BTreeMap<PokeKey, Poke>,
+    /// EDUs of a split poison transaction (D7), put back to go first: a receipt or
+    /// presence among them must not be overtaken by a newer one queued meanwhile.
+    requeued: VecDeque<EduEntry>,
     /// Plain EDUs, FIFO.
     plain: VecDeque<EduEntry>,
     /// Keyed EDUs: a newer one replaces an older one with the same (type, key) in place;
@@ -124,13 +156,21 @@ impl EduQueue {
         self.presence.is_empty()
             && self.receipts.is_empty()
             && self.to_device.is_empty()
+            && self.device_lists.is_empty()
+            && self.requeued.is_empty()
             && self.plain.is_empty()
             && self.keyed.is_empty()
     }
 
     /// Items waiting, for stats.
     pub(crate) fn len(&self) -> usize {
-        self.presence.len() + self.receipts.len() + self.to_device.len() + self.plain.len() + self.keyed.len()
+        self.presence.len()
+            + self.receipts.len()
+            + self.to_device.len()
+            + self.device_lists.len()
+            + self.requeued.len()
+            + self.plain.len()
+            + self.keyed.len()
     }
 
     pub(crate) fn push_presence(&mut self, state: PresenceState) {
@@ -153,12 +193,16 @@ impl EduQueue {
         self.plain.push_back(edu);
     }
 
-    /// Puts an EDU back at the head of its queue (after a poison split).
+    /// Puts an EDU back at the head of its queue (after a poison split). A device-list EDU
+    /// is not put back: its poke never left, and the EDU is rebuilt from it.
     pub(crate) fn push_front(&mut self, edu: EduEntry) {
+        if edu.device_list.is_some() {
+            return;
+        }
         if edu.outbox_id.is_some() {
             self.to_device.push_front(edu);
         } else {
-            self.plain.push_front(edu);
+            self.requeued.push_front(edu);
         }
     }
 
@@ -172,6 +216,71 @@ impl EduQueue {
         self.to_device.drain(..).collect()
     }
 
+    /// Queues a device-list change; a newer one for the same (user, device) replaces it.
+    /// Returns false (and changes nothing) when the queued one is as new or newer.
+    pub(crate) fn push_device_list(&mut self, user_id: &str, device_id: Option<&str>, poke: Poke) -> bool {
+        let key = (String::from(user_id), device_id.map(String::from));
+        match self.device_lists.get_mut(&key) {
+            Some(queued) if queued.stream_id >= poke.stream_id => false,
+            Some(queued) => {
+                *queued = poke;
+                true
+            }
+            None => {
+                self.device_lists.insert(key, poke);
+                true
+            }
+        }
+    }
+
+    /// A transaction carrying this poke was delivered (or the poke was given up): it leaves
+    /// unless a newer change to the same device replaced it meanwhile.
+    pub(crate) fn device_list_settled(&mut self, poke: &PokeRef) {
+        let key = (poke.user_id.clone(), poke.device_id.clone());
+        if self.device_lists.get(&key).is_some_and(|queued| queued.stream_id <= poke.stream_id) {
+            self.device_lists.remove(&key);
+        }
+    }
+
+    /// Synapse's pruning of old pokes: a user with several device changes queued, the
+    /// oldest queued before `cutoff_ms`, keeps only the newest device change (and its
+    /// cross-signing keys, which Synapse could prune in favour of a device change; a
+    /// receiver resynchronises devices, not keys, on an empty `prev_id`). Returns the pokes
+    /// removed; their users' `prev_id` chains must restart empty, so that receivers fetch
+    /// the whole list.
+    pub(crate) fn prune_device_lists(&mut self, cutoff_ms: u64) -> Vec<PokeRef> {
+        // Per user: device pokes, oldest queued time, newest device stream id.
+        let mut per_user: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
+        for ((user, device), poke) in &self.device_lists {
+            if device.is_none() {
+                continue;
+            }
+            let entry = per_user.entry(user.as_str()).or_insert((0, u64::MAX, 0));
+            entry.0 += 1;
+            entry.1 = entry.1.min(poke.queued_ts);
+            entry.2 = entry.2.max(poke.stream_id);
+        }
+        let doomed: BTreeMap<String, u64> = per_user
+            .into_iter()
+            .filter(|(_, (count, oldest, _))| *count > 1 && *oldest < cutoff_ms)
+            .map(|(user, (_, _, newest))| (String::from(user), newest))
+            .collect();
+        let mut pruned = Vec::new();
+        self.device_lists.retain(|(user, device), poke| match doomed.get(user) {
+            Some(newest) if device.is_some() && poke.stream_id != *newest => {
+                pruned.push(PokeRef { user_id: user.clone(), device_id: device.clone(), stream_id: poke.stream_id });
+                false
+            }
+            _ => true,
+        });
+        pruned
+    }
+
+    /// True when device-list changes are queued.
+    pub(crate) fn has_device_lists(&self) -> bool {
+        !self.device_lists.is_empty()
+    }
+
     pub(crate) fn push_keyed(&mut self, key: String, edu: EduEntry) {
         let full_key = (edu.edu_type.clone(), key);
         match self.keyed.iter_mut().find(|(k, _)| *k == full_key) {
@@ -181,20 +290,41 @@ impl EduQueue {
     }
 
     /// Drops the ephemeral data (presence, receipts, plain and keyed EDUs); durable
-    /// to-device rows stay.
+    /// to-device messages and device-list changes stay.
     pub(crate) fn clear_ephemeral(&mut self) {
         let to_device = core::mem::take(&mut self.to_device);
-        *self = Self { to_device, ..Self::default() };
+        let device_lists = core::mem::take(&mut self.device_lists);
+        *self = Self { to_device, device_lists, ..Self::default() };
     }
 
-    /// Takes EDUs for one transaction in Synapse's order — presence (one EDU of at most 50
-    /// states), receipts (at most 5 EDUs), plain, keyed — up to `limit` EDUs and while
-    /// `fits(bytes)` accepts each one. An EDU too large for any transaction is returned in
-    /// `too_large` to be reported and dropped.
-    pub(crate) fn take(&mut self, limit: usize, now_ms: u64, fits: &mut dyn FnMut(usize) -> Fit) -> Taken {
+    /// Takes EDUs for one transaction: those of a split poison transaction first, then
+    /// Synapse's order — presence (one EDU of at most 50 states), receipts (at most 5 EDUs),
+    /// to-device, device lists, plain, keyed — up to
+    /// `limit` EDUs and while `fits(bytes)` accepts each one. An EDU too large for any
+    /// transaction is returned in `too_large` to be reported and dropped.
+    ///
+    /// Device-list EDUs are built here, in stream order, each user's `prev_id` chaining to
+    /// the previous one in this transaction or else to `positions` (what the destination
+    /// acknowledged). Their pokes stay queued until [`Self::device_list_settled`].
+    pub(crate) fn take(
+        &mut self,
+        limit: usize,
+        now_ms: u64,
+        positions: &BTreeMap<String, u64>,
+        fits: &mut dyn FnMut(usize) -> Fit,
+    ) -> Taken {
         let mut taken = Taken::default();
         if limit == 0 {
             return taken;
+        }
+        while taken.edus.len() < limit {
+            let Some(edu) = self.requeued.front() else { break };
+            let fit = fits(edu.json.len());
+            if fit == Fit::NotNow {
+                return taken;
+            }
+            let Some(edu) = self.requeued.pop_front() else { break };
+            if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
         }
         if !self.presence.is_empty() {
             let count = self.presence.len().min(PRESENCE_STATES_PER_EDU_MAX);
@@ -260,6 +390,9 @@ impl EduQueue {
             let Some(edu) = self.to_device.pop_front() else { break };
             if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
         }
+        if !self.take_device_lists(&mut taken, limit, positions, fits) {
+            return taken;
+        }
         for queue in [0, 1] {
             loop {
                 if taken.edus.len() >= limit {
@@ -277,6 +410,75 @@ impl EduQueue {
             }
         }
         taken
+    }
+}
+
+impl EduQueue {
+    /// The device-list part of [`Self::take`]; false when the transaction is full by bytes.
+    fn take_device_lists(
+        &mut self,
+        taken: &mut Taken,
+        limit: usize,
+        positions: &BTreeMap<String, u64>,
+        fits: &mut dyn FnMut(usize) -> Fit,
+    ) -> bool {
+        if self.device_lists.is_empty() || taken.edus.len() >= limit {
+            return true;
+        }
+        let mut order: Vec<(u64, &PokeKey)> = self.device_lists.iter().map(|(key, p)| (p.stream_id, key)).collect();
+        order.sort();
+        let order: Vec<PokeKey> = order.into_iter().map(|(_, key)| key.clone()).collect();
+        // The prev_id of each user's next EDU in this transaction.
+        let mut chain: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        for key in order {
+            let Some(poke) = self.device_lists.get(&key) else { continue };
+            let (user, device) = &key;
+            let slots = if device.is_some() { 1 } else { 2 };
+            // A cross-signing pair goes whole; alone in a transaction it may exceed a tiny
+            // limit (poison isolation), or it would never go.
+            if taken.edus.len() + slots > limit && !taken.edus.is_empty() {
+                break;
+            }
+            let poke_ref = PokeRef { user_id: user.clone(), device_id: device.clone(), stream_id: poke.stream_id };
+            let mut edus: Vec<EduEntry> = match device {
+                Some(_) => {
+                    let prev = *chain.entry(user.clone()).or_insert_with(|| positions.get(user).copied());
+                    let mut content = poke.content.clone();
+                    if let Some(object) = content.as_object_mut() {
+                        object.insert("prev_id".into(), prev.map_or_else(|| json!([]), |p| json!([p])));
+                    }
+                    alloc::vec![EduEntry::new("m.device_list_update", &content)]
+                }
+                None => ["m.signing_key_update", "org.matrix.signing_key_update"]
+                    .into_iter()
+                    .map(|edu_type| EduEntry::new(edu_type, &poke.content))
+                    .collect(),
+            };
+            for edu in &mut edus {
+                edu.device_list = Some(poke_ref.clone());
+            }
+            // The pair is measured as one item so that it never splits across transactions.
+            let bytes = edus.iter().map(|e| e.json.len()).sum::<usize>() + edus.len() - 1;
+            match fits(bytes) {
+                Fit::NotNow => return false,
+                Fit::Yes => {
+                    if device.is_some() {
+                        chain.insert(user.clone(), Some(poke_ref.stream_id));
+                    }
+                    taken.edus.extend(edus);
+                }
+                Fit::Never => {
+                    // The receiver misses this change: restart the user's chain so it
+                    // resynchronises the whole list.
+                    if device.is_some() {
+                        chain.insert(user.clone(), None);
+                    }
+                    self.device_lists.remove(&key);
+                    taken.too_large.extend(edus.into_iter().take(1));
+                }
+            }
+        }
+        true
     }
 }
 
@@ -386,7 +588,7 @@ mod tests {
         queue.push_receipt(receipt("@bob:test", None, "$1"));
         queue.push_receipt(receipt("@bob:test", Some("diff-thread"), "$1"));
         queue.push_receipt(receipt("@alice:test", None, "$2")); // replaces alice's unthreaded one
-        let taken = queue.take(100, 0, &mut |_| Fit::Yes);
+        let taken = queue.take(100, 0, &BTreeMap::new(), &mut |_| Fit::Yes);
         assert_eq!(taken.edus.len(), 2);
         assert!(taken.edus[0].json.contains("\"@alice:test\":{\"data\":{\"ts\":1234},\"event_ids\":[\"$2\"]}"));
         assert!(taken.edus[0].json.contains("\"@bob:test\":{\"data\":{\"ts\":1234},\"event_ids\":[\"$1\"]}"));
@@ -401,9 +603,9 @@ mod tests {
         queue.push_keyed("a".into(), EduEntry::new("m.typing", &json!({"n": 1})));
         queue.push_keyed("b".into(), EduEntry::new("m.typing", &json!({"n": 2})));
         queue.push_keyed("a".into(), EduEntry::new("m.typing", &json!({"n": 3})));
-        let taken = queue.take(1, 0, &mut |_| Fit::Yes);
+        let taken = queue.take(1, 0, &BTreeMap::new(), &mut |_| Fit::Yes);
         assert_eq!(&*taken.edus[0].json, r#"{"content":{"n":3},"edu_type":"m.typing"}"#);
-        let taken = queue.take(5, 0, &mut |_| Fit::Yes);
+        let taken = queue.take(5, 0, &BTreeMap::new(), &mut |_| Fit::Yes);
         assert_eq!(&*taken.edus[0].json, r#"{"content":{"n":2},"edu_type":"m.typing"}"#);
     }
 
@@ -420,7 +622,7 @@ mod tests {
             });
         }
         for expected in [50, 50, 20] {
-            let taken = queue.take(100, 0, &mut |_| Fit::Yes);
+            let taken = queue.take(100, 0, &BTreeMap::new(), &mut |_| Fit::Yes);
             assert_eq!(taken.edus.len(), 1, "one presence EDU per transaction");
             assert_eq!(taken.edus[0].json.matches("\"user_id\"").count(), expected);
         }

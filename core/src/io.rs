@@ -108,6 +108,49 @@ pub enum Input {
         /// The servers interested in them.
         destinations: Vec<ServerName>,
     },
+    /// A local user's device was added, changed or deleted (homeserver device-list stream
+    /// position `stream_id`), to be announced to `destinations` — every server sharing a room
+    /// with the user, which only the homeserver knows. Durable and staggered through the
+    /// wake-up queue; per (destination, user) the `m.device_list_update` EDUs form a `prev_id`
+    /// chain across failures and restarts, and several changes to one device not yet sent
+    /// collapse into the newest.
+    DeviceListUpdate {
+        /// The local user.
+        user_id: String,
+        /// The device.
+        device_id: String,
+        /// Position in the homeserver's device-list stream; increases per user. An update not
+        /// newer than one already queued or delivered for the destination is ignored.
+        stream_id: u64,
+        /// The device is gone.
+        #[serde(default, skip_serializing_if = "is_false")]
+        deleted: bool,
+        /// The device's current keys (omitted for a deleted device).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keys: Option<Value>,
+        /// The device's display name, if the homeserver shares it over federation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_display_name: Option<String>,
+        /// The servers to tell.
+        destinations: Vec<ServerName>,
+    },
+    /// A local user's cross-signing keys changed: sent as an `m.signing_key_update` and
+    /// `org.matrix.signing_key_update` pair (costing two EDU slots), otherwise handled like
+    /// [`Input::DeviceListUpdate`].
+    SigningKeyUpdate {
+        /// The local user.
+        user_id: String,
+        /// Position in the homeserver's device-list stream.
+        stream_id: u64,
+        /// The new master key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        master_key: Option<Value>,
+        /// The new self-signing key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        self_signing_key: Option<Value>,
+        /// The servers to tell.
+        destinations: Vec<ServerName>,
+    },
     /// An operator overwrote the stored state of a destination (backoff timings and last
     /// successful stream position); the machine adopts it as is.
     SetDestinationState {
@@ -345,6 +388,68 @@ pub struct Changes {
     /// Outbox rows delivered (or pruned), to delete: (destination, outbox id).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to_device_deleted: Vec<OutboxKey>,
+    /// Device-list pokes to upsert by (destination, user, device), keeping the row with the
+    /// higher `stream_id`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_list_pokes: Vec<DeviceListPoke>,
+    /// Pokes delivered or given up: delete the (destination, user, device) row if its
+    /// stream id is at most the given one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_list_pokes_deleted: Vec<DeviceListPokeKey>,
+    /// Whole-row upserts (or deletions) of the per (destination, user) acknowledged
+    /// position, applied in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_list_positions: Vec<DeviceListPosition>,
+}
+
+/// A device-list change owed to one destination, durable until delivered (reference §11.4's
+/// outbound pokes, collapsed: one row per (destination, user, device)).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceListPoke {
+    /// Where it goes.
+    pub destination: ServerName,
+    /// The local user.
+    pub user_id: String,
+    /// The device; `None` for the user's cross-signing keys.
+    pub device_id: Option<String>,
+    /// Position in the homeserver's device-list stream.
+    pub stream_id: u64,
+    /// When it was queued (Unix ms), for pruning.
+    pub queued_ts: u64,
+    /// The EDU content without `prev_id` (added when the EDU is built): for a device
+    /// `{user_id, device_id, stream_id, deleted?, keys?, device_display_name?}`, for
+    /// cross-signing keys `{user_id, master_key?, self_signing_key?}`.
+    pub content: Value,
+}
+
+/// Identifies the version of a [`DeviceListPoke`] that was delivered or given up.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceListPokeKey {
+    /// The destination.
+    pub destination: ServerName,
+    /// The user.
+    pub user_id: String,
+    /// The device; `None` for cross-signing keys.
+    pub device_id: Option<String>,
+    /// The row is deleted only if its stream id is at most this: a newer change that
+    /// replaced it meanwhile stays.
+    pub stream_id: u64,
+}
+
+/// The newest device-list stream id a destination acknowledged for a user: the `prev_id` of
+/// the next `m.device_list_update` EDU for that user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceListPosition {
+    /// The destination.
+    pub destination: ServerName,
+    /// The user.
+    pub user_id: String,
+    /// The stream id; `None` deletes the row, so the next EDU has an empty `prev_id` and
+    /// the destination resynchronises the user's whole device list.
+    pub stream_id: Option<u64>,
 }
 
 /// A to-device EDU waiting in the durable outbox for its destination.
@@ -380,6 +485,9 @@ impl Changes {
             && self.destinations.is_empty()
             && self.to_device_outbox.is_empty()
             && self.to_device_deleted.is_empty()
+            && self.device_list_pokes.is_empty()
+            && self.device_list_pokes_deleted.is_empty()
+            && self.device_list_positions.is_empty()
     }
 }
 
@@ -402,6 +510,12 @@ pub struct Recovered {
     /// Every row of the to-device outbox, in any order.
     #[serde(default)]
     pub to_device_outbox: Vec<OutboxRow>,
+    /// Every device-list poke not yet delivered, in any order.
+    #[serde(default)]
+    pub device_list_pokes: Vec<DeviceListPoke>,
+    /// Every stored (destination, user) device-list position, in any order.
+    #[serde(default)]
+    pub device_list_positions: Vec<DeviceListPosition>,
 }
 
 /// Everything the machine asks the host to do.

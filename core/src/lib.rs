@@ -62,6 +62,11 @@
 //!   [`Changes::to_device_outbox`], deleted with [`Changes::to_device_deleted`]). A host
 //!   acknowledges a to-device submission to its client once the batch holding its rows is
 //!   durable.
+//! - `device_list_pokes` — device-list changes not yet delivered, one row per (destination,
+//!   user, device) ([`DeviceListPoke`]; upserted keeping the higher stream id, deleted with
+//!   [`Changes::device_list_pokes_deleted`] only if not newer than the key given);
+//! - `device_list_positions` — per (destination, user), the newest device-list stream id the
+//!   destination acknowledged ([`DeviceListPosition`]; upserted or deleted, in order).
 //!
 //! *Homeserver-owned facts* are queries the host answers:
 //! - [`Output::FetchEvents`] → [`Input::EventsFetched`]: new events with their routing facts
@@ -74,7 +79,9 @@
 //!
 //! Ephemeral data arrives as commands carrying the facts it needs: [`Input::Receipt`] (the
 //! room's servers, the receipted event's sender and arrival), [`Input::Typing`] (the room's
-//! servers), [`Input::Presence`] (interested servers), [`Input::ToDevice`], [`Input::Edu`].
+//! servers), [`Input::Presence`] (interested servers), [`Input::ToDevice`], [`Input::Edu`],
+//! [`Input::DeviceListUpdate`] and [`Input::SigningKeyUpdate`] (the homeserver's device-list
+//! stream id, the device's keys, and the servers sharing a room with the user).
 //!
 //! A storage failure is answered with [`Input::StorageFailed`]; the machine retries.
 //!
@@ -112,14 +119,15 @@ pub mod wire;
 
 pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT};
 pub use edu::{
-    DEVICE_LIST_RESERVED_EDUS, EduEntry, PRESENCE_STATES_PER_EDU_MAX, PresenceState, RECEIPT_EDUS_PER_TRANSACTION_MAX,
-    Receipt, TO_DEVICE_EDU_BYTES_MAX, split_to_device,
+    DEVICE_LIST_RESERVED_EDUS, EduEntry, PRESENCE_STATES_PER_EDU_MAX, PokeRef, PresenceState,
+    RECEIPT_EDUS_PER_TRANSACTION_MAX, Receipt, TO_DEVICE_EDU_BYTES_MAX, split_to_device,
 };
 pub use error::{ConfigError, InputError};
 pub use event::Event;
 pub use io::{
-    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Extremity, Input,
-    OutboxKey, OutboxRow, OutgoingTransaction, Output, PduInfo, ReceiptedEvent, Recovered, TransactionResult,
+    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, DeviceListPoke,
+    DeviceListPokeKey, DeviceListPosition, Extremity, Input, OutboxKey, OutboxRow, OutgoingTransaction, Output,
+    PduInfo, ReceiptedEvent, Recovered, TransactionResult,
 };
 pub use rng::Prng;
 pub use sender::FederationSender;

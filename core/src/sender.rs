@@ -10,17 +10,18 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::config::Config;
-use crate::edu::{EduEntry, EduQueue, Fit, split_to_device};
+use crate::edu::{EduEntry, EduQueue, Fit, Poke, PokeRef, split_to_device};
 use crate::error::{ConfigError, InputError};
 use crate::event::Event;
 use crate::io::{
-    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, Input, OutboxKey,
-    OutboxRow, OutgoingTransaction, Output, PduInfo, Recovered, TransactionResult,
+    CatchUpRoom, Changes, DestinationPhase, DestinationRoom, DestinationState, DestinationStats, DeviceListPoke,
+    DeviceListPokeKey, DeviceListPosition, Input, OutboxKey, OutboxRow, OutgoingTransaction, Output, PduInfo,
+    Recovered, TransactionResult,
 };
 use crate::rng::Prng;
 use crate::shard::should_handle;
 use crate::time::Timestamp;
-use crate::transaction::{PduEntry, build_body, empty_body_len};
+use crate::transaction::{PduEntry, build_body, empty_body_len, push_decimal};
 use crate::types::{RequestId, ServerName, server_of};
 
 /// Receipts go to everyone at once in rooms with fewer other servers than this.
@@ -165,8 +166,25 @@ struct Destination {
     /// D12 figures kept while the queue itself may be dropped.
     last_success_ts: Option<u64>,
     dropped_items: u64,
+    /// Device-list chain state, boxed: most destinations never get a device-list update, and
+    /// every known destination keeps this record.
+    device_lists: Option<Box<DeviceListChains>>,
     queue: Option<Box<Queue>>,
 }
+
+/// Per local user, what a destination knows of the user's device-list chain.
+#[derive(Debug, Default)]
+struct DeviceListChains {
+    /// The newest device-list stream id the destination acknowledged: the `prev_id` of the
+    /// next `m.device_list_update` for that user.
+    positions: BTreeMap<String, u64>,
+    /// Users whose chain was restarted (pruning, a dropped update) while a transaction built
+    /// earlier may still be delivered: that delivery must not set their position again.
+    resets: BTreeSet<String>,
+}
+
+/// The positions of a destination without device-list state.
+const NO_POSITIONS: &BTreeMap<String, u64> = &BTreeMap::new();
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -240,6 +258,7 @@ impl Destination {
             catch_up_last_skipped: 0,
             last_success_ts: None,
             dropped_items: 0,
+            device_lists: None,
             queue: None,
         }
     }
@@ -254,6 +273,7 @@ impl Destination {
             catch_up_last_skipped: 0,
             last_success_ts: None,
             dropped_items: 0,
+            device_lists: None,
             queue: None,
         }
     }
@@ -284,6 +304,14 @@ impl Destination {
 
     fn is_failing(&self) -> bool {
         self.retry_last_ts != 0 || self.retry_interval_ms != 0 || self.failure_ts.is_some()
+    }
+
+    fn device_list_position(&self, user_id: &str) -> Option<u64> {
+        self.device_lists.as_ref().and_then(|d| d.positions.get(user_id).copied())
+    }
+
+    fn device_lists(&mut self) -> &mut DeviceListChains {
+        self.device_lists.get_or_insert_with(Box::default)
     }
 
     fn queue(&mut self) -> &mut Queue {
@@ -364,6 +392,28 @@ impl FederationSender {
             edu.outbox_id = Some(row.outbox_id);
             let destination = sender.destinations.entry(row.destination).or_insert_with(Destination::healthy);
             destination.queue().edus.push_to_device(edu);
+        }
+        for position in recovered.device_list_positions {
+            let Some(stream_id) = position.stream_id else { continue };
+            let destination = sender.destinations.entry(position.destination).or_insert_with(Destination::healthy);
+            destination.device_lists().positions.insert(position.user_id, stream_id);
+        }
+        for row in recovered.device_list_pokes {
+            let destination = sender.destinations.entry(row.destination.clone()).or_insert_with(Destination::healthy);
+            if row.device_id.is_some()
+                && destination.device_list_position(&row.user_id).is_some_and(|p| p >= row.stream_id)
+            {
+                // Delivered before the crash; only its deletion was lost.
+                sender.changes.device_list_pokes_deleted.push(DeviceListPokeKey {
+                    destination: row.destination,
+                    user_id: row.user_id,
+                    device_id: row.device_id,
+                    stream_id: row.stream_id,
+                });
+                continue;
+            }
+            let poke = Poke { stream_id: row.stream_id, queued_ts: row.queued_ts, content: row.content };
+            destination.queue().edus.push_device_list(&row.user_id, row.device_id.as_deref(), poke);
         }
         sender.changes.incarnation = Some(incarnation);
         sender.flush_changes();
@@ -584,6 +634,53 @@ impl FederationSender {
                     }
                     self.dirty.insert(server);
                 }
+                Ok(())
+            }
+            Input::DeviceListUpdate {
+                user_id,
+                device_id,
+                stream_id,
+                deleted,
+                keys,
+                device_display_name,
+                destinations,
+            } => {
+                self.check_local(&user_id)?;
+                let mut content = serde_json::Map::new();
+                content.insert("device_id".into(), device_id.clone().into());
+                content.insert("stream_id".into(), stream_id.into());
+                content.insert("user_id".into(), user_id.clone().into());
+                if deleted {
+                    content.insert("deleted".into(), true.into());
+                } else {
+                    if let Some(keys) = keys {
+                        content.insert("keys".into(), keys);
+                    }
+                    if let Some(name) = device_display_name {
+                        content.insert("device_display_name".into(), name.into());
+                    }
+                }
+                let content = serde_json::Value::Object(content);
+                self.queue_device_list(&user_id, Some(&device_id), stream_id, content, destinations);
+                Ok(())
+            }
+            Input::SigningKeyUpdate { user_id, stream_id, master_key, self_signing_key, destinations } => {
+                self.check_local(&user_id)?;
+                if master_key.is_none() && self_signing_key.is_none() {
+                    return Err(InputError::Refused(String::from(
+                        "a signing key update needs a master_key or a self_signing_key",
+                    )));
+                }
+                let mut content = serde_json::Map::new();
+                content.insert("user_id".into(), user_id.clone().into());
+                if let Some(key) = master_key {
+                    content.insert("master_key".into(), key);
+                }
+                if let Some(key) = self_signing_key {
+                    content.insert("self_signing_key".into(), key);
+                }
+                let content = serde_json::Value::Object(content);
+                self.queue_device_list(&user_id, None, stream_id, content, destinations);
                 Ok(())
             }
             Input::Presence { states, destinations } => {
@@ -852,7 +949,8 @@ impl FederationSender {
 
     /// Decides the destinations of one event (reference §5.2) and queues it for them.
     fn route(&mut self, info: PduInfo) {
-        if !info.room_id.starts_with('!') || server_of(&info.room_id).is_none() {
+        // Since room version 12 a room id is `!` and an opaque hash, without a server part.
+        if !info.room_id.starts_with('!') || info.room_id.len() < 2 {
             let reason = format!("invalid room id {:?}", info.room_id);
             self.push_event(Event::EventSkipped { event_id: info.event_id, reason });
             return;
@@ -864,16 +962,13 @@ impl FederationSender {
         if info.out_of_band || !info.proactively_send || !info.has_prev_events {
             return;
         }
-        let mut targets: BTreeSet<ServerName> =
-            info.partial_state_servers.clone().unwrap_or_else(|| info.hosts.clone()).into_iter().collect();
-        if let Some(invitee) = &info.invitee_server {
-            targets.insert(invitee.clone());
-        }
-        if let Some(on_behalf_of) = &info.send_on_behalf_of {
-            targets.remove(on_behalf_of);
-        }
-        targets.remove(&self.config.server_name);
-        targets.retain(|name| self.handles(name));
+        // Sorted and deduplicated in place (the order a set would give), without copying names.
+        let mut targets: Vec<ServerName> = info.partial_state_servers.unwrap_or(info.hosts);
+        targets.extend(info.invitee_server);
+        targets.sort_unstable();
+        targets.dedup();
+        let on_behalf_of = info.send_on_behalf_of.as_ref();
+        targets.retain(|name| Some(name) != on_behalf_of && *name != self.config.server_name && self.handles(name));
         if targets.is_empty() {
             return;
         }
@@ -946,6 +1041,44 @@ impl FederationSender {
             .collect()
     }
 
+    /// Queues a device-list change for each destination, durably, and wakes them through
+    /// the staggered queue (reference §6.4, `immediate=false`). A destination backed off for
+    /// longer than the catch-up threshold still gets the poke; it goes when the destination
+    /// is next contacted or retried.
+    fn queue_device_list(
+        &mut self,
+        user_id: &str,
+        device_id: Option<&str>,
+        stream_id: u64,
+        content: serde_json::Value,
+        destinations: Vec<ServerName>,
+    ) {
+        let now = self.now;
+        let window_ms = self.config.catch_up_threshold_ms;
+        for host in self.ephemeral_targets(destinations, 0) {
+            let destination = self.destinations.entry(host.clone()).or_insert_with(Destination::healthy);
+            if device_id.is_some() && destination.device_list_position(user_id).is_some_and(|p| p >= stream_id) {
+                // Not newer than what the destination already acknowledged.
+                continue;
+            }
+            let poke = Poke { stream_id, queued_ts: now.as_ms(), content: content.clone() };
+            if !destination.queue().edus.push_device_list(user_id, device_id, poke) {
+                continue;
+            }
+            self.changes.device_list_pokes.push(DeviceListPoke {
+                destination: host.clone(),
+                user_id: String::from(user_id),
+                device_id: device_id.map(String::from),
+                stream_id,
+                queued_ts: now.as_ms(),
+                content: content.clone(),
+            });
+            if destination.due_within(now, window_ms) {
+                self.wakeup_add(host);
+            }
+        }
+    }
+
     fn wakeup_add(&mut self, name: ServerName) {
         if self.wakeup.members.insert(name.clone()) {
             self.wakeup.queue.push_back(name);
@@ -1000,9 +1133,26 @@ impl FederationSender {
 
     /// Runs one destination's loop as far as it can go without an answer from the host.
     fn drive(&mut self, name: &ServerName) {
-        let Some(mut destination) = self.destinations.remove(name) else { return };
+        let Some(mut destination) = self.take_destination(name) else { return };
         self.drive_destination(name, &mut destination);
-        self.destinations.insert(name.clone(), destination);
+        self.put_destination(name, destination);
+    }
+
+    /// Moves a destination's record out of the map so it can be changed alongside `self`,
+    /// leaving a placeholder in its slot: cheaper than removing and re-inserting the key on
+    /// every drive and every answer. Nothing between take and put looks the name up.
+    fn take_destination(&mut self, name: &ServerName) -> Option<Destination> {
+        self.destinations.get_mut(name).map(|slot| core::mem::replace(slot, Destination::healthy()))
+    }
+
+    /// Puts back what [`Self::take_destination`] took.
+    fn put_destination(&mut self, name: &ServerName, destination: Destination) {
+        match self.destinations.get_mut(name) {
+            Some(slot) => *slot = destination,
+            None => {
+                self.destinations.insert(name.clone(), destination);
+            }
+        }
     }
 
     fn drive_destination(&mut self, name: &ServerName, destination: &mut Destination) {
@@ -1109,7 +1259,12 @@ impl FederationSender {
 
     fn next_txn_id(&mut self) -> String {
         self.txn_counter += 1;
-        format!("{}.{}", self.incarnation, self.txn_counter)
+        // `{incarnation}.{counter}`, built without `format!` (once per transaction).
+        let mut id = String::with_capacity(24);
+        push_decimal(&mut id, self.incarnation);
+        id.push('.');
+        push_decimal(&mut id, self.txn_counter);
+        id
     }
 
     /// Builds the next transaction from memory: EDUs in Synapse's order, then the head of
@@ -1122,10 +1277,12 @@ impl FederationSender {
         let queue = destination.queue.as_mut()?;
         // While isolating a poison item (D7), EDUs and PDUs are not mixed and batches shrink.
         let isolating = queue.split_limit;
-        let edu_limit = isolating.unwrap_or(self.config.edus_per_transaction_max) as usize;
+        let edu_max = self.config.edus_per_transaction_max;
+        let edu_limit = isolating.map_or(edu_max, |limit| limit.min(edu_max)) as usize;
         let mut bytes = overhead;
         let mut edu_count = 0u64;
-        let taken_edus = queue.edus.take(edu_limit, now_ms, &mut |size| {
+        let positions = destination.device_lists.as_ref().map_or(NO_POSITIONS, |d| &d.positions);
+        let taken_edus = queue.edus.take(edu_limit, now_ms, positions, &mut |size| {
             let extra = size as u64 + if edu_count == 0 { EDUS_WRAPPER_BYTES } else { 1 };
             if overhead + EDUS_WRAPPER_BYTES + size as u64 > bytes_max {
                 Fit::Never
@@ -1138,8 +1295,17 @@ impl FederationSender {
             }
         });
         let edus = taken_edus.edus;
+        // These users' chains restart in this transaction; its delivery sets their position.
+        for poke in edus.iter().filter_map(|e| e.device_list.as_ref()) {
+            if let Some(chains) = destination.device_lists.as_mut() {
+                chains.resets.remove(&poke.user_id);
+            }
+        }
         let with_pdus = with_pdus && (isolating.is_none() || edus.is_empty());
-        let count_max = if with_pdus { isolating.unwrap_or(self.config.pdus_per_transaction_max) as usize } else { 0 };
+        // The isolation limit halves a transaction of PDUs and EDUs together, so it may
+        // exceed either count limit on its own.
+        let pdu_max = self.config.pdus_per_transaction_max;
+        let count_max = if with_pdus { isolating.map_or(pdu_max, |limit| limit.min(pdu_max)) as usize } else { 0 };
         let mut taken: Vec<Arc<PduEntry>> = Vec::new();
         let mut too_large: Vec<Arc<PduEntry>> = Vec::new();
         while taken.len() < count_max {
@@ -1155,12 +1321,12 @@ impl FederationSender {
             bytes += size;
             taken.extend(queue.pending_pdus.pop_front());
         }
-        let reason = String::from("larger than transaction_bytes_max on its own");
+        let reason = || String::from("larger than transaction_bytes_max on its own");
         for entry in too_large {
-            self.give_up(name, destination, &entry, reason.clone());
+            self.give_up(name, destination, &entry, reason());
         }
         for edu in &taken_edus.too_large {
-            self.give_up_edu(name, destination, edu, reason.clone());
+            self.give_up_edu(name, destination, edu, reason());
         }
         if taken.is_empty() && edus.is_empty() {
             return None;
@@ -1262,13 +1428,46 @@ impl FederationSender {
         self.push_event(Event::Dropped { destination: name.clone(), item: entry.event_id.clone(), reason });
     }
 
-    /// Reports an EDU given up for a destination; a to-device one also leaves the outbox.
+    /// Reports an EDU given up for a destination; a to-device one also leaves the outbox, and
+    /// a device-list one restarts its user's `prev_id` chain so the receiver resynchronises.
     fn give_up_edu(&mut self, name: &ServerName, destination: &mut Destination, edu: &EduEntry, reason: String) {
         destination.dropped_items += 1;
         if let Some(outbox_id) = edu.outbox_id {
             self.changes.to_device_deleted.push(OutboxKey { destination: name.clone(), outbox_id });
         }
+        if let Some(poke) = &edu.device_list {
+            self.device_list_settled(name, destination, poke);
+            self.restart_device_list_chain(name, destination, &poke.user_id);
+        }
         self.push_event(Event::Dropped { destination: name.clone(), item: edu.edu_type.clone(), reason });
+    }
+
+    /// A device-list poke left the destination (delivered or given up): memory and storage
+    /// forget it unless a newer change replaced it.
+    fn device_list_settled(&mut self, name: &ServerName, destination: &mut Destination, poke: &PokeRef) {
+        if let Some(queue) = destination.queue.as_mut() {
+            queue.edus.device_list_settled(poke);
+        }
+        self.changes.device_list_pokes_deleted.push(DeviceListPokeKey {
+            destination: name.clone(),
+            user_id: poke.user_id.clone(),
+            device_id: poke.device_id.clone(),
+            stream_id: poke.stream_id,
+        });
+    }
+
+    /// The destination will miss some of `user_id`'s device-list changes: the next EDU for
+    /// the user carries an empty `prev_id`, which makes the receiver fetch the whole list.
+    fn restart_device_list_chain(&mut self, name: &ServerName, destination: &mut Destination, user_id: &str) {
+        let chains = destination.device_lists();
+        chains.resets.insert(String::from(user_id));
+        if chains.positions.remove(user_id).is_some() {
+            self.changes.device_list_positions.push(DeviceListPosition {
+                destination: name.clone(),
+                user_id: String::from(user_id),
+                stream_id: None,
+            });
+        }
     }
 
     /// A catch-up room is settled (sent or given up): storage's row for it is behind us.
@@ -1322,13 +1521,13 @@ impl FederationSender {
     fn transaction_done(&mut self, name: ServerName, request: RequestId, result: TransactionResult) {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.release_slot();
-        let Some(mut destination) = self.destinations.remove(&name) else { return };
+        let Some(mut destination) = self.take_destination(&name) else { return };
         let sending = destination.queue.as_ref().is_some_and(|q| q.phase == Phase::Sending(request));
         if sending {
             destination.queue().phase = Phase::Idle;
             self.attempt_finished(&name, &mut destination, result);
         }
-        self.destinations.insert(name.clone(), destination);
+        self.put_destination(&name, destination);
         self.dirty.insert(name);
     }
 
@@ -1445,6 +1644,22 @@ impl FederationSender {
                     self.changes.to_device_deleted.push(OutboxKey { destination: name.clone(), outbox_id });
                 }
             }
+            let mut settled: Vec<&PokeRef> = frozen.edus.iter().filter_map(|e| e.device_list.as_ref()).collect();
+            settled.dedup();
+            for poke in settled {
+                self.device_list_settled(name, destination, poke);
+                if poke.device_id.is_some()
+                    && !destination.device_lists.as_ref().is_some_and(|d| d.resets.contains(&poke.user_id))
+                    && destination.device_list_position(&poke.user_id).is_none_or(|p| p < poke.stream_id)
+                {
+                    destination.device_lists().positions.insert(poke.user_id.clone(), poke.stream_id);
+                    self.changes.device_list_positions.push(DeviceListPosition {
+                        destination: name.clone(),
+                        user_id: poke.user_id.clone(),
+                        stream_id: Some(poke.stream_id),
+                    });
+                }
+            }
         }
         match frozen {
             Some(Frozen { catch_up: Some(room), .. }) => {
@@ -1512,15 +1727,10 @@ impl FederationSender {
 
     fn release_slot(&mut self) {
         while let Some(name) = self.slot_waiters.pop_front() {
-            let waiting = self
-                .destinations
-                .get_mut(&name)
-                .and_then(|d| d.queue.as_mut())
-                .is_some_and(|q| q.phase == Phase::SlotWait);
-            if waiting {
-                if let Some(queue) = self.destinations.get_mut(&name).and_then(|d| d.queue.as_mut()) {
-                    queue.phase = Phase::Idle;
-                }
+            if let Some(queue) = self.destinations.get_mut(&name).and_then(|d| d.queue.as_mut())
+                && queue.phase == Phase::SlotWait
+            {
+                queue.phase = Phase::Idle;
                 self.dirty.insert(name);
                 return;
             }
@@ -1590,6 +1800,7 @@ impl FederationSender {
         match self.waker.phase {
             WakerPhase::Scheduled(at) if at <= self.now => {
                 self.prune_to_device();
+                self.prune_device_lists();
                 self.waker.run_started = self.now;
                 self.waker.cursor = None;
                 self.waker_query();
@@ -1638,6 +1849,33 @@ impl FederationSender {
             for edu in &pruned {
                 let reason = format!("pruned: the destination has been failing since {since}");
                 self.give_up_edu(&name, &mut destination, edu, reason);
+            }
+            self.destinations.insert(name, destination);
+        }
+    }
+
+    /// Synapse's pruning of outbound device-list pokes (reference §11.4): a user with several
+    /// changes queued for a destination since before `device_list_prune_after_ms` keeps only
+    /// the newest, and its chain restarts so the destination resynchronises the whole list.
+    fn prune_device_lists(&mut self) {
+        let Some(after_ms) = self.config.device_list_prune_after_ms else { return };
+        let cutoff_ms = self.now.as_ms().saturating_sub(after_ms);
+        let names: Vec<ServerName> = self
+            .destinations
+            .iter()
+            .filter(|(_, d)| d.queue.as_ref().is_some_and(|q| q.edus.has_device_lists()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let Some(mut destination) = self.destinations.remove(&name) else { continue };
+            let pruned = destination.queue.as_mut().map(|q| q.edus.prune_device_lists(cutoff_ms)).unwrap_or_default();
+            let mut users: BTreeSet<String> = BTreeSet::new();
+            for poke in &pruned {
+                self.device_list_settled(&name, &mut destination, poke);
+                users.insert(poke.user_id.clone());
+            }
+            for user in users {
+                self.restart_device_list_chain(&name, &mut destination, &user);
             }
             self.destinations.insert(name, destination);
         }
@@ -1713,21 +1951,27 @@ impl FederationSender {
             return;
         }
         let mut changes = core::mem::take(&mut self.changes);
-        // Later writes of the same row win; keep one row per key so hosts write less.
-        let mut rooms: BTreeMap<(ServerName, String), u64> = BTreeMap::new();
-        for row in changes.destination_rooms.drain(..) {
-            let slot = rooms.entry((row.destination, row.room_id)).or_insert(0);
-            *slot = (*slot).max(row.stream_ordering);
-        }
-        changes.destination_rooms = rooms
-            .into_iter()
-            .map(|((destination, room_id), stream_ordering)| DestinationRoom { destination, room_id, stream_ordering })
-            .collect();
-        let mut rows: BTreeMap<ServerName, DestinationState> = BTreeMap::new();
-        for row in changes.destinations.drain(..) {
-            rows.insert(row.destination.clone(), row);
-        }
-        changes.destinations = rows.into_values().collect();
+        // One row per key, sorted by key, so hosts write less: the newest position of a
+        // (destination, room), the last write of a destination. A stable sort is linear on the
+        // usual already-sorted batch (one event's rows come in destination order).
+        changes
+            .destination_rooms
+            .sort_by(|a, b| a.destination.cmp(&b.destination).then_with(|| a.room_id.cmp(&b.room_id)));
+        changes.destination_rooms.dedup_by(|later, kept| {
+            let same = later.destination == kept.destination && later.room_id == kept.room_id;
+            if same {
+                kept.stream_ordering = kept.stream_ordering.max(later.stream_ordering);
+            }
+            same
+        });
+        changes.destinations.sort_by(|a, b| a.destination.cmp(&b.destination));
+        changes.destinations.dedup_by(|later, kept| {
+            let same = later.destination == kept.destination;
+            if same {
+                core::mem::swap(later, kept);
+            }
+            same
+        });
         // Only a batch with rows has to become durable before later positions are claimed.
         let fanout_from = self.batch_fanout_from.take().filter(|_| !changes.destination_rooms.is_empty());
         if changes.events_out_pos.is_some() {

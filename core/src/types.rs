@@ -4,6 +4,7 @@
 //! holds a server name it could not put in a URL.
 
 use alloc::string::{String, ToString};
+use alloc::sync::Arc;
 use core::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -12,15 +13,18 @@ use crate::error::InputError;
 
 /// A Matrix server name: `host[:port]`, where host is a DNS name, an IPv4 literal or a
 /// bracketed IPv6 literal (Matrix spec, appendices, "Server Name").
+///
+/// Shared text: the sender keeps a name in many places per destination (its map key, the
+/// driven set, rows, requests, timers), so a clone is a reference-count bump, not a copy.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
-pub struct ServerName(String);
+pub struct ServerName(Arc<str>);
 
 impl ServerName {
     /// Validates `name` as a server name.
     pub fn parse(name: &str) -> Result<Self, InputError> {
         if is_valid_server_name(name) {
-            Ok(Self(name.to_string()))
+            Ok(Self(Arc::from(name)))
         } else {
             Err(InputError::InvalidServerName(name.to_string()))
         }
@@ -69,7 +73,7 @@ impl<'de> Deserialize<'de> for ServerName {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(deserializer)?;
         if is_valid_server_name(&raw) {
-            Ok(Self(raw))
+            Ok(Self(Arc::from(raw)))
         } else {
             Err(serde::de::Error::custom(alloc::format!("invalid server name {raw:?}")))
         }

@@ -53,7 +53,12 @@ fn unknown_and_mismatched_requests_are_refused_and_change_nothing() {
 #[test]
 fn events_without_a_room_are_skipped_and_the_rest_is_sent() {
     let (mut sender, fetch) = started();
-    let events = vec![pdu("$bad", "", 1, &["host2"]), pdu("$good", "!r:test", 2, &["host3"])];
+    // A room version 12 id has no server part and is routed like any other.
+    let events = vec![
+        pdu("$bad", "", 1, &["host2"]),
+        pdu("$good", "!r:test", 2, &["host3"]),
+        pdu("$v12", "!31hneApxJ_1o-63DmFrpeqnkFfWppnzWso1JvH3ogLM", 3, &["host4"]),
+    ];
     sender.handle_input(NOW, Input::EventsFetched { request: fetch, events }).unwrap();
     let outputs = drain(&mut sender);
     assert!(
@@ -62,6 +67,7 @@ fn events_without_a_room_are_skipped_and_the_rest_is_sent() {
             .any(|o| matches!(o, Output::Event { event: Event::EventSkipped { event_id, .. } } if event_id == "$bad"))
     );
     assert!(outputs.iter().any(|o| matches!(o, Output::SendTransaction(t) if t.pdu_ids == ["$good"])));
+    assert!(outputs.iter().any(|o| matches!(o, Output::SendTransaction(t) if t.pdu_ids == ["$v12"])));
     assert!(!outputs.iter().any(|o| matches!(o, Output::SendTransaction(t) if t.destination == name("host2"))));
 }
 

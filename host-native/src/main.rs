@@ -4,7 +4,9 @@ use std::io::BufWriter;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fedsend_host_native::demo::{self, DemoArgs};
 use fedsend_host_native::scenario::{self, ScenarioArgs};
+use fedsend_host_native::serve::{self, ServeArgs};
 
 /// A Matrix federation sender.
 #[derive(Debug, Parser)]
@@ -18,6 +20,10 @@ struct Cli {
 enum Command {
     /// Run a scenario file and print its trace on stdout, one JSON object per line.
     Scenario(ScenarioArgs),
+    /// Run the federation sender service (ingest API, SQLite, HTTPS) until SIGTERM.
+    Serve(ServeArgs),
+    /// Run the service against loopback remote servers it starts itself; print a delivery report.
+    Demo(DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +33,24 @@ fn main() -> ExitCode {
             Err(failure) => {
                 eprintln!("fedsend: {}", failure.message);
                 ExitCode::from(failure.exit_code)
+            }
+        },
+        Command::Demo(args) => match demo::run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => {
+                eprintln!("fedsend demo: not every remote converged (see the report above)");
+                ExitCode::FAILURE
+            }
+            Err(message) => {
+                eprintln!("fedsend demo: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve(args) => match serve::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("fedsend serve: {message}");
+                ExitCode::FAILURE
             }
         },
     }

@@ -1,9 +1,13 @@
 //! The fedsend core for JavaScript, through wasm-bindgen.
 //!
-//! JavaScript sees two things (camelCase, as the generated `.d.ts` shows):
+//! JavaScript sees these (camelCase, as the generated `.d.ts` shows):
 //!
 //! - [`FederationSender`]: the sans-IO machine itself. Inputs go in and outputs come out as
 //!   JSON strings, in the same encoding as every other boundary (`fedsend_core::wire`).
+//! - [`SenderMachine`]: the same machine plus its per-destination figures, for the npm package
+//!   (`npm/`), whose driven sender runs the loop in JavaScript over it.
+//! - signing ([`WasmSigningKey`], [`x_matrix_authorization`], …): `fedsend-sign` for the npm
+//!   package, so JavaScript homeservers sign requests with the native host's code.
 //! - [`run_scenario`] (`runScenario`): runs a scenario file (`spec/scenarios.md`) in the
 //!   simulated world of `fedsend-sim`, against an engine object written in JavaScript. The
 //!   browser demo and the Node runner (`www/bin/fedsend-scenario.mjs`) hand it an object that
@@ -21,10 +25,14 @@
 //! function panics, and nothing native calls them).
 
 mod bindings;
+mod driven;
 mod live;
 pub mod ms;
 mod scenario;
+mod sign;
 
 pub use bindings::FederationSender;
+pub use driven::SenderMachine;
 pub use live::{LiveSimulation, ScenarioStepper};
 pub use scenario::{EngineObject, run_scenario};
+pub use sign::{WasmSigningKey, canonical_json, sign_json, verify_json, x_matrix_authorization};

@@ -30,6 +30,8 @@ pub struct Counts {
     pub catch_ups: u64,
     /// Times a destination answered after failing.
     pub recoveries: u64,
+    /// Device-list EDUs (`m.device_list_update`, and signing-key pairs) accepted by remotes.
+    pub device_list_edus: u64,
 }
 
 /// The invariants of `spec`/issue 3, checked as the world runs.
@@ -61,6 +63,22 @@ pub(crate) struct Checker {
     /// To-device messages received per (destination, sender, message id): receivers drop
     /// repeats by message id, so at least once here is exactly once for them.
     pub(crate) to_device: BTreeMap<(String, String, String), u32>,
+    /// Device-list stream ids accepted per (destination, user): every `prev_id` must name
+    /// one of them (or be empty, which makes the receiver resynchronise).
+    pub(crate) device_lists_seen: BTreeMap<(String, String), BTreeSet<u64>>,
+    /// The newest device-list stream id per (destination, user) whose poke became durable:
+    /// what the destination's chain must end at once healed.
+    pub(crate) device_lists_owed: BTreeMap<(String, String), u64>,
+    /// Staggered wake-ups: the time of the last fresh send carrying only staggered EDUs
+    /// (presence, device lists) to a destination that never failed.
+    last_staggered_send: Option<(u64, String)>,
+    /// Destinations that failed an attempt or were contacted: their sends are driven by
+    /// timers and contact, not only by the wake-up queue.
+    unstaggered: BTreeSet<String>,
+    /// When the world last gave the engine an input other than staggered data (an answer, an
+    /// acknowledged write, a query result, an event or message): any of them may release
+    /// several destinations at once.
+    last_delivery: u64,
     /// Newest receipt ts delivered per (destination, room, type, user, thread).
     receipts: BTreeMap<(String, String, String, String, Option<String>), u64>,
     /// Per destination, the event ids it accepted.
@@ -78,6 +96,11 @@ impl Checker {
             last_failed: BTreeMap::new(),
             abandoned: BTreeSet::new(),
             offered: BTreeSet::new(),
+            device_lists_seen: BTreeMap::new(),
+            device_lists_owed: BTreeMap::new(),
+            last_staggered_send: None,
+            unstaggered: BTreeSet::new(),
+            last_delivery: 0,
             dropped: BTreeSet::new(),
             received: BTreeMap::new(),
             receipts: BTreeMap::new(),
@@ -96,9 +119,10 @@ impl Checker {
         now: u64,
         server_name: &str,
         txn: &OutgoingTransaction,
-        edu_count: usize,
+        edu_kinds: &[&str],
         routed: &dyn Fn(&str) -> bool,
     ) -> Result<(), String> {
+        let edu_count = edu_kinds.len();
         let dest = txn.destination.as_str();
         self.counts.attempts += 1;
         if dest == server_name {
@@ -118,6 +142,10 @@ impl Checker {
         }
         if txn.pdu_ids.len() > self.config.pdus_per_transaction_max as usize {
             return Err(format!("transaction {} has {} PDUs", txn.txn_id, txn.pdu_ids.len()));
+        }
+        let receipts = edu_kinds.iter().filter(|kind| **kind == "m.receipt").count();
+        if receipts > fedsend_core::RECEIPT_EDUS_PER_TRANSACTION_MAX {
+            return Err(format!("transaction {} has {receipts} receipt EDUs", txn.txn_id));
         }
         if edu_count > self.config.edus_per_transaction_max as usize {
             return Err(format!("transaction {} has {edu_count} EDUs", txn.txn_id));
@@ -148,6 +176,7 @@ impl Checker {
             ));
         }
         self.abandoned.remove(dest);
+        self.check_stagger(now, dest, txn, edu_kinds)?;
         for event in &txn.pdu_ids {
             if !routed(event) && !self.offered.contains(&(String::from(dest), event.clone())) {
                 return Err(format!("event {event} sent to {dest}, which was not in the room before it"));
@@ -156,11 +185,38 @@ impl Checker {
         Ok(())
     }
 
+    /// The wake-up queue (reference §7) wakes one destination at a time: two fresh sends of
+    /// nothing but staggered EDUs (presence, device lists) to healthy destinations never
+    /// leave at the same instant. Sends at the instant of a delivery from the world,
+    /// retries, and destinations driven by backoff timers, catch-up or contact are not the
+    /// queue's doing.
+    fn check_stagger(&mut self, now: u64, dest: &str, txn: &OutgoingTransaction, kinds: &[&str]) -> Result<(), String> {
+        const STAGGERED: [&str; 4] =
+            ["m.presence", "m.device_list_update", "m.signing_key_update", "org.matrix.signing_key_update"];
+        let staggered_only =
+            txn.pdu_ids.is_empty() && !kinds.is_empty() && kinds.iter().all(|kind| STAGGERED.contains(kind));
+        // Whatever the world delivers may release several destinations at one instant: an
+        // answer frees a slot under `transactions_in_flight_max`, the durable incarnation
+        // releases every queue after a start, fetched events fan out.
+        let fresh = txn.attempt == 1 && !self.unstaggered.contains(dest) && self.last_delivery < now;
+        if !(staggered_only && fresh) {
+            return Ok(());
+        }
+        if let Some((at, other)) = &self.last_staggered_send
+            && *at == now
+            && other != dest
+        {
+            return Err(format!("the wake-up queue woke {other} and {dest} at the same instant {now}"));
+        }
+        self.last_staggered_send = Some((now, String::from(dest)));
+        Ok(())
+    }
+
     /// A remote accepted a transaction (whether or not its answer reaches the sender).
     pub(crate) fn on_accepted(&mut self, dest: &str, pdu_ids: &[String], edus: &[Value]) -> Result<(), String> {
         self.counts.accepted += 1;
         self.received.entry(String::from(dest)).or_default().extend(pdu_ids.iter().cloned());
-        for edu in edus {
+        for (index, edu) in edus.iter().enumerate() {
             let (Some(kind), Some(content)) = (edu.get("edu_type").and_then(Value::as_str), edu.get("content")) else {
                 return Err(format!("malformed EDU sent to {dest}: {edu}"));
             };
@@ -173,7 +229,33 @@ impl Checker {
                     }
                 }
                 "m.receipt" => self.check_receipts(dest, content)?,
+                "m.device_list_update" => {
+                    self.counts.device_list_edus += 1;
+                    self.check_device_list(dest, content)?;
+                }
+                "m.signing_key_update" => {
+                    self.counts.device_list_edus += 1;
+                    let partner = edus.get(index + 1);
+                    let paired = partner.is_some_and(|p| {
+                        p.get("edu_type").and_then(Value::as_str) == Some("org.matrix.signing_key_update")
+                            && p.get("content") == Some(content)
+                    });
+                    if !paired {
+                        return Err(format!("{dest} got an m.signing_key_update without its org.matrix twin"));
+                    }
+                }
+                "org.matrix.signing_key_update" => {
+                    let paired = index > 0
+                        && edus[index - 1].get("edu_type").and_then(Value::as_str) == Some("m.signing_key_update");
+                    if !paired {
+                        return Err(format!("{dest} got an org.matrix.signing_key_update without its m. twin"));
+                    }
+                }
                 "m.direct_to_device" => {
+                    let bytes = serde_json::to_string(content).map_or(0, |c| c.len());
+                    if bytes > fedsend_core::TO_DEVICE_EDU_BYTES_MAX {
+                        return Err(format!("to-device EDU of {bytes} bytes to {dest}, above the 64 KiB split size"));
+                    }
                     let sender = content.get("sender").and_then(Value::as_str).unwrap_or_default();
                     let id = content.get("message_id").and_then(Value::as_str).unwrap_or_default();
                     let key = (String::from(dest), String::from(sender), String::from(id));
@@ -212,10 +294,43 @@ impl Checker {
         Ok(())
     }
 
+    /// Device lists: each `prev_id` names a stream id this destination accepted for the user
+    /// (or is empty: a resync), and is older than the update.
+    fn check_device_list(&mut self, dest: &str, content: &Value) -> Result<(), String> {
+        let user = content.get("user_id").and_then(Value::as_str).ok_or("device-list update without user_id")?;
+        let stream_id =
+            content.get("stream_id").and_then(Value::as_u64).ok_or("device-list update without stream_id")?;
+        let prev = content.get("prev_id").and_then(Value::as_array).ok_or("device-list update without prev_id")?;
+        let seen = self.device_lists_seen.entry((String::from(dest), String::from(user))).or_default();
+        match prev.as_slice() {
+            [] => {}
+            [prev] => {
+                let prev = prev.as_u64().ok_or("prev_id holds a non-integer")?;
+                if !seen.contains(&prev) || prev >= stream_id {
+                    return Err(format!(
+                        "{dest}: device-list update {stream_id} of {user} chains to {prev}, \
+                         which it never received (it has {seen:?}) or which is not older"
+                    ));
+                }
+            }
+            more => return Err(format!("{dest}: device-list update with {} prev_ids", more.len())),
+        }
+        seen.insert(stream_id);
+        Ok(())
+    }
+
     /// An answer reached the sender.
+    /// The world gives the engine an input that may drive several destinations at `now`.
+    pub(crate) fn on_delivery(&mut self, now: u64) {
+        self.last_delivery = now;
+    }
+
     pub(crate) fn on_result(&mut self, dest: &str, txn_id: &str, result: &TransactionResult) {
         if let Some(count) = self.in_flight.get_mut(dest) {
             *count = count.saturating_sub(1);
+        }
+        if !matches!(result, TransactionResult::Ok { .. }) {
+            self.unstaggered.insert(String::from(dest));
         }
         match result {
             TransactionResult::Ok { .. } => {
@@ -267,6 +382,13 @@ impl Checker {
                 self.to_device_owed.insert(key);
             }
         }
+        for poke in changes.device_list_pokes.iter().filter(|p| p.device_id.is_some()) {
+            let owed = self
+                .device_lists_owed
+                .entry((String::from(poke.destination.as_str()), poke.user_id.clone()))
+                .or_insert(0);
+            *owed = (*owed).max(poke.stream_id);
+        }
     }
 
     /// Storage offered these events to catch-up for `dest`.
@@ -284,6 +406,7 @@ impl Checker {
             }
             Event::CatchUpStarted { destination } => {
                 self.counts.catch_ups += 1;
+                self.unstaggered.insert(String::from(destination.as_str()));
                 self.last_failed.remove(destination.as_str());
                 self.abandoned.insert(String::from(destination.as_str()));
             }
@@ -295,6 +418,7 @@ impl Checker {
     /// The destination contacted us or an operator woke it: it may be tried at once.
     pub(crate) fn on_contact(&mut self, dest: &str) {
         self.backoff_until.remove(dest);
+        self.unstaggered.insert(String::from(dest));
     }
 
     /// The sender process died: its attempts in flight are gone with it, and it restarts
@@ -304,6 +428,14 @@ impl Checker {
         self.last_failed.clear();
         self.abandoned.clear();
         self.backoff_until.clear();
+        // A restarted sender catches every known destination up, and drives every one with
+        // recovered pokes at once.
+        for row in &stored.destinations {
+            self.unstaggered.insert(String::from(row.destination.as_str()));
+        }
+        for poke in &stored.device_list_pokes {
+            self.unstaggered.insert(String::from(poke.destination.as_str()));
+        }
         self.on_persist(stored);
     }
 

@@ -5,7 +5,9 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use fedsend_core::{Changes, DestinationRoom, DestinationState, OutboxRow, Recovered, ServerName};
+use fedsend_core::{
+    Changes, DestinationRoom, DestinationState, DeviceListPoke, DeviceListPosition, OutboxRow, Recovered, ServerName,
+};
 
 /// Sender-owned tables: `destinations`, `destination_rooms`, stream position, incarnation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,6 +22,10 @@ pub struct MemoryStore {
     pub destination_rooms: BTreeMap<(ServerName, String), u64>,
     /// The to-device outbox: (destination, outbox id) → row.
     pub to_device_outbox: BTreeMap<(ServerName, u64), OutboxRow>,
+    /// Device-list pokes: (destination, user, device) → row.
+    pub device_list_pokes: BTreeMap<(ServerName, String, Option<String>), DeviceListPoke>,
+    /// Device-list positions: (destination, user) → stream id.
+    pub device_list_positions: BTreeMap<(ServerName, String), u64>,
 }
 
 impl MemoryStore {
@@ -48,6 +54,25 @@ impl MemoryStore {
         for key in &changes.to_device_deleted {
             self.to_device_outbox.remove(&(key.destination.clone(), key.outbox_id));
         }
+        for poke in &changes.device_list_pokes {
+            let key = (poke.destination.clone(), poke.user_id.clone(), poke.device_id.clone());
+            if self.device_list_pokes.get(&key).is_none_or(|stored| stored.stream_id < poke.stream_id) {
+                self.device_list_pokes.insert(key, poke.clone());
+            }
+        }
+        for done in &changes.device_list_pokes_deleted {
+            let key = (done.destination.clone(), done.user_id.clone(), done.device_id.clone());
+            if self.device_list_pokes.get(&key).is_some_and(|stored| stored.stream_id <= done.stream_id) {
+                self.device_list_pokes.remove(&key);
+            }
+        }
+        for position in &changes.device_list_positions {
+            let key = (position.destination.clone(), position.user_id.clone());
+            match position.stream_id {
+                Some(stream_id) => self.device_list_positions.insert(key, stream_id),
+                None => self.device_list_positions.remove(&key),
+            };
+        }
     }
 
     /// What a restarted sender loads.
@@ -57,6 +82,16 @@ impl MemoryStore {
             events_out_pos: self.events_out_pos,
             destinations: self.destinations.values().cloned().collect(),
             to_device_outbox: self.to_device_outbox.values().cloned().collect(),
+            device_list_pokes: self.device_list_pokes.values().cloned().collect(),
+            device_list_positions: self
+                .device_list_positions
+                .iter()
+                .map(|((destination, user_id), stream_id)| DeviceListPosition {
+                    destination: destination.clone(),
+                    user_id: user_id.clone(),
+                    stream_id: Some(*stream_id),
+                })
+                .collect(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! from one seed, faults everywhere during a safety phase with invariants checked on every
 //! step, then healing and a liveness phase that demands convergence within a budget.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -150,6 +150,7 @@ impl Totals {
         c.recoveries += r.recoveries;
         c.edus += r.edus;
         c.to_device_repeats += r.to_device_repeats;
+        c.device_list_edus += r.device_list_edus;
         let (f, r) = (&mut self.faults, &report.faults);
         f.drops += r.drops;
         f.errors += r.errors;
@@ -163,7 +164,7 @@ impl Totals {
     }
 
     /// Every fault kind and boundary behaviour with how often the sweep exercised it.
-    pub fn exercised(&self) -> [(&'static str, u64); 15] {
+    pub fn exercised(&self) -> [(&'static str, u64); 16] {
         [
             ("lost answers", self.faults.drops),
             ("5xx", self.faults.errors),
@@ -179,6 +180,7 @@ impl Totals {
             ("catch-ups", self.counts.catch_ups),
             ("recoveries", self.counts.recoveries),
             ("EDUs delivered", self.counts.edus),
+            ("device-list EDUs delivered (chains checked)", self.counts.device_list_edus),
             ("to-device repeats after crashes (dropped by receivers by message id)", self.counts.to_device_repeats),
         ]
     }
@@ -202,6 +204,8 @@ struct Sim {
     /// Remote users and the rooms they are joined to.
     members: BTreeMap<String, Vec<String>>,
     gone: Vec<String>,
+    /// The local user's devices.
+    devices: BTreeSet<String>,
     steps: u64,
     events: u64,
 }
@@ -235,6 +239,7 @@ pub fn run(options: &Options, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str
         rooms: Vec::new(),
         members: BTreeMap::new(),
         gone: Vec::new(),
+        devices: BTreeSet::new(),
         steps: 0,
         events: 0,
     };
@@ -415,10 +420,11 @@ impl Sim {
         } else if roll < outage + crash + 145 {
             Step::Settle {}
         } else if roll < outage + crash + 205 {
-            // Ephemeral traffic: typing, read receipts, presence, plain EDUs.
+            // Ephemeral traffic: typing, read receipts, presence, to-device, device lists,
+            // plain EDUs.
             let room = self.random_room();
             let local = format!("@local:{SERVER_NAME}");
-            match self.pick(5) {
+            match self.pick(7) {
                 0 => Step::Typing { room, user: local, typing: self.chance(500), timeout_ms: None },
                 1 => {
                     let Some(event) = self.world.latest_event_in(&room) else { return Ok(()) };
@@ -458,6 +464,23 @@ impl Sim {
                         message_id: Some(message_id),
                     }
                 }
+                4 => {
+                    // A device of the local user changes: durable, staggered, chained.
+                    let device = format!("D{}", self.pick(4));
+                    let deleted = self.devices.contains(&device) && self.chance(250);
+                    if deleted {
+                        self.devices.remove(&device);
+                    } else {
+                        self.devices.insert(device.clone());
+                    }
+                    let keys = (!deleted).then(|| json!({ "n": self.steps }));
+                    Step::DeviceUpdate { user: local, device, deleted: Some(deleted), keys, display_name: None }
+                }
+                5 => Step::SigningKeyUpdate {
+                    user: local,
+                    master_key: Some(json!({ "n": self.steps })),
+                    self_signing_key: self.chance(500).then(|| json!({ "s": self.steps })),
+                },
                 _ => {
                     let destination = self.random_remote();
                     let key = self.chance(500).then(|| format!("k{}", self.pick(5)));
@@ -546,6 +569,16 @@ impl Sim {
                 && checker.dropped.contains(&(key.0.clone(), String::from("m.direct_to_device")));
             if !checker.to_device.contains_key(key) && !given_up {
                 return Some(format!("{} lacks to-device message {} from {}", key.0, key.2, key.1));
+            }
+        }
+        // Owed: per (destination, user), the newest device change whose poke became durable;
+        // the destination's chain must have reached it (or gone past it).
+        for ((dest, user), owed) in &checker.device_lists_owed {
+            let seen = checker.device_lists_seen.get(&(dest.clone(), user.clone()));
+            let reached = seen.is_some_and(|s| s.contains(owed) || s.last().is_some_and(|last| last > owed));
+            let given_up = checker.dropped.contains(&(dest.clone(), String::from("m.device_list_update")));
+            if !reached && !given_up {
+                return Some(format!("{dest} lacks device-list update {owed} of {user} (it has {seen:?})"));
             }
         }
         for (dest, room, event, stream) in self.world.owed() {

@@ -40,6 +40,17 @@ struct Room {
     partial_state: Option<Vec<String>>,
 }
 
+/// A device-list change announced while one of its user's rooms was partial-state: the
+/// servers that turn up once the room is full-state are told too (T-A6).
+#[derive(Debug)]
+struct DeviceChange {
+    /// The input, with `destinations` filled in per announcement.
+    input: Input,
+    user: String,
+    partial_rooms: BTreeSet<String>,
+    told: BTreeSet<String>,
+}
+
 #[derive(Debug)]
 struct EventRecord {
     id: String,
@@ -285,6 +296,13 @@ pub(crate) struct World {
     /// What queries see: durable plus writes not yet acknowledged.
     visible: MemoryStore,
     agenda: BTreeMap<(u64, u64), Scheduled>,
+    /// The homeserver's device-list stream position.
+    device_stream: u64,
+    /// Local users' devices: user → device → (keys, display name).
+    devices: BTreeMap<String, BTreeMap<String, (Option<Value>, Option<String>)>>,
+    /// Remote users' devices we were told about (never announced by us).
+    remote_devices: BTreeSet<(String, String)>,
+    device_changes: Vec<DeviceChange>,
     next_seq: u64,
     generation: u64,
     engine_deadline: Option<u64>,
@@ -335,6 +353,10 @@ impl World {
             durable: MemoryStore::default(),
             visible: MemoryStore::default(),
             agenda: BTreeMap::new(),
+            device_stream: 0,
+            devices: BTreeMap::new(),
+            remote_devices: BTreeSet::new(),
+            device_changes: Vec::new(),
             next_seq: 0,
             generation: 0,
             engine_deadline: None,
@@ -353,6 +375,7 @@ impl World {
         if let Some(checker) = self.checker.as_mut() {
             let stored = fedsend_core::Changes {
                 destinations: self.durable.destinations.values().cloned().collect(),
+                device_list_pokes: self.durable.device_list_pokes.values().cloned().collect(),
                 ..fedsend_core::Changes::default()
             };
             checker.on_restart(&stored);
@@ -452,7 +475,7 @@ impl World {
             }
             Step::FullState { room } => {
                 self.room_mut(room)?.partial_state = None;
-                Ok(())
+                self.announce_after_full_state(room, engine, emit)
             }
             Step::Remote { host, respond, latency_ms } => {
                 let host = self.remote_name(host)?;
@@ -571,10 +594,123 @@ impl World {
                 };
                 self.input(engine, emit, input)
             }
-            Step::DeviceUpdate { .. } | Step::SigningKeyUpdate { .. } => {
-                Err(String::from("device-list ops are not implemented yet (the device-list outbox is a later step)"))
+            Step::DeviceUpdate { user, device, deleted, keys, display_name } => {
+                check_id(user, '@', "user")?;
+                if device.is_empty() {
+                    return Err(String::from("`device` is empty"));
+                }
+                if !self.is_local(user) {
+                    // A remote server told us about its user's device: ours to cache, never
+                    // to announce (T-D2).
+                    self.remote_devices.insert((user.clone(), device.clone()));
+                    return Ok(());
+                }
+                let deleted = deleted.unwrap_or(false);
+                let devices = self.devices.entry(user.clone()).or_default();
+                let (device_keys, device_name) = if deleted {
+                    if devices.remove(device).is_none() {
+                        return Err(format!("{user} has no device {device} to delete"));
+                    }
+                    (None, None)
+                } else {
+                    let record = devices.entry(device.clone()).or_default();
+                    if keys.is_some() {
+                        record.0 = keys.clone();
+                    }
+                    if display_name.is_some() {
+                        record.1 = display_name.clone();
+                    }
+                    record.clone()
+                };
+                self.device_stream += 1;
+                let input = Input::DeviceListUpdate {
+                    user_id: user.clone(),
+                    device_id: device.clone(),
+                    stream_id: self.device_stream,
+                    deleted,
+                    keys: device_keys,
+                    device_display_name: device_name,
+                    destinations: Vec::new(),
+                };
+                self.announce_device_change(user, input, engine, emit)
+            }
+            Step::SigningKeyUpdate { user, master_key, self_signing_key } => {
+                self.check_local_user(user)?;
+                self.device_stream += 1;
+                let input = Input::SigningKeyUpdate {
+                    user_id: user.clone(),
+                    stream_id: self.device_stream,
+                    master_key: master_key.clone(),
+                    self_signing_key: self_signing_key.clone(),
+                    destinations: Vec::new(),
+                };
+                self.announce_device_change(user, input, engine, emit)
             }
         }
+    }
+
+    // ----- the homeserver: device lists -----
+
+    /// Announces a device-list change to every server sharing a room with `user`: for a
+    /// partial-state room, the servers it was joined through (the only ones known yet).
+    fn announce_device_change(
+        &mut self,
+        user: &str,
+        input: Input,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> StepResult {
+        let mut told = BTreeSet::new();
+        let mut partial_rooms = BTreeSet::new();
+        for (room_id, room) in &self.rooms {
+            if room.members.get(user) != Some(&Membership::Join) {
+                continue;
+            }
+            match &room.partial_state {
+                Some(servers) => {
+                    told.extend(servers.iter().cloned());
+                    partial_rooms.insert(room_id.clone());
+                }
+                None => told.extend(servers_with(room, &[Membership::Join])),
+            }
+        }
+        told.remove(&self.server_name);
+        let change = DeviceChange { input, user: String::from(user), partial_rooms, told };
+        let input = with_destinations(&change.input, &change.told)?;
+        if !change.partial_rooms.is_empty() {
+            self.device_changes.push(change);
+        }
+        self.input(engine, emit, input)
+    }
+
+    /// `room` became full-state: its servers that were not known while it was partial hear of
+    /// the device-list changes made meanwhile.
+    fn announce_after_full_state(
+        &mut self,
+        room_id: &str,
+        engine: &mut dyn Engine,
+        emit: &mut dyn FnMut(&str),
+    ) -> StepResult {
+        let Some(room) = self.rooms.get(room_id) else { return Ok(()) };
+        let hosts = servers_with(room, &[Membership::Join]);
+        let mut inputs = Vec::new();
+        for change in &mut self.device_changes {
+            if !change.partial_rooms.remove(room_id) || room.members.get(&change.user) != Some(&Membership::Join) {
+                continue;
+            }
+            let new: BTreeSet<String> =
+                hosts.iter().filter(|h| **h != self.server_name && !change.told.contains(*h)).cloned().collect();
+            if new.is_empty() {
+                continue;
+            }
+            inputs.push(with_destinations(&change.input, &new)?);
+            change.told.extend(new);
+        }
+        self.device_changes.retain(|c| !c.partial_rooms.is_empty());
+        for input in inputs {
+            self.input(engine, emit, input)?;
+        }
+        Ok(())
     }
 
     // ----- the homeserver: rooms and events -----
@@ -883,6 +1019,18 @@ impl World {
     // ----- the engine boundary -----
 
     fn input(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str), input: Input) -> StepResult {
+        // Inputs that queue staggered data must not release several destinations at once;
+        // any other input may (see `Checker::check_stagger`).
+        let staggered = matches!(
+            input,
+            Input::Presence { .. }
+                | Input::Receipt { .. }
+                | Input::DeviceListUpdate { .. }
+                | Input::SigningKeyUpdate { .. }
+        );
+        if let (false, Some(checker)) = (staggered, self.checker.as_mut()) {
+            checker.on_delivery(self.now);
+        }
         let text = serde_json::to_string(&input).map_err(|e| e.to_string())?;
         engine.handle_input(self.now, &text).map_err(|e| {
             // Name the input by its type only: a whole input can be megabytes.
@@ -1045,7 +1193,9 @@ impl World {
                         || info.invitee_server.as_ref().is_some_and(|h| h.as_str() == host)
                 })
             };
-            let verdict = checker.on_send(now, &self.server_name, &txn, edus.len(), &routed);
+            let kinds: Vec<&str> =
+                edus.iter().map(|e| e.get("edu_type").and_then(Value::as_str).unwrap_or("")).collect();
+            let verdict = checker.on_send(now, &self.server_name, &txn, &kinds, &routed);
             self.checker = Some(checker);
             verdict?;
         }
@@ -1182,6 +1332,20 @@ impl World {
             }
         }
     }
+}
+
+/// A device-list input addressed to `servers`.
+fn with_destinations(input: &Input, servers: &BTreeSet<String>) -> Result<Input, String> {
+    let names =
+        servers.iter().map(|s| ServerName::parse(s)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    let mut input = input.clone();
+    match &mut input {
+        Input::DeviceListUpdate { destinations, .. } | Input::SigningKeyUpdate { destinations, .. } => {
+            *destinations = names;
+        }
+        _ => {}
+    }
+    Ok(input)
 }
 
 fn servers_with(room: &Room, memberships: &[Membership]) -> BTreeSet<String> {

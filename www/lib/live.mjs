@@ -25,7 +25,34 @@ export const LIVE_CONFIG = Object.freeze({
   catch_up_waker_period_ms: 30_000,
   catch_up_waker_interval_ms: 50,
   catch_up_waker_page_max: 100,
+  // The presence mix would send nothing without it (the core's default, stated because the
+  // workload depends on it).
+  presence_enabled: true,
 });
+
+/** The workload's EDU mixes: URL/parameter key → what the page calls it. Each is a rate per
+ * virtual second. `edus` (typing and receipts) shares the event workload's random stream; the
+ * others have a stream each, so changing one of them leaves every other draw as it was. */
+export const MIXES = Object.freeze({
+  edus: 'typing & receipts',
+  presence: 'presence',
+  todevice: 'to-device',
+  devices: 'device lists',
+});
+
+/** Rates of the workload when a parameter is not given (events and EDUs per virtual second). */
+export const DEFAULT_PARAMS = Object.freeze({
+  seed: 1, destinations: 30, rooms: 4, rate: 2, edus: 1, presence: 0.2, todevice: 0.5, devices: 0.05,
+});
+
+/** Actions that carry a number (`value`) rather than a host. */
+const VALUE_OPS = new Set(['rate', ...Object.keys(MIXES)]);
+
+/** The presence states our user cycles through. */
+const PRESENCE_CYCLE = ['online', 'unavailable', 'online', 'offline'];
+
+/** Our user's devices the device-list mix adds, changes and deletes. */
+const LOCAL_DEVICES = ['PHONE', 'LAPTOP', 'TABLET'];
 
 /** Upper bound of the virtual time from a server going down to its destination backing off,
  * once something is queued for it: every HTTP retry delay at its largest jitter, plus the
@@ -128,6 +155,7 @@ function blankDestination(name, rooms = []) {
     failed: 0,
     delivered: 0, // PDUs in successful transactions
     edusDelivered: 0, // EDUs in successful transactions
+    eduKinds: new Map(), // edu_type → EDUs of that type in successful transactions
     dropped: 0,
     received: new Map(), // room → highest stream received
     lastReceived: null, // event id
@@ -146,6 +174,7 @@ export class Model {
     this.roomEvents = new Map(); // room → [{ stream, t }] of our own events, in order
     this.roomStarted = new Set(); // rooms whose first event was seen
     this.counts = { lines: 0, persisted: 0, send: 0, ok: 0, failed: 0, dropped: 0, snapshot: 0, end: 0, pdus: 0, edus: 0 };
+    this.eduKinds = new Map(); // edu_type → EDUs of that type delivered, over every destination
     this.digest = 0x811c9dc5;
     this.samples = []; // { t, delivered, queued, inFlight }
     this.flights = []; // recent attempts (with `dest`), oldest first, for the drawing
@@ -183,7 +212,7 @@ export class Model {
         const d = this.destination(line.dest);
         const attempt = {
           txnId: line.txn_id, t: line.t, pdus: line.pdus.length, edus: line.edus.length, bytes: line.bytes,
-          pduIds: line.pdus, outcome: null, done: null,
+          pduIds: line.pdus, eduTypes: line.edus.map((e) => e.edu_type), outcome: null, done: null,
         };
         d.sent += 1;
         d.inFlight = attempt;
@@ -206,6 +235,10 @@ export class Model {
             d.edusDelivered += attempt.edus;
             this.counts.pdus += attempt.pdus;
             this.counts.edus += attempt.edus;
+            for (const kind of attempt.eduTypes) {
+              d.eduKinds.set(kind, (d.eduKinds.get(kind) ?? 0) + 1);
+              this.eduKinds.set(kind, (this.eduKinds.get(kind) ?? 0) + 1);
+            }
             for (const id of attempt.pduIds) {
               const e = this.events.get(id);
               if (!e) continue;
@@ -351,9 +384,23 @@ export class Model {
 export class LiveRun {
   /** `schedule`: actions to apply at given ticks, [{ tick, action }] (a recorded `log`). */
   constructor(LiveSimulation, params, schedule = []) {
-    this.params = { seed: 1, destinations: 30, rooms: 4, rate: 2, edus: 1, ...params };
+    this.params = { ...DEFAULT_PARAMS, ...params };
     this.world = buildWorld(this.params);
     this.random = prng(fnv(0x811c9dc5, `workload:${this.params.seed}`));
+    // The newer mixes draw from streams of their own (see MIXES).
+    this.mixRandom = {
+      presence: prng(fnv(0x811c9dc5, `presence:${this.params.seed}`)),
+      todevice: prng(fnv(0x811c9dc5, `todevice:${this.params.seed}`)),
+      devices: prng(fnv(0x811c9dc5, `devices:${this.params.seed}`)),
+    };
+    this.mixCarry = { presence: 0, todevice: 0, devices: 0 };
+    this.presenceIndex = 0; // position in PRESENCE_CYCLE
+    this.nextMessage = 1; // to-device message ids
+    this.devices = new Map(); // our user's device id → times its keys changed
+    this.signingKeys = 0; // cross-signing key changes so far
+    this.roomServers = new Map(this.world.roomIds.map((room) => [
+      room, this.world.names.filter((name) => this.world.roomsOf.get(name).includes(room)),
+    ]));
     this.sim = new LiveSimulation(JSON.stringify(this.world.header));
     this.model = new Model({ names: this.world.names, roomsOf: this.world.roomsOf });
     this.tick = 0;
@@ -383,7 +430,8 @@ export class LiveRun {
   }
 
   /** Queues an action for the next tick: { op: 'down'|'up'|'flaky'|'ratelimit'|'poison'|'inbound', host }
-   * or { op: 'partition'|'heal'|'restart' } or { op: 'rate'|'edus', value } (events or EDUs per second). */
+   * or { op: 'partition'|'heal'|'restart' } or { op: 'rate'|'edus'|'presence'|'todevice'|'devices', value }
+   * (events or EDUs per second). */
   act(action) {
     this.pending.push(action);
   }
@@ -453,7 +501,10 @@ export class LiveRun {
         this.params.rate = Math.max(0, Number(action.value) || 0);
         break;
       case 'edus':
-        this.params.edus = Math.max(0, Number(action.value) || 0);
+      case 'presence':
+      case 'todevice':
+      case 'devices':
+        this.params[op] = Math.max(0, Number(action.value) || 0);
         break;
       default:
         throw new Error(`unknown action ${JSON.stringify(action)}`);
@@ -503,9 +554,88 @@ export class LiveRun {
         steps.push({ op: 'typing', room, user: LOCAL_USER, typing, timeout_ms: 30_000 });
       }
     }
+    this.mixSteps(steps);
     steps.push({ op: 'advance', ms: TICK_MS });
     this.tick += 1;
     return steps;
+  }
+
+  /** How many items of mix `kind` fall due this tick (its rate, carried over between ticks). */
+  due(kind) {
+    const random = this.mixRandom[kind];
+    this.mixCarry[kind] += (this.params[kind] * TICK_MS) / 1000;
+    let n = 0;
+    while (this.mixCarry[kind] >= 1 || (this.mixCarry[kind] > 0 && random() < this.mixCarry[kind])) {
+      this.mixCarry[kind] = Math.max(0, this.mixCarry[kind] - 1);
+      n += 1;
+    }
+    return n;
+  }
+
+  /** The presence, to-device and device-list mixes of one tick, appended to `steps`. */
+  mixSteps(steps) {
+    const now = START_MS + this.tick * TICK_MS;
+    const names = this.world.names;
+    for (let n = this.due('presence'); n > 0; n -= 1) {
+      // Our user's presence goes to the servers of one room at a time, so that one update
+      // fans out like a typing notification rather than to the whole federation.
+      const random = this.mixRandom.presence;
+      const room = this.world.roomIds[Math.floor(random() * this.world.roomIds.length)];
+      const destinations = this.roomServers.get(room);
+      this.presenceIndex = (this.presenceIndex + 1) % PRESENCE_CYCLE.length;
+      const presence = PRESENCE_CYCLE[this.presenceIndex];
+      if (destinations.length === 0) continue;
+      steps.push({ op: 'presence', user: LOCAL_USER, presence, last_active_ts: now, destinations });
+    }
+    for (let n = this.due('todevice'); n > 0; n -= 1) {
+      // A message to one to three remote users' devices (a key request, say), each on its
+      // own server.
+      const random = this.mixRandom.todevice;
+      const messages = {};
+      const count = 1 + Math.floor(random() * Math.min(3, names.length));
+      for (let k = 0; k < count; k += 1) {
+        const name = names[Math.floor(random() * names.length)];
+        messages[`@u:${name}`] = { DEVICE: { action: 'request', request_id: `r${this.nextMessage}` } };
+      }
+      const message_id = `td${this.nextMessage}`;
+      this.nextMessage += 1;
+      steps.push({ op: 'to_device', sender: LOCAL_USER, type: 'm.room_key_request', messages, message_id });
+    }
+    for (let n = this.due('devices'); n > 0; n -= 1) {
+      // Our user adds a device, changes its keys or deletes it; now and then their
+      // cross-signing keys change. Every server sharing a room with them hears of it.
+      const random = this.mixRandom.devices;
+      if (random() < 0.2) {
+        this.signingKeys += 1;
+        const version = this.signingKeys;
+        steps.push({
+          op: 'signing_key_update',
+          user: LOCAL_USER,
+          master_key: { user_id: LOCAL_USER, usage: ['master'], keys: { [`ed25519:master${version}`]: `mk${version}` } },
+          self_signing_key: { user_id: LOCAL_USER, usage: ['self_signing'], keys: { [`ed25519:self${version}`]: `sk${version}` } },
+        });
+        continue;
+      }
+      const device = LOCAL_DEVICES[Math.floor(random() * LOCAL_DEVICES.length)];
+      if (this.devices.has(device) && random() < 0.3) {
+        this.devices.delete(device);
+        steps.push({ op: 'device_update', user: LOCAL_USER, device, deleted: true });
+        continue;
+      }
+      const version = (this.devices.get(device) ?? 0) + 1;
+      this.devices.set(device, version);
+      steps.push({
+        op: 'device_update',
+        user: LOCAL_USER,
+        device,
+        keys: {
+          user_id: LOCAL_USER,
+          device_id: device,
+          algorithms: ['m.olm.v1.curve25519-aes-sha2', 'm.megolm.v1.aes-sha2'],
+          keys: { [`curve25519:${device}`]: `ck${version}`, [`ed25519:${device}`]: `ek${version}` },
+        },
+      });
+    }
   }
 
   /** Runs `ticks` ticks in one call into wasm, then folds the trace and figures. */
@@ -604,7 +734,7 @@ export function decodeLog(text) {
     const arg = rest.join(':');
     if (!/^\d+$/.test(tick) || !op) throw new Error(`bad action log entry ${JSON.stringify(entry)}`);
     const action = { op };
-    if (op === 'rate' || op === 'edus') action.value = Number(arg);
+    if (VALUE_OPS.has(op)) action.value = Number(arg);
     else if (arg) action.host = arg;
     return { tick: Number(tick), action };
   });

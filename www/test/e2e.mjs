@@ -7,7 +7,7 @@
 // run. Screenshots of the main states go to artifacts/www-*.png. Prints one line per check
 // and a result line; exit status 0 = pass. Needs www/pkg (scripts/build-wasm.sh).
 //
-// Checks (all by default, or the named ones): live, backoff, restart, faults, determinism,
+// Checks (all by default, or the named ones): live, mix, backoff, restart, faults, determinism,
 // replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×.
 //
 // It lives in www/test/ but is not a `node --test` file: Node 20's runner runs every .mjs under
@@ -19,7 +19,7 @@ import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { backoffBoundMs, fnv, traceCounts } from '../lib/live.mjs';
+import { MIXES, backoffBoundMs, fnv, traceCounts } from '../lib/live.mjs';
 import { serve } from '../lib/server.mjs';
 
 const WWW = resolve(fileURLToPath(new URL('..', import.meta.url)));
@@ -68,6 +68,14 @@ async function stepUntil(page, until, max) {
   return (await summary(page)).now - t0;
 }
 
+/** Sets the workload's event rate and every EDU mix to 0 (so that the world can settle). */
+async function quiet(page) {
+  for (const input of ['#rate', ...Object.keys(MIXES).map((mix) => `#${mix}`)]) {
+    await page.fill(input, '0');
+    await page.dispatchEvent(input, 'change');
+  }
+}
+
 async function waitVirtual(page, ms) {
   const t0 = (await summary(page)).now;
   await page.waitForFunction((target) => Number(document.getElementById('summary').dataset.now) >= target, t0 + ms,
@@ -93,6 +101,33 @@ const CHECKS = {
     return `t=+${b.now} ms, ${b.sends} sends, ${b.delivered} PDUs and ${b.edus} EDUs delivered, clicked ${d.dest}; ${file}`;
   },
 
+  async mix(page) {
+    // Every EDU mix on, from the URL: each kind reaches the destinations and is listed in the
+    // summary and in a destination's "received".
+    const want = ['m.typing', 'm.presence', 'm.direct_to_device', 'm.device_list_update'];
+    await ready(page, '?seed=4&n=12&rooms=2&rate=1&edus=2&presence=2&todevice=3&devices=2&speed=0&select=s0001.example');
+    await stepUntil(page, () => false, 20);
+    const kinds = JSON.parse(await page.$eval('#edu-kinds', (el) => el.dataset.kinds));
+    for (const kind of want) expect(kinds[kind] > 0, `no ${kind} delivered with every mix on: ${JSON.stringify(kinds)}`);
+    const received = await page.$eval('#d-received', (el) => ({ text: el.textContent, kinds: JSON.parse(el.dataset.kinds) }));
+    expect(received.kinds['m.presence'] > 0 && received.text.includes('m.presence'),
+      `s0001.example's detail lists no presence received: ${JSON.stringify(received)}`);
+    for (const mix of Object.keys(MIXES)) {
+      expect(await page.inputValue(`#${mix}`) !== '0', `the ${mix} control does not show the URL's rate`);
+    }
+    const file = await shot(page, 'mix');
+    // Off again: after the queues drain, those kinds stop growing.
+    await quiet(page);
+    await stepUntil(page, () => false, 15);
+    const before = JSON.parse(await page.$eval('#edu-kinds', (el) => el.dataset.kinds));
+    await stepUntil(page, () => false, 20);
+    const after = JSON.parse(await page.$eval('#edu-kinds', (el) => el.dataset.kinds));
+    for (const kind of want) expect(after[kind] === before[kind], `${kind} still delivered with its mix at 0: ${before[kind]} → ${after[kind]}`);
+    const log = new URL(page.url()).searchParams.get('log') ?? '';
+    expect(['presence', 'todevice', 'devices', 'edus'].every((mix) => log.includes(`:${mix}:0`)), `mix changes missing from the URL's log: ${log}`);
+    return `delivered ${JSON.stringify(kinds)}; s0001.example received ${received.text.split(' · ')[0]}; all mixes at 0 → no more; ${file}`;
+  },
+
   async backoff(page) {
     const host = 's0003.example';
     await ready(page, `?seed=1&n=30&speed=0&select=${host}`);
@@ -112,10 +147,7 @@ const CHECKS = {
     expect(d.converged === 'false', `${host} converged while down`);
     await page.click('[data-action=up]');
     await page.click('[data-action=inbound]');
-    for (const input of ['#rate', '#edus']) {
-      await page.fill(input, '0');
-      await page.dispatchEvent(input, 'change');
-    }
+    await quiet(page);
     await page.click('#speed10');
     const seen = new Set();
     const deadline = Date.now() + TIMEOUT_MS;
@@ -137,10 +169,7 @@ const CHECKS = {
     await page.click('#restart');
     await waitVirtual(page, 3_000);
     const mid = await shot(page, 'restart');
-    for (const input of ['#rate', '#edus']) {
-      await page.fill(input, '0');
-      await page.dispatchEvent(input, 'change');
-    }
+    await quiet(page);
     await page.click('#speed100');
     await page.waitForFunction(() => {
       const s = document.getElementById('summary').dataset;
@@ -260,7 +289,8 @@ const CHECKS = {
 
   async perf(page) {
     // The default workload (2 events/s, rooms of ~330 servers: ~650 transactions/s against the
-    // global cap of 128 in flight), then a light one (0.2 events/s).
+    // global cap of 128 in flight), then a light one (0.2 events/s); both with the default EDU
+    // mix, whose device-list changes go to all 1 000 servers.
     const lines = [];
     let file;
     for (const rate of [2, 0.2]) {

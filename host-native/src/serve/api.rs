@@ -1,0 +1,382 @@
+//! The ingest API: what the homeserver calls. Loopback by default, bearer-token protected
+//! (except `/health` and `/metrics`), JSON in and out; every refusal is
+//! `{"errcode": …, "error": …}` with a reason. A submission is answered only once it is
+//! durable: events after their SQLite commit, to-device messages after the core's outbox rows
+//! are committed; ephemeral updates once the core accepted them.
+//!
+//! | route | body | effect |
+//! |---|---|---|
+//! | `POST /_fedsend/v1/events` | `{event_id, pdu, hosts, partial_state_servers?, invitee_server?, proactively_send?, out_of_band?, send_on_behalf_of?}` | a local event (already signed by the homeserver) to send |
+//! | `POST /_fedsend/v1/remote_events` | `{event_id, pdu, hosts?}` | a remote event that extends a room (forward extremities) |
+//! | `PUT /_fedsend/v1/rooms/{room_id}/partial_state` | `{servers: [..] or null}` | room partial-state on our side, or fully joined |
+//! | `POST /_fedsend/v1/to_device` | the core's `to_device` input | acknowledged when durable |
+//! | `POST /_fedsend/v1/{kind}` | the core's input of that `type` without the tag | `typing`, `receipt`, `presence`, `edu`, `remote_up`, and any newer core command (e.g. device-list updates) |
+//! | `POST /_fedsend/v1/destinations/{name}/reset` | – | clear backoff and retry now |
+//! | `GET /_fedsend/v1/destinations[/{name}]` | – | per-destination state (like Synapse's admin API) |
+//! | `GET /health`, `GET /metrics` | – | liveness; Prometheus text |
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use fedsend_core::{PduInfo, ServerName, server_of};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::driver::{DriverHandle, Rejection};
+use super::metrics::Metrics;
+use super::store::NewEvent;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct ApiState {
+    /// The driver.
+    pub driver: DriverHandle,
+    /// Metrics, rendered on `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// The bearer token.
+    pub token: String,
+    /// Our server name.
+    pub server_name: ServerName,
+    /// Largest body accepted.
+    pub body_bytes_max: usize,
+    /// Largest EDU content accepted.
+    pub edu_bytes_max: usize,
+}
+
+/// Core input types that only the driver may feed (completions, the events stream, time).
+const DRIVER_ONLY: &[&str] = &[
+    "new_events",
+    "events_fetched",
+    "catch_up_loaded",
+    "outstanding_loaded",
+    "persisted",
+    "storage_failed",
+    "transaction_done",
+    "timeout",
+    "set_destination_state",
+];
+
+/// The router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/_fedsend/v1/events", post(local_event))
+        .route("/_fedsend/v1/remote_events", post(remote_event))
+        .route("/_fedsend/v1/rooms/{room_id}/partial_state", put(partial_state))
+        .route("/_fedsend/v1/destinations", get(destinations))
+        .route("/_fedsend/v1/destinations/{name}", get(destination))
+        .route("/_fedsend/v1/destinations/{name}/reset", post(reset))
+        .route("/_fedsend/v1/{kind}", post(command))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn error(status: StatusCode, errcode: &str, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "errcode": errcode, "error": message.into() }))).into_response()
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        error(status, self.errcode, self.error)
+    }
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "no such endpoint")
+}
+
+fn refusal(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection { status: status.as_u16(), errcode, error: message.into() }
+}
+
+fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), Rejection> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(refusal(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing Authorization: Bearer <token>"));
+    };
+    let presented = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default().as_bytes();
+    let expected = state.token.as_bytes();
+    // Compare in time independent of where the first difference is.
+    let same =
+        presented.len() == expected.len() && presented.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same { Ok(()) } else { Err(refusal(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "invalid ingest token")) }
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(state: &ApiState, body: Body) -> Result<T, Rejection> {
+    let bytes = to_bytes(body, state.body_bytes_max).await.map_err(|_| {
+        refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+            format!("request body larger than {} bytes ([ingest] body_bytes_max)", state.body_bytes_max),
+        )
+    })?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| refusal(StatusCode::BAD_REQUEST, "M_NOT_JSON", format!("body is not JSON: {e}")))?;
+    serde_json::from_value(value).map_err(|e| refusal(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{e}")))
+}
+
+async fn health() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let stats = match state.driver.stats().await {
+        Ok(stats) => stats,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let text = state.metrics.render(&stats, now_ms);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+/// A submitted event (local or remote).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventSubmission {
+    event_id: String,
+    pdu: Value,
+    #[serde(default)]
+    hosts: Vec<ServerName>,
+    #[serde(default)]
+    partial_state_servers: Option<Vec<ServerName>>,
+    #[serde(default)]
+    invitee_server: Option<ServerName>,
+    #[serde(default = "yes")]
+    proactively_send: bool,
+    #[serde(default)]
+    out_of_band: bool,
+    #[serde(default)]
+    send_on_behalf_of: Option<ServerName>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn bad(message: impl Into<String>) -> Rejection {
+    refusal(StatusCode::BAD_REQUEST, "M_BAD_JSON", message)
+}
+
+/// Checks the submission and reads the routing fields out of the PDU.
+fn new_event(state: &ApiState, submission: EventSubmission, local: bool) -> Result<NewEvent, Rejection> {
+    let EventSubmission {
+        event_id,
+        pdu,
+        hosts,
+        partial_state_servers,
+        invitee_server,
+        proactively_send,
+        out_of_band,
+        send_on_behalf_of,
+    } = submission;
+    if !event_id.starts_with('$') || event_id.len() < 2 || event_id.len() > 255 {
+        return Err(bad(format!("event_id {event_id:?} is not an event id ($…, at most 255 bytes)")));
+    }
+    let object = pdu.as_object().ok_or_else(|| bad("pdu must be a JSON object"))?;
+    let text = |key: &str| object.get(key).and_then(Value::as_str);
+    // Room version 12 create events carry no room_id: the room id is the create event's id
+    // with `!` for `$`, and room ids no longer name a server.
+    let derived_room_id;
+    let room_id = match text("room_id") {
+        Some(room_id) => room_id,
+        None if text("type") == Some("m.room.create") => {
+            derived_room_id = format!("!{}", &event_id[1..]);
+            &derived_room_id
+        }
+        None => return Err(bad("pdu.room_id is missing or not a string")),
+    };
+    if !room_id.starts_with('!') || room_id.len() < 2 || room_id.len() > 255 {
+        return Err(bad(format!("pdu.room_id {room_id:?} is not a room id (!…, at most 255 bytes)")));
+    }
+    let sender = text("sender").ok_or_else(|| bad("pdu.sender is missing or not a string"))?;
+    let sender_server = server_of(sender)
+        .filter(|_| sender.starts_with('@'))
+        .and_then(|s| ServerName::parse(s).ok())
+        .ok_or_else(|| bad(format!("pdu.sender {sender:?} is not a user id (@…:server)")))?;
+    if local && sender_server != state.server_name {
+        return Err(bad(format!(
+            "pdu.sender {sender} is not a user of {}; submit other servers' events to /remote_events",
+            state.server_name
+        )));
+    }
+    if !local && sender_server == state.server_name {
+        return Err(bad(format!("pdu.sender {sender} is local; submit it to /events")));
+    }
+    let depth = object
+        .get("depth")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("pdu.depth is missing or not a non-negative integer"))?;
+    let prev_events = match object.get("prev_events") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| bad("pdu.prev_events must be event ids")))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(bad("pdu.prev_events is missing or not an array")),
+    };
+    let info = PduInfo {
+        event_id,
+        room_id: room_id.to_owned(),
+        stream_ordering: 0,
+        sender: sender.to_owned(),
+        has_prev_events: !prev_events.is_empty(),
+        hosts,
+        partial_state_servers,
+        invitee_server,
+        proactively_send,
+        out_of_band,
+        send_on_behalf_of,
+        received_ts: Some(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        ),
+        pdu,
+    };
+    Ok(NewEvent { info, depth, prev_events, local })
+}
+
+async fn submit_event(state: Arc<ApiState>, headers: HeaderMap, body: Body, local: bool) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused.into_response();
+    }
+    let submission: EventSubmission = match read_json(&state, body).await {
+        Ok(s) => s,
+        Err(refused) => return refused.into_response(),
+    };
+    let event = match new_event(&state, submission, local) {
+        Ok(e) => e,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.driver.event(event).await {
+        Ok(added) => axum::Json(json!({ "stream_ordering": added.stream_ordering, "new": added.new })).into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+async fn local_event(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+    submit_event(state, headers, body, true).await
+}
+
+async fn remote_event(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+    submit_event(state, headers, body, false).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialState {
+    servers: Option<Vec<ServerName>>,
+}
+
+async fn partial_state(
+    State(state): State<Arc<ApiState>>,
+    Path(room_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused.into_response();
+    }
+    let request: PartialState = match read_json(&state, body).await {
+        Ok(r) => r,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.driver.partial_state(room_id, request.servers).await {
+        Ok(()) => axum::Json(json!({})).into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+async fn command(
+    State(state): State<Arc<ApiState>>,
+    Path(kind): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused.into_response();
+    }
+    if DRIVER_ONLY.contains(&kind.as_str()) || !kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        return error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", format!("no such command {kind:?}"));
+    }
+    let mut object: serde_json::Map<String, Value> = match read_json(&state, body).await {
+        Ok(o) => o,
+        Err(refused) => return refused.into_response(),
+    };
+    if object.contains_key("type") {
+        return bad("the command is named by the URL; remove \"type\" from the body").into_response();
+    }
+    if kind == "edu" {
+        let size = object.get("content").map_or(0, |c| c.to_string().len());
+        if size > state.edu_bytes_max {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                format!("EDU content is {size} bytes, more than {} ([ingest] edu_bytes_max)", state.edu_bytes_max),
+            );
+        }
+    }
+    object.insert("type".into(), Value::String(kind.clone()));
+    let result = if kind == "to_device" {
+        state.driver.to_device(Value::Object(object)).await
+    } else {
+        state.driver.input(Value::Object(object)).await
+    };
+    match result {
+        Ok(()) => axum::Json(json!({})).into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+async fn destinations(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused.into_response();
+    }
+    match state.driver.stats().await {
+        Ok(stats) => axum::Json(json!({ "total": stats.len(), "destinations": stats })).into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+fn parse_destination(name: &str) -> Result<ServerName, Rejection> {
+    ServerName::parse(name)
+        .map_err(|e| refusal(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", format!("{name:?} is not a server name: {e}")))
+}
+
+async fn destination(State(state): State<Arc<ApiState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused.into_response();
+    }
+    let name = match parse_destination(&name) {
+        Ok(n) => n,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.driver.stats().await {
+        Ok(stats) => match stats.into_iter().find(|s| s.destination == name) {
+            Some(found) => axum::Json(found).into_response(),
+            None => error(StatusCode::NOT_FOUND, "M_NOT_FOUND", format!("unknown destination {name}")),
+        },
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+async fn reset(State(state): State<Arc<ApiState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused.into_response();
+    }
+    let name = match parse_destination(&name) {
+        Ok(n) => n,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.driver.input(json!({ "type": "wake_destination", "destination": name })).await {
+        Ok(()) => axum::Json(json!({})).into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
+}

@@ -1,0 +1,235 @@
+//! The TOML configuration of `fedsend serve`. Every key, its default and its meaning are
+//! listed in `docs/serve-config.md`; unknown keys are refused so a typo is an error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Our homeserver's name (the `origin` of every transaction).
+    pub server_name: String,
+    /// Synapse-format signing key file (`ed25519 <version> <seed>`).
+    pub signing_key_file: PathBuf,
+    /// The SQLite database file; created if missing.
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    /// `native` (core linked in) or `wasm` (core in wasmtime).
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// The wasm guest for `engine = "wasm"`; found like `fedsend scenario --engine wasm` when absent.
+    #[serde(default)]
+    pub wasm_path: Option<PathBuf>,
+    /// The ingest API.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// The outbound HTTPS client.
+    #[serde(default)]
+    pub transport: TransportSection,
+    /// Keys of the core's `Config` (see the fedsend-core docs), passed through as they are.
+    #[serde(default)]
+    pub sender: toml::Table,
+}
+
+/// Which engine runs the core.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// The core linked natively.
+    #[default]
+    Native,
+    /// The core compiled to wasm, in wasmtime.
+    Wasm,
+}
+
+/// `[ingest]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Address of the ingest API, `/metrics` and `/health`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token the homeserver must present.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding the token (first line), instead of `token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Largest request body accepted.
+    #[serde(default = "default_body_bytes_max")]
+    pub body_bytes_max: usize,
+    /// Largest EDU content accepted on `/edu` (encoded JSON bytes).
+    #[serde(default = "default_edu_bytes_max")]
+    pub edu_bytes_max: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token: None,
+            token_file: None,
+            body_bytes_max: default_body_bytes_max(),
+            edu_bytes_max: default_edu_bytes_max(),
+        }
+    }
+}
+
+/// `[transport]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    /// TCP connect plus TLS handshake, per address.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// From sending a request to having the whole response.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Verify server certificates. Turn off only in test setups.
+    #[serde(default = "yes")]
+    pub verify_tls: bool,
+    /// PEM file of extra trusted CAs.
+    #[serde(default)]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Refuse private, loopback and link-local addresses (SSRF protection).
+    #[serde(default = "yes")]
+    pub ip_denylist_enabled: bool,
+    /// CIDR ranges allowed despite the denylist, e.g. `"127.0.0.0/8"`.
+    #[serde(default)]
+    pub ip_allowlist: Vec<String>,
+    /// DNS server to use instead of the system's.
+    #[serde(default)]
+    pub dns_nameserver: Option<SocketAddr>,
+    /// Port of `/.well-known/matrix/server` lookups (443 outside tests).
+    #[serde(default = "default_well_known_port")]
+    pub well_known_port: u16,
+    /// Transactions on the wire at once, all destinations together.
+    #[serde(default = "default_sends_in_flight_max")]
+    pub sends_in_flight_max: usize,
+}
+
+impl Default for TransportSection {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: default_connect_timeout_ms(),
+            request_timeout_ms: default_request_timeout_ms(),
+            verify_tls: true,
+            extra_ca_file: None,
+            ip_denylist_enabled: true,
+            ip_allowlist: Vec::new(),
+            dns_nameserver: None,
+            well_known_port: default_well_known_port(),
+            sends_in_flight_max: default_sends_in_flight_max(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_database() -> PathBuf {
+    PathBuf::from("fedsend.db")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8009))
+}
+fn default_body_bytes_max() -> usize {
+    4 * 1024 * 1024
+}
+fn default_edu_bytes_max() -> usize {
+    64 * 1024
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_request_timeout_ms() -> u64 {
+    60_000
+}
+fn default_well_known_port() -> u16 {
+    443
+}
+fn default_sends_in_flight_max() -> usize {
+    64
+}
+
+impl ServeConfig {
+    /// Reads and checks the file; relative paths in it are taken from the file's directory.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let mut config = Self::parse(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        rebase(&mut config.signing_key_file);
+        rebase(&mut config.database);
+        if let Some(p) = config.wasm_path.as_mut() {
+            rebase(p);
+        }
+        if let Some(p) = config.ingest.token_file.as_mut() {
+            rebase(p);
+        }
+        if let Some(p) = config.transport.extra_ca_file.as_mut() {
+            rebase(p);
+        }
+        Ok(config)
+    }
+
+    /// Parses and checks TOML text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))?;
+        fedsend_core::ServerName::parse(&config.server_name)
+            .map_err(|e| format!("server_name {:?} is not a valid server name: {e}", config.server_name))?;
+        if config.ingest.token.is_some() && config.ingest.token_file.is_some() {
+            return Err("[ingest] sets both token and token_file; keep one".into());
+        }
+        if config.transport.sends_in_flight_max == 0 {
+            return Err("[transport] sends_in_flight_max must be at least 1".into());
+        }
+        config.core_config_json()?;
+        Ok(config)
+    }
+
+    /// The core's `Config` as JSON: `[sender]` plus `server_name`, checked by the core's own
+    /// decoder so errors name the key.
+    pub fn core_config_json(&self) -> Result<String, String> {
+        let mut object = serde_json::Map::new();
+        for (key, value) in &self.sender {
+            if key == "server_name" {
+                return Err("[sender] must not set server_name; it is the top-level key".into());
+            }
+            let value = serde_json::to_value(value).map_err(|e| format!("[sender] {key}: {e}"))?;
+            object.insert(key.clone(), value);
+        }
+        object.insert("server_name".into(), Value::String(self.server_name.clone()));
+        let json = Value::Object(object).to_string();
+        let _: fedsend_core::Config = serde_json::from_str(&json).map_err(|e| format!("[sender]: {e}"))?;
+        Ok(json)
+    }
+
+    /// The ingest token, from `token` or `token_file`.
+    pub fn ingest_token(&self) -> Result<String, String> {
+        let token = match (&self.ingest.token, &self.ingest.token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read [ingest] token_file {}: {e}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            (None, None) => return Err("[ingest] needs token or token_file".into()),
+        };
+        if token.len() < 16 {
+            return Err("[ingest] token must be at least 16 characters".into());
+        }
+        Ok(token)
+    }
+}

@@ -1,0 +1,435 @@
+//! The driver: one tokio task that owns the engine and the store, feeds the engine its inputs,
+//! drains its outputs and performs them (transactions on the transport, with a bound on how
+//! many are on the wire; persists and queries on the store), and sleeps until the engine's
+//! deadline or the next input.
+//!
+//! The engine is any [`fedsend_sim::Engine`] (the core linked natively, or in wasmtime), used
+//! through the same JSON boundary as the scenarios; the store is any [`Store`]; the transport
+//! is any [`Transport`], so tests can run the whole loop against an in-process fake.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedsend_core::{DestinationStats, Input, OutgoingTransaction, Output, RequestId, ServerName, TransactionResult};
+use fedsend_sim::Engine;
+use serde_json::Value;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use super::metrics::Metrics;
+use super::store::{Added, NewEvent, Store, StoreError};
+
+/// One HTTP attempt of a transaction. Retry policy is the core's, never the transport's.
+pub trait Transport: Send + Sync + 'static {
+    /// `PUT /_matrix/federation/v1/send/{txn_id}` to `destination` with `body`.
+    fn send<'a>(
+        &'a self,
+        destination: &'a str,
+        txn_id: &'a str,
+        body: &'a str,
+    ) -> Pin<Box<dyn Future<Output = TransactionResult> + Send + 'a>>;
+}
+
+impl Transport for crate::transport::HttpsTransport {
+    fn send<'a>(
+        &'a self,
+        destination: &'a str,
+        txn_id: &'a str,
+        body: &'a str,
+    ) -> Pin<Box<dyn Future<Output = TransactionResult> + Send + 'a>> {
+        Box::pin(self.send_transaction(destination, txn_id, body))
+    }
+}
+
+/// Why the driver refused a request; the API turns it into `{errcode, error}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// HTTP status.
+    pub status: u16,
+    /// Matrix errcode.
+    pub errcode: &'static str,
+    /// What was wrong, for a human.
+    pub error: String,
+}
+
+impl Rejection {
+    /// 400 with `errcode`.
+    pub fn bad(errcode: &'static str, error: impl Into<String>) -> Self {
+        Self { status: 400, errcode, error: error.into() }
+    }
+
+    fn from_store(error: StoreError) -> Self {
+        match error {
+            StoreError::UnknownRoom(_) => Self { status: 404, errcode: "M_NOT_FOUND", error: error.to_string() },
+            StoreError::Invalid(_) => Self::bad("M_INVALID_PARAM", error.to_string()),
+            StoreError::Backend(_) => Self { status: 503, errcode: "M_UNKNOWN", error: error.to_string() },
+        }
+    }
+
+    fn stopped() -> Self {
+        Self { status: 503, errcode: "M_UNKNOWN", error: "the sender is shutting down".into() }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Rejection>>;
+
+/// What the API asks of the driver.
+#[derive(Debug)]
+pub enum Command {
+    /// Feed a core input as is (JSON with its `type`). Acknowledged when the core accepted it.
+    Input { input: Value, reply: Reply<()> },
+    /// Feed a `to_device` input; acknowledged once its outbox rows are durable.
+    ToDevice { input: Value, reply: Reply<()> },
+    /// Record an event (durably), then tell the core about it.
+    Event { event: Box<NewEvent>, reply: Reply<Added> },
+    /// Mark a room partial-state or fully joined.
+    PartialState { room_id: String, servers: Option<Vec<ServerName>>, reply: Reply<()> },
+    /// Per-destination figures.
+    Stats { reply: oneshot::Sender<Vec<DestinationStats>> },
+}
+
+/// Sends commands to the driver task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DriverHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl DriverHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Rejection> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| Rejection::stopped())?;
+        answer.await.map_err(|_| Rejection::stopped())?
+    }
+
+    /// See [`Command::Input`].
+    pub async fn input(&self, input: Value) -> Result<(), Rejection> {
+        self.ask(|reply| Command::Input { input, reply }).await
+    }
+
+    /// See [`Command::ToDevice`].
+    pub async fn to_device(&self, input: Value) -> Result<(), Rejection> {
+        self.ask(|reply| Command::ToDevice { input, reply }).await
+    }
+
+    /// See [`Command::Event`].
+    pub async fn event(&self, event: NewEvent) -> Result<Added, Rejection> {
+        self.ask(|reply| Command::Event { event: Box::new(event), reply }).await
+    }
+
+    /// See [`Command::PartialState`].
+    pub async fn partial_state(&self, room_id: String, servers: Option<Vec<ServerName>>) -> Result<(), Rejection> {
+        self.ask(|reply| Command::PartialState { room_id, servers, reply }).await
+    }
+
+    /// See [`Command::Stats`].
+    pub async fn stats(&self) -> Result<Vec<DestinationStats>, Rejection> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Stats { reply }).await.map_err(|_| Rejection::stopped())?;
+        answer.await.map_err(|_| Rejection::stopped())
+    }
+}
+
+struct Completion {
+    request: RequestId,
+    destination: ServerName,
+    pdus: u64,
+    edus: u64,
+    result: TransactionResult,
+}
+
+/// A to-device submission waiting for its outbox rows to become durable.
+struct ToDeviceWaiter {
+    outbox_ids: BTreeSet<u64>,
+    reply: Reply<()>,
+}
+
+/// The engine's owner. Build with [`Driver::start`], then [`Driver::run`] it on a task.
+pub struct Driver {
+    engine: Box<dyn Engine + Send>,
+    store: Box<dyn Store>,
+    transport: Arc<dyn Transport>,
+    sends: Arc<Semaphore>,
+    commands: mpsc::Receiver<Command>,
+    completions_tx: mpsc::UnboundedSender<Completion>,
+    completions: mpsc::UnboundedReceiver<Completion>,
+    to_device_waiters: Vec<ToDeviceWaiter>,
+    metrics: Arc<Metrics>,
+    in_flight: HashMap<RequestId, ServerName>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("in_flight", &self.in_flight.len()).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Counts the EDUs of a transaction body, for Synapse's `sent_edus` counter.
+fn edus_in(body: &str) -> u64 {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("edus").and_then(Value::as_array).map(|a| a.len() as u64))
+        .unwrap_or(0)
+}
+
+/// Options of a driver.
+#[derive(Clone, Debug)]
+pub struct DriverOptions {
+    /// The core's `Config` as JSON.
+    pub core_config_json: String,
+    /// Transactions on the wire at once.
+    pub sends_in_flight_max: usize,
+}
+
+impl Driver {
+    /// Loads the recovered state from `store`, starts `engine` with it and tells the engine
+    /// about every stored event. Returns the driver and the handle the API uses.
+    pub fn start(
+        mut engine: Box<dyn Engine + Send>,
+        mut store: Box<dyn Store>,
+        transport: Arc<dyn Transport>,
+        metrics: Arc<Metrics>,
+        options: &DriverOptions,
+    ) -> Result<(Self, DriverHandle), String> {
+        let recovered = store.recovered().map_err(|e| format!("loading the sender state: {e}"))?;
+        let recovered_json = serde_json::to_string(&recovered).map_err(|e| e.to_string())?;
+        engine.start(&options.core_config_json, &recovered_json)?;
+        info!(
+            incarnation = recovered.incarnation,
+            destinations = recovered.destinations.len(),
+            to_device_rows = recovered.to_device_outbox.len(),
+            "recovered sender state"
+        );
+        let (commands_tx, commands) = mpsc::channel(1024);
+        let (completions_tx, completions) = mpsc::unbounded_channel();
+        let mut driver = Self {
+            engine,
+            store,
+            transport,
+            sends: Arc::new(Semaphore::new(options.sends_in_flight_max.max(1))),
+            commands,
+            completions_tx,
+            completions,
+            to_device_waiters: Vec::new(),
+            metrics,
+            in_flight: HashMap::new(),
+        };
+        let up_to = driver.store.max_stream_ordering().map_err(|e| format!("reading the events stream: {e}"))?;
+        if up_to > 0 {
+            driver.feed(&Input::NewEvents { up_to }).map_err(|e| e.error)?;
+        }
+        driver.feed(&Input::Timeout).map_err(|e| e.error)?;
+        Ok((driver, DriverHandle { commands: commands_tx }))
+    }
+
+    /// Runs until `shutdown` turns true or every handle is dropped.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            self.drain();
+            let wait = match self.engine.poll_timeout() {
+                Some(deadline) => Duration::from_millis(deadline.saturating_sub(now_ms())),
+                // Nothing scheduled: wake now and then anyway, harmlessly.
+                None => Duration::from_secs(60),
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                }
+                Some(done) = self.completions.recv() => self.on_completion(done),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                () = tokio::time::sleep(wait) => {
+                    let _ = self.feed(&Input::Timeout);
+                }
+            }
+        }
+        info!(in_flight = self.in_flight.len(), "driver stopped");
+    }
+
+    fn feed(&mut self, input: &Input) -> Result<(), Rejection> {
+        // Inputs we build always serialize.
+        let json = serde_json::to_string(input).expect("inputs always serialize");
+        self.feed_json(&json)
+    }
+
+    fn feed_json(&mut self, json: &str) -> Result<(), Rejection> {
+        self.engine.handle_input(now_ms(), json).map_err(|e| Rejection::bad("M_INVALID_PARAM", e))
+    }
+
+    fn drain(&mut self) {
+        while let Some(text) = self.engine.poll_output() {
+            self.perform_text(&text);
+        }
+    }
+
+    fn perform_text(&mut self, text: &str) {
+        match serde_json::from_str::<Output>(text) {
+            Ok(output) => self.perform(output),
+            // A newer core may have outputs this host does not know yet; say so and go on.
+            Err(e) => warn!(output = text, "ignoring an output this host cannot decode: {e}"),
+        }
+    }
+
+    fn answer(&mut self, input: Input) {
+        if let Err(e) = self.feed(&input) {
+            error!("the engine refused our own answer: {}", e.error);
+        }
+    }
+
+    fn storage_failed(&mut self, request: RequestId, what: &str, e: &StoreError) {
+        error!(%request, "{what}: {e}");
+        self.metrics.storage_failures.inc();
+        self.answer(Input::StorageFailed { request, error: e.to_string() });
+    }
+
+    fn perform(&mut self, output: Output) {
+        match output {
+            Output::SendTransaction(txn) => self.send(txn),
+            Output::FetchEvents { request, after, limit } => match self.store.fetch_events(after, limit) {
+                Ok(events) => self.answer(Input::EventsFetched { request, events }),
+                Err(e) => self.storage_failed(request, "fetching events", &e),
+            },
+            Output::LoadCatchUp { request, destination, after, up_to, limit } => {
+                match self.store.load_catch_up(&destination, after, up_to, limit) {
+                    Ok(rooms) => self.answer(Input::CatchUpLoaded { request, rooms }),
+                    Err(e) => self.storage_failed(request, "loading catch-up rows", &e),
+                }
+            }
+            Output::LoadOutstanding { request, after, limit } => match self.store.outstanding(after.as_ref(), limit) {
+                Ok(destinations) => self.answer(Input::OutstandingLoaded { request, destinations }),
+                Err(e) => self.storage_failed(request, "loading outstanding destinations", &e),
+            },
+            Output::Persist { request, changes } => match self.store.apply(&changes) {
+                Ok(()) => {
+                    let durable: BTreeSet<u64> = changes.to_device_outbox.iter().map(|r| r.outbox_id).collect();
+                    self.answer(Input::Persisted { request });
+                    if !durable.is_empty() {
+                        self.release_to_device(&durable);
+                    }
+                }
+                Err(e) => self.storage_failed(request, "persisting sender state", &e),
+            },
+            Output::Event { event } => debug!(?event, "core event"),
+            other => warn!(?other, "ignoring an output this host does not handle"),
+        }
+    }
+
+    fn release_to_device(&mut self, durable: &BTreeSet<u64>) {
+        let waiters = std::mem::take(&mut self.to_device_waiters);
+        for mut waiter in waiters {
+            waiter.outbox_ids.retain(|id| !durable.contains(id));
+            if waiter.outbox_ids.is_empty() {
+                let _ = waiter.reply.send(Ok(()));
+            } else {
+                self.to_device_waiters.push(waiter);
+            }
+        }
+    }
+
+    fn send(&mut self, txn: OutgoingTransaction) {
+        let OutgoingTransaction { request, destination, txn_id, attempt, pdu_ids, body } = txn;
+        debug!(%destination, txn_id, attempt, pdus = pdu_ids.len(), "sending transaction");
+        self.in_flight.insert(request, destination.clone());
+        let transport = Arc::clone(&self.transport);
+        let sends = Arc::clone(&self.sends);
+        let completions = self.completions_tx.clone();
+        let edus = edus_in(&body);
+        let pdus = pdu_ids.len() as u64;
+        tokio::spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _permit = sends.acquire_owned().await.expect("semaphore is never closed");
+            let result = transport.send(destination.as_str(), &txn_id, &body).await;
+            let _ = completions.send(Completion { request, destination, pdus, edus, result });
+        });
+    }
+
+    fn on_completion(&mut self, done: Completion) {
+        self.in_flight.remove(&done.request);
+        match &done.result {
+            TransactionResult::Ok { .. } => {
+                self.metrics.sent_transactions.inc();
+                self.metrics.sent_pdu_destinations.inc_by(done.pdus);
+                self.metrics.sent_edus.inc_by(done.edus);
+            }
+            other => {
+                debug!(destination = %done.destination, result = ?other, "transaction attempt failed");
+                self.metrics.failed_transactions.inc();
+            }
+        }
+        self.answer(Input::TransactionDone { request: done.request, result: done.result });
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Input { input, reply } => {
+                let _ = reply.send(self.feed_json(&input.to_string()));
+            }
+            Command::ToDevice { input, reply } => {
+                if let Err(e) = self.feed_json(&input.to_string()) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                // The rows this input created leave in the outputs it caused, before any
+                // other input is fed: collect them before performing anything.
+                let mut outputs = Vec::new();
+                while let Some(text) = self.engine.poll_output() {
+                    outputs.push(text);
+                }
+                let mut outbox_ids = BTreeSet::new();
+                for text in &outputs {
+                    if let Ok(Output::Persist { changes, .. }) = serde_json::from_str::<Output>(text) {
+                        outbox_ids.extend(changes.to_device_outbox.iter().map(|r| r.outbox_id));
+                    }
+                }
+                if outbox_ids.is_empty() {
+                    // Nothing remote to deliver (e.g. only local recipients).
+                    let _ = reply.send(Ok(()));
+                } else {
+                    self.to_device_waiters.push(ToDeviceWaiter { outbox_ids, reply });
+                }
+                for text in outputs {
+                    self.perform_text(&text);
+                }
+            }
+            Command::Event { event, reply } => match self.store.add_event(&event) {
+                Ok(added) => {
+                    let _ = reply.send(Ok(added));
+                    if added.new {
+                        self.metrics.ingested_events.inc();
+                        let _ = self.feed(&Input::NewEvents { up_to: added.stream_ordering });
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, StoreError::Backend(_)) {
+                        error!(event_id = event.info.event_id, "storing an event: {e}");
+                        self.metrics.storage_failures.inc();
+                    }
+                    let _ = reply.send(Err(Rejection::from_store(e)));
+                }
+            },
+            Command::PartialState { room_id, servers, reply } => {
+                let result = self.store.set_partial_state(&room_id, servers.as_deref()).map_err(Rejection::from_store);
+                let _ = reply.send(result);
+            }
+            Command::Stats { reply } => {
+                let stats = self
+                    .engine
+                    .destination_stats()
+                    .and_then(|json| serde_json::from_str(&json).ok())
+                    .unwrap_or_default();
+                let _ = reply.send(stats);
+            }
+        }
+    }
+}

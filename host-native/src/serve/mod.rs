@@ -1,0 +1,198 @@
+//! `fedsend serve`: the standalone federation sender service.
+//!
+//! - [`config`]: the TOML file (`docs/serve-config.md` lists every key);
+//! - [`store`]: SQLite (and in-memory) storage of the core's sender-owned state and of the
+//!   homeserver-owned facts the core queries;
+//! - [`driver`]: the single-owner tokio task around the engine;
+//! - [`api`]: the ingest API, `/metrics`, `/health`;
+//! - [`metrics`]: Prometheus metrics;
+//! - [`client`]: a minimal ingest API client (demo, tests).
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod driver;
+pub mod metrics;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedsend_core::ServerName;
+use fedsend_sim::{Engine, NativeEngine};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::transport::{HttpsTransport, TransportConfig};
+use crate::wasm_engine::{WasmEngine, locate_guest};
+use config::{EngineKind, ServeConfig};
+use driver::{Driver, DriverOptions, Transport};
+use metrics::Metrics;
+use store::SqliteStore;
+
+/// Command-line arguments of `fedsend serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The TOML configuration file (see docs/serve-config.md).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Overrides `engine` in the file.
+    #[arg(long, value_parser = ["native", "wasm"])]
+    pub engine: Option<String>,
+}
+
+/// Builds the engine of `kind`.
+pub fn make_engine(kind: EngineKind, wasm_path: Option<&Path>) -> Result<Box<dyn Engine + Send>, String> {
+    Ok(match kind {
+        EngineKind::Native => Box::new(NativeEngine::default()),
+        EngineKind::Wasm => {
+            let path = locate_guest(wasm_path).map_err(|e| e.to_string())?;
+            Box::new(WasmEngine::from_file(&path).map_err(|e| format!("wasm engine: {e}"))?)
+        }
+    })
+}
+
+/// Reads the signing key file (Synapse format).
+pub fn load_signing_key(path: &Path) -> Result<fedsend_sign::SigningKey, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read signing key file {}: {e}", path.display()))?;
+    fedsend_sign::SigningKey::parse_synapse_key_file(&text)
+        .map_err(|e| format!("signing key file {}: {e}", path.display()))
+}
+
+/// Builds the HTTPS transport from the config.
+pub fn make_transport(config: &ServeConfig, key: fedsend_sign::SigningKey) -> Result<HttpsTransport, String> {
+    let section = &config.transport;
+    let mut transport = TransportConfig::new(config.server_name.clone(), key);
+    transport.connect_timeout_ms = section.connect_timeout_ms;
+    transport.request_timeout_ms = section.request_timeout_ms;
+    transport.verify_tls = section.verify_tls;
+    transport.extra_ca_file = section.extra_ca_file.clone();
+    transport.ip_denylist_enabled = section.ip_denylist_enabled;
+    transport.ip_allowlist = section
+        .ip_allowlist
+        .iter()
+        .map(|range| range.parse().map_err(|e| format!("[transport] ip_allowlist entry {range:?}: {e}")))
+        .collect::<Result<_, String>>()?;
+    transport.dns_nameserver = section.dns_nameserver;
+    transport.well_known_port = section.well_known_port;
+    HttpsTransport::new(transport).map_err(|e| format!("transport: {e}"))
+}
+
+/// A running service: its API address and how to stop it.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the ingest API listens.
+    pub local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    driver: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting requests, stops the driver and waits for both.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.driver.await;
+        let _ = self.server.await;
+    }
+}
+
+/// Starts the driver and the API with explicit parts (the demo and tests use this).
+pub async fn start(
+    config: &ServeConfig,
+    engine: Box<dyn Engine + Send>,
+    store: Box<dyn store::Store>,
+    transport: Arc<dyn Transport>,
+    token: String,
+) -> Result<Running, String> {
+    let server_name = ServerName::parse(&config.server_name).map_err(|e| e.to_string())?;
+    let metrics = Arc::new(Metrics::new());
+    let options = DriverOptions {
+        core_config_json: config.core_config_json()?,
+        sends_in_flight_max: config.transport.sends_in_flight_max,
+    };
+    let (driver, handle) = Driver::start(engine, store, transport, Arc::clone(&metrics), &options)?;
+    let listener = TcpListener::bind(config.ingest.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} ([ingest] listen): {e}", config.ingest.listen))?;
+    let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let driver = tokio::spawn(driver.run(shutdown_rx.clone()));
+    let state = Arc::new(api::ApiState {
+        driver: handle,
+        metrics,
+        token,
+        server_name,
+        body_bytes_max: config.ingest.body_bytes_max,
+        edu_bytes_max: config.ingest.edu_bytes_max,
+    });
+    let app = api::router(state);
+    let mut stop = shutdown_rx;
+    let server = tokio::spawn(async move {
+        let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        if let Err(e) = serving.await {
+            error!("ingest API stopped: {e}");
+        }
+    });
+    info!(%local_addr, "ingest API listening");
+    Ok(Running { local_addr, shutdown, driver, server })
+}
+
+/// `fedsend serve`: runs until SIGTERM or Ctrl-C.
+pub fn run(args: &ServeArgs) -> Result<(), String> {
+    init_logging();
+    let mut config = ServeConfig::load(&args.config)?;
+    if let Some(engine) = &args.engine {
+        config.engine = if engine == "wasm" { EngineKind::Wasm } else { EngineKind::Native };
+    }
+    let token = config.ingest_token()?;
+    let key = load_signing_key(&config.signing_key_file)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let transport = make_transport(&config, key)?;
+        let engine = make_engine(config.engine, config.wasm_path.as_deref())?;
+        let store = SqliteStore::open(&config.database).map_err(|e| e.to_string())?;
+        info!(database = %config.database.display(), engine = ?config.engine, "starting");
+        let running = start(&config, engine, Box::new(store), Arc::new(transport), token).await?;
+        // Read by tests and scripts that start on port 0.
+        println!("listening on {}", running.local_addr);
+        wait_for_signal().await;
+        info!("shutting down");
+        running.stop().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            error!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -79,6 +79,9 @@ pub struct FederationSender {
     storage_retries: Vec<Pending>,
     /// Counter behind outbox ids (`incarnation << 32 | counter`).
     outbox_counter: u64,
+    /// The last PDU-only body built, with its time and PDUs, for destinations freezing the
+    /// same PDUs at the same instant.
+    last_body: Option<(u64, Vec<Arc<PduEntry>>, Arc<str>)>,
 }
 
 /// The staggered wake-up queue (reference §7): low-priority data (delayed receipts,
@@ -382,6 +385,7 @@ impl FederationSender {
             wakeup: Wakeup::default(),
             storage_retries: Vec::new(),
             outbox_counter: 0,
+            last_body: None,
         };
         // The outbox survives restarts: its rows go first, in id order.
         let mut rows = recovered.to_device_outbox;
@@ -1342,13 +1346,31 @@ impl FederationSender {
         delivered_up_to: Option<u64>,
         catch_up: Option<CatchUpRoom>,
     ) -> Frozen {
-        let jsons: Vec<&str> = items.iter().map(|p| &*p.json).collect();
-        let edu_jsons: Vec<&str> = edus.iter().map(|e| &*e.json).collect();
-        let body = build_body(&self.config.server_name, self.now.as_ms(), &jsons, &edu_jsons);
+        let now_ms = self.now.as_ms();
+        // A body names no destination: when an event fans out to many destinations at once,
+        // they all freeze the same PDUs at the same time, and share one body.
+        let shared = edus.is_empty()
+            && self.last_body.as_ref().is_some_and(|(ts, last_items, _)| {
+                *ts == now_ms
+                    && last_items.len() == items.len()
+                    && last_items.iter().zip(&items).all(|(a, b)| Arc::ptr_eq(a, b))
+            });
+        let body = match &self.last_body {
+            Some((_, _, body)) if shared => body.clone(),
+            _ => {
+                let jsons: Vec<&str> = items.iter().map(|p| &*p.json).collect();
+                let edu_jsons: Vec<&str> = edus.iter().map(|e| &*e.json).collect();
+                let body: Arc<str> = Arc::from(build_body(&self.config.server_name, now_ms, &jsons, &edu_jsons));
+                if edus.is_empty() {
+                    self.last_body = Some((now_ms, items.clone(), body.clone()));
+                }
+                body
+            }
+        };
         let pdu_ids = items.iter().map(|p| p.event_id.clone()).collect();
         Frozen {
             txn_id: self.next_txn_id(),
-            body: Arc::from(body),
+            body,
             items,
             edus,
             pdu_ids,

@@ -1,0 +1,36 @@
+//! Fan-out of one event to many destinations builds its transaction body once.
+
+use std::sync::Arc;
+
+use fedsend_core::{Config, FederationSender, Input, Output, Recovered, Timestamp};
+mod common;
+
+use common::{name, pdu};
+
+const NOW: Timestamp = Timestamp(1_000_000);
+
+#[test]
+fn destinations_sent_the_same_event_at_once_share_one_body() {
+    let mut sender = FederationSender::new(Config::new(name("test")), Recovered::default()).unwrap();
+    let mut fetch = None;
+    while let Some(output) = sender.poll_output() {
+        match output {
+            Output::Persist { request, .. } => sender.handle_input(NOW, Input::Persisted { request }).unwrap(),
+            Output::FetchEvents { request, .. } => fetch = Some(request),
+            _ => {}
+        }
+    }
+    let hosts = ["host1", "host2", "host3"];
+    let events = vec![pdu("$1", "!r:test", 1, &hosts)];
+    sender.handle_input(NOW, Input::EventsFetched { request: fetch.unwrap(), events }).unwrap();
+    let mut sends = Vec::new();
+    while let Some(output) = sender.poll_output() {
+        if let Output::SendTransaction(txn) = output {
+            sends.push(txn);
+        }
+    }
+    assert_eq!(sends.len(), hosts.len());
+    assert!(sends.iter().all(|t| Arc::ptr_eq(&t.body, &sends[0].body)), "one body for all: {sends:?}");
+    // Transaction ids still differ per destination.
+    assert_ne!(sends[0].txn_id, sends[1].txn_id);
+}

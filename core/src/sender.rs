@@ -1617,8 +1617,8 @@ impl FederationSender {
                 }
                 self.catch_up_room_done(name, destination, room.stream_ordering);
             }
-            None if frozen.items.len() + frozen.edus.len() > 1 => {
-                let count = (frozen.items.len() + frozen.edus.len()) as u32;
+            None if frozen.items.len() + edu_units(&frozen.edus) > 1 => {
+                let count = (frozen.items.len() + edu_units(&frozen.edus)) as u32;
                 for item in frozen.items.into_iter().rev() {
                     queue.pending_pdus.push_front(item);
                 }
@@ -2048,6 +2048,12 @@ fn check_catch_up(after: u64, up_to: u64, rooms: &[CatchUpRoom]) -> Result<(), I
         previous = room.stream_ordering;
     }
     Ok(())
+}
+
+/// EDUs counted as the items poison isolation splits: a signing-key pair is one item, since
+/// it always travels whole (splitting it again would never isolate anything).
+fn edu_units(edus: &[EduEntry]) -> usize {
+    edus.iter().filter(|e| !(e.device_list.is_some() && e.edu_type == "org.matrix.signing_key_update")).count()
 }
 
 fn remove_one(multiset: &mut BTreeMap<u64, u32>, key: u64) {

@@ -57,6 +57,8 @@ impl Host {
                         pending.push(Input::Persisted { request });
                     }
                     Output::SendTransaction(txn) => {
+                        // A sender that never stops sending would hang the test instead.
+                        assert!(self.sent.len() < 10_000, "the sender sends without end");
                         let body: Value = serde_json::from_str(&txn.body).unwrap();
                         for edu in body["edus"].as_array().unwrap() {
                             self.sent.push((txn.txn_id.clone(), edu.clone()));
@@ -242,4 +244,28 @@ fn collapsed_changes_and_signing_key_pairs() {
     // D1@2 was collapsed into D1@3, which chains to D1@1 from the frozen transaction.
     assert_eq!(host.device_edus().last(), Some(&("D1".into(), 3, vec![1])));
     assert!(host.stored.device_list_pokes.is_empty());
+}
+
+#[test]
+fn a_rejected_signing_key_pair_is_given_up_whole() {
+    let mut host = Host::start(Recovered::default());
+    host.answer = TransactionResult::Status { status: 400, retry_after_ms: None, errcode: None };
+    host.input(Input::SigningKeyUpdate {
+        user_id: "@alice:test".into(),
+        stream_id: 1,
+        master_key: Some(json!({ "keys": { "ed25519:M": "M" } })),
+        self_signing_key: None,
+        destinations: vec![name("host2")],
+    })
+    .unwrap();
+    // The first rejection is retried after a pause (poison_rejections_max = 2), then the pair,
+    // alone in its transaction, is given up instead of being split forever.
+    for _ in 0..5 {
+        host.advance(60_000);
+    }
+    assert!(host.sent.len() <= 8, "the pair keeps being sent: {} EDUs", host.sent.len());
+    assert!(host.stored.device_list_pokes.is_empty(), "the given-up poke leaves storage");
+    let sent_before = host.sent.len();
+    host.advance(600_000);
+    assert_eq!(host.sent.len(), sent_before, "nothing more is sent once it is given up");
 }

@@ -532,7 +532,15 @@ impl Sim {
                 }
                 let host = self.random_remote();
                 let status = if self.chance(300) { 413 } else { 400 };
-                let reject = Step::Reject { host, pdus: alloc::vec![id], edu_types: Vec::new(), status };
+                // Sometimes the poison is a kind of EDU instead: the signing-key pair must be
+                // isolated whole, presence and plain EDUs one by one.
+                let (pdus, edu_types) = if self.chance(250) {
+                    let kinds = ["m.signing_key_update", "m.presence", "org.example.test"];
+                    (Vec::new(), alloc::vec![String::from(kinds[self.pick(kinds.len())])])
+                } else {
+                    (alloc::vec![id], Vec::new())
+                };
+                let reject = Step::Reject { host, pdus, edu_types, status };
                 return self.run(engine, emit, &reject).map_err(|f| f.reason);
             }
             return Ok(());

@@ -106,61 +106,45 @@ else
   echo "$want" > "$stamp"
 fi
 
-# ---- 5. Interop peer (issue 6): a real Synapse from PyPI in a cached virtualenv ------------------
-#    tools/python/synapse-venv, every package pinned in interop/requirements.txt, wheels only, on
-#    Debian's own Python 3.11 (not whatever python3 comes first on PATH, so the venv is the same
-#    everywhere). The stamp skips pip while the pins and the interpreter are unchanged; a changed
-#    pin rebuilds the venv from scratch so nothing unpinned lingers.
-SYNAPSE_VENV="$root/tools/python/synapse-venv"
+# ---- 5. Python virtualenvs: the Synapse interop peer (issue 6) and signedjson (issue 5) --------
+#    Each venv has every package pinned in a requirements file, is installed from wheels only,
+#    and runs on Debian's own Python 3.11 (not whatever python3 comes first on PATH, so the venv
+#    is the same everywhere). A stamp skips pip while the pins and the interpreter are
+#    unchanged; a changed pin rebuilds the venv from scratch so nothing unpinned lingers.
 SYSTEM_PYTHON=/usr/bin/python3
 if ! [ -x "$SYSTEM_PYTHON" ] || ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
-  need_root "python3 / python3-venv (for the Synapse interop peer)"
+  need_root "python3 / python3-venv (for the Python test virtualenvs)"
   say "apt: installing python3 python3-venv"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends python3 python3-venv
 fi
-venv_want="$( (cat "$root/interop/requirements.txt"; "$SYSTEM_PYTHON" --version) | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$SYNAPSE_VENV/.setup-stamp" 2>/dev/null)" = "$venv_want" ]; then
-  say "synapse venv: already in tools/python/synapse-venv"
-else
-  say "synapse venv: creating tools/python/synapse-venv (pip, wheels only; ~30 s, 240 MB)"
-  rm -rf "$SYNAPSE_VENV"
-  mkdir -p "$(dirname "$SYNAPSE_VENV")"
-  "$SYSTEM_PYTHON" -m venv "$SYNAPSE_VENV"
-  "$SYNAPSE_VENV/bin/pip" install --disable-pip-version-check --no-input -q \
-    --only-binary :all: --no-deps -r "$root/interop/requirements.txt"
-  "$SYNAPSE_VENV/bin/python" -c 'import synapse, signedjson, requests' \
-    || die "synapse venv: the installed packages do not import"
-  echo "$venv_want" > "$SYNAPSE_VENV/.setup-stamp"
-  say "synapse venv: matrix-synapse $("$SYNAPSE_VENV/bin/python" -c 'from importlib.metadata import version; print(version("matrix-synapse"))') installed"
-fi
-# ---- end of interop peer ------------------------------------------------------------------------
-
-# ---- 6. Transport tests (issue 5): Python signedjson in a small virtualenv ---------------------
-#    tests/transport.rs checks our X-Matrix signatures with this independent implementation.
-#    Pins in host-native/tests/fixtures/sign-requirements.txt; same stamp scheme as above.
-SIGN_VENV="$root/tools/python/sign-venv"
-SIGN_REQUIREMENTS="$root/host-native/tests/fixtures/sign-requirements.txt"
-if ! [ -x /usr/bin/python3 ] || ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then
-  need_root "python3 / python3-venv (for the signedjson test venv)"
-  say "apt: installing python3 python3-venv"
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends python3 python3-venv
-fi
-sign_want="$( (cat "$SIGN_REQUIREMENTS"; /usr/bin/python3 --version) | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$SIGN_VENV/.setup-stamp" 2>/dev/null)" = "$sign_want" ]; then
-  say "sign venv: already in tools/python/sign-venv"
-else
-  say "sign venv: creating tools/python/sign-venv (signedjson, pip, wheels only; ~10 s)"
-  rm -rf "$SIGN_VENV"
-  mkdir -p "$(dirname "$SIGN_VENV")"
-  /usr/bin/python3 -m venv "$SIGN_VENV"
-  "$SIGN_VENV/bin/pip" install --disable-pip-version-check --no-input -q \
-    --only-binary :all: --no-deps -r "$SIGN_REQUIREMENTS"
-  "$SIGN_VENV/bin/python" -c 'import signedjson.sign, canonicaljson' \
-    || die "sign venv: the installed packages do not import"
-  echo "$sign_want" > "$SIGN_VENV/.setup-stamp"
-fi
-# ---- end of transport tests block -----------------------------------------------------------------
+# python_venv NAME REQUIREMENTS IMPORTS WHAT: tools/python/NAME from REQUIREMENTS, checked by
+# importing IMPORTS (a Python import statement).
+python_venv() {
+  local name=$1 requirements=$2 imports=$3 what=$4
+  local venv="$root/tools/python/$name"
+  local want
+  want="$( (cat "$requirements"; "$SYSTEM_PYTHON" --version) | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$venv/.setup-stamp" 2>/dev/null)" = "$want" ]; then
+    say "$name: already in tools/python/$name"
+    return
+  fi
+  say "$name: creating tools/python/$name ($what; pip, wheels only)"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  "$SYSTEM_PYTHON" -m venv "$venv"
+  "$venv/bin/pip" install --disable-pip-version-check --no-input -q \
+    --only-binary :all: --no-deps -r "$requirements"
+  "$venv/bin/python" -c "$imports" || die "$name: the installed packages do not import"
+  echo "$want" > "$venv/.setup-stamp"
+}
+# Synapse as the federation peer of interop/ (~30 s, 240 MB).
+python_venv synapse-venv "$root/interop/requirements.txt" 'import synapse, signedjson, requests' \
+  "matrix-synapse for the interop peer, ~30 s"
+# host-native/tests/transport.rs checks our X-Matrix signatures with this independent
+# implementation.
+python_venv sign-venv "$root/host-native/tests/fixtures/sign-requirements.txt" \
+  'import signedjson.sign, canonicaljson' "signedjson for the transport tests, ~10 s"
+# ---- end of Python virtualenvs -------------------------------------------------------------------
 
 say "ok: $(/usr/bin/rustc --version | cut -d' ' -f1-2) (wasm), $(rustc --version | cut -d' ' -f1-2) (native), $("$PREFIX/bin/wasm-bindgen" --version), node $(node --version)"

@@ -906,6 +906,16 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
                 Input::Receipt { receipt, event, .. } => Input::Receipt { receipt, hosts: hosts.to_vec(), event },
                 other => other,
             };
+            let typing_all = |host: &mut Host, typing: bool| {
+                for u in 0..users {
+                    host.push(Input::Typing {
+                        room_id: room_id(0),
+                        user_id: local_user(u),
+                        typing,
+                        hosts: hosts.clone(),
+                    });
+                }
+            };
             for round in 0..sizes.w4_rounds {
                 // Receipts for old events and presence: staggered through the wake-up queue,
                 // so virtual time runs until every destination has been woken.
@@ -919,25 +929,11 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
                 let t = host.now + 35_000;
                 host.advance_to(core, t);
                 // Typing and receipts for recent events go at once.
-                for u in 0..users {
-                    host.push(Input::Typing {
-                        room_id: room_id(0),
-                        user_id: local_user(u),
-                        typing: true,
-                        hosts: hosts.clone(),
-                    });
-                }
+                typing_all(&mut host, true);
                 for u in users / 2..users {
                     host.push(with_hosts(w4_receipt(round, u, host.now - 1_000), &hosts));
                 }
-                for u in 0..users {
-                    host.push(Input::Typing {
-                        room_id: room_id(0),
-                        user_id: local_user(u),
-                        typing: false,
-                        hosts: hosts.clone(),
-                    });
-                }
+                typing_all(&mut host, false);
                 host.result.enqueued += (2 * users + (users - users / 2)) * d;
                 host.run(core);
                 let t = host.now + 5_000;

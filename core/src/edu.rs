@@ -317,14 +317,8 @@ impl EduQueue {
         if limit == 0 {
             return taken;
         }
-        while taken.edus.len() < limit {
-            let Some(edu) = self.requeued.front() else { break };
-            let fit = fits(edu.json.len());
-            if fit == Fit::NotNow {
-                return taken;
-            }
-            let Some(edu) = self.requeued.pop_front() else { break };
-            if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
+        if !take_front(&mut self.requeued, limit, &mut taken, fits) {
+            return taken;
         }
         if !self.presence.is_empty() {
             let count = self.presence.len().min(PRESENCE_STATES_PER_EDU_MAX);
@@ -381,36 +375,60 @@ impl EduQueue {
         // To-device messages, leaving room for device-list updates (reference §8.3).
         // A small limit (while isolating a poison item) must not starve to-device entirely.
         let to_device_limit = limit.saturating_sub(DEVICE_LIST_RESERVED_EDUS).max(limit.min(1));
-        while !self.to_device.is_empty() && taken.edus.len() < to_device_limit {
-            let Some(edu) = self.to_device.front() else { break };
-            let fit = fits(edu.json.len());
-            if fit == Fit::NotNow {
-                return taken;
-            }
-            let Some(edu) = self.to_device.pop_front() else { break };
-            if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
-        }
-        if !self.take_device_lists(&mut taken, limit, positions, fits) {
+        if !take_front(&mut self.to_device, to_device_limit, &mut taken, fits)
+            || !self.take_device_lists(&mut taken, limit, positions, fits)
+        {
             return taken;
         }
-        for queue in [0, 1] {
-            loop {
-                if taken.edus.len() >= limit {
-                    return taken;
-                }
-                let next = if queue == 0 { self.plain.front() } else { self.keyed.front().map(|(_, e)| e) };
-                let Some(edu) = next else { break };
-                let fit = fits(edu.json.len());
-                if fit == Fit::NotNow {
-                    return taken;
-                }
-                let edu = if queue == 0 { self.plain.pop_front() } else { self.keyed.pop_front().map(|(_, e)| e) };
-                let Some(edu) = edu else { break };
-                if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
-            }
+        if take_front(&mut self.plain, limit, &mut taken, fits) {
+            take_front(&mut self.keyed, limit, &mut taken, fits);
         }
         taken
     }
+}
+
+/// What a FIFO of EDUs holds per entry.
+trait Queued {
+    fn edu(&self) -> &EduEntry;
+    fn into_edu(self) -> EduEntry;
+}
+
+impl Queued for EduEntry {
+    fn edu(&self) -> &EduEntry {
+        self
+    }
+    fn into_edu(self) -> EduEntry {
+        self
+    }
+}
+
+impl Queued for ((String, String), EduEntry) {
+    fn edu(&self) -> &EduEntry {
+        &self.1
+    }
+    fn into_edu(self) -> EduEntry {
+        self.1
+    }
+}
+
+/// Moves EDUs from the front of `queue` into `taken` while fewer than `limit` are taken and
+/// each fits; false when one does not fit this transaction (it is full by bytes).
+fn take_front<T: Queued>(
+    queue: &mut VecDeque<T>,
+    limit: usize,
+    taken: &mut Taken,
+    fits: &mut dyn FnMut(usize) -> Fit,
+) -> bool {
+    while taken.edus.len() < limit {
+        let Some(next) = queue.front() else { break };
+        let fit = fits(next.edu().json.len());
+        if fit == Fit::NotNow {
+            return false;
+        }
+        let Some(edu) = queue.pop_front().map(Queued::into_edu) else { break };
+        if fit == Fit::Never { taken.too_large.push(edu) } else { taken.edus.push(edu) }
+    }
+    true
 }
 
 impl EduQueue {

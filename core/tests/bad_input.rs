@@ -2,8 +2,7 @@
 
 use fedsend_core::wire::JsonSender;
 use fedsend_core::{
-    Config, Event, FederationSender, Input, InputError, Output, Prng, Recovered, RequestId, ServerName, Timestamp,
-    TransactionResult,
+    Event, FederationSender, Input, InputError, Output, Prng, RequestId, ServerName, Timestamp, TransactionResult,
 };
 mod common;
 
@@ -11,18 +10,8 @@ use common::{name, pdu};
 
 const NOW: Timestamp = Timestamp(1_000_000);
 
-/// A machine past start-up: incarnation persisted, first fetch still outstanding.
 fn started() -> (FederationSender, RequestId) {
-    let mut sender = FederationSender::new(Config::new(name("test")), Recovered::default()).unwrap();
-    let mut fetch = None;
-    while let Some(output) = sender.poll_output() {
-        match output {
-            Output::Persist { request, .. } => sender.handle_input(NOW, Input::Persisted { request }).unwrap(),
-            Output::FetchEvents { request, .. } => fetch = Some(request),
-            _ => {}
-        }
-    }
-    (sender, fetch.expect("the machine fetches events at start"))
+    common::started(NOW)
 }
 
 fn drain(sender: &mut FederationSender) -> Vec<Output> {

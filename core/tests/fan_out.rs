@@ -2,27 +2,19 @@
 
 use std::sync::Arc;
 
-use fedsend_core::{Config, FederationSender, Input, Output, Recovered, Timestamp};
+use fedsend_core::{Input, Output, Timestamp};
 mod common;
 
-use common::{name, pdu};
+use common::{pdu, started};
 
 const NOW: Timestamp = Timestamp(1_000_000);
 
 #[test]
 fn destinations_sent_the_same_event_at_once_share_one_body() {
-    let mut sender = FederationSender::new(Config::new(name("test")), Recovered::default()).unwrap();
-    let mut fetch = None;
-    while let Some(output) = sender.poll_output() {
-        match output {
-            Output::Persist { request, .. } => sender.handle_input(NOW, Input::Persisted { request }).unwrap(),
-            Output::FetchEvents { request, .. } => fetch = Some(request),
-            _ => {}
-        }
-    }
+    let (mut sender, fetch) = started(NOW);
     let hosts = ["host1", "host2", "host3"];
     let events = vec![pdu("$1", "!r:test", 1, &hosts)];
-    sender.handle_input(NOW, Input::EventsFetched { request: fetch.unwrap(), events }).unwrap();
+    sender.handle_input(NOW, Input::EventsFetched { request: fetch, events }).unwrap();
     let mut sends = Vec::new();
     while let Some(output) = sender.poll_output() {
         if let Output::SendTransaction(txn) = output {

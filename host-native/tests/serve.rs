@@ -42,26 +42,23 @@ impl Transport for FakeTransport {
 }
 
 impl FakeTransport {
-    fn pdus_to(&self, destination: &str) -> Vec<String> {
+    /// The items of `field` (`pdus` or `edus`) of every transaction sent to `destination`.
+    fn sent_to(&self, destination: &str, field: &str) -> Vec<Value> {
         self.sent
             .lock()
             .unwrap()
             .iter()
             .filter(|(d, _, _)| d == destination)
-            .flat_map(|(_, _, body)| body["pdus"].as_array().cloned().unwrap_or_default())
-            .map(|pdu| pdu["id"].as_str().unwrap_or_default().to_owned())
+            .flat_map(|(_, _, body)| body[field].as_array().cloned().unwrap_or_default())
             .collect()
     }
 
+    fn pdus_to(&self, destination: &str) -> Vec<String> {
+        self.sent_to(destination, "pdus").iter().map(|pdu| pdu["id"].as_str().unwrap_or_default().to_owned()).collect()
+    }
+
     fn edus_to(&self, destination: &str, edu_type: &str) -> Vec<Value> {
-        self.sent
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(d, _, _)| d == destination)
-            .flat_map(|(_, _, body)| body["edus"].as_array().cloned().unwrap_or_default())
-            .filter(|edu| edu["edu_type"] == edu_type)
-            .collect()
+        self.sent_to(destination, "edus").into_iter().filter(|edu| edu["edu_type"] == edu_type).collect()
     }
 }
 

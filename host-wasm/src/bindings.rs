@@ -61,3 +61,10 @@ impl FederationSender {
         self.inner.poll_timeout().map(ms_to_js)
     }
 }
+
+impl FederationSender {
+    /// The facade underneath, for [`crate::SenderMachine`]'s extra figures (not exported to JS).
+    pub(crate) fn json_sender(&self) -> &JsonSender {
+        &self.inner
+    }
+}

@@ -5,15 +5,15 @@
 //! the package can grow what a homeserver needs. The package's driven `FederationSender` runs
 //! its loop in JavaScript over this class (`npm/src/sender.js` says why).
 
-use fedsend_core::wire::JsonSender;
 use wasm_bindgen::prelude::*;
 
-use crate::ms::{ms_from_js, ms_to_js};
+use crate::FederationSender;
 
 /// The sans-IO machine behind JSON text: inputs in, outputs out, one deadline.
 #[wasm_bindgen]
 pub struct SenderMachine {
-    inner: JsonSender,
+    // Delegates to the visualiser's class so the time checks and error mapping live once.
+    inner: FederationSender,
 }
 
 #[wasm_bindgen]
@@ -25,8 +25,7 @@ impl SenderMachine {
         #[wasm_bindgen(js_name = configJson)] config_json: &str,
         #[wasm_bindgen(js_name = recoveredJson)] recovered_json: &str,
     ) -> Result<Self, JsError> {
-        let inner = JsonSender::new(config_json, recovered_json).map_err(|e| JsError::new(&e))?;
-        Ok(Self { inner })
+        Ok(Self { inner: FederationSender::new(config_json, recovered_json)? })
     }
 
     /// Feeds one input (JSON) at `nowMs` (whole Unix ms). A refused input throws and changes
@@ -37,8 +36,7 @@ impl SenderMachine {
         #[wasm_bindgen(js_name = nowMs)] now_ms: f64,
         #[wasm_bindgen(js_name = inputJson)] input_json: &str,
     ) -> Result<(), JsError> {
-        let now_ms = ms_from_js("nowMs", now_ms).map_err(|e| JsError::new(&e))?;
-        self.inner.handle_input(now_ms, input_json).map_err(|e| JsError::new(&e))
+        self.inner.handle_input(now_ms, input_json)
     }
 
     /// The next output (JSON), or `undefined`.
@@ -51,12 +49,12 @@ impl SenderMachine {
     /// `Number.MAX_SAFE_INTEGER`.
     #[wasm_bindgen(js_name = pollTimeout)]
     pub fn poll_timeout(&self) -> Option<f64> {
-        self.inner.poll_timeout().map(ms_to_js)
+        self.inner.poll_timeout()
     }
 
     /// Per-destination figures as a JSON array, sorted by destination.
     #[wasm_bindgen(js_name = destinationStats)]
     pub fn destination_stats(&self) -> String {
-        self.inner.destination_stats()
+        self.inner.json_sender().destination_stats()
     }
 }

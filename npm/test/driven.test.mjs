@@ -214,23 +214,28 @@ test('restart over SqliteStore: the outbox, positions and owed rooms survive; tx
   await second.sender.close();
 });
 
-test('a rejected storage write is reported and retried until it lands; to-device waits for it', async () => {
-  const world = new World();
-  const clock = new FakeClock();
-  const store = new fedsend.MemoryStore();
-  let failures = 0;
-  const flaky = {
+// `store`, except that its first two writes carrying rows of `table` reject ("disk full").
+function failingTwice(store, table) {
+  return {
+    failures: 0,
     loadRecovered: () => store.loadRecovered(),
     catchUpRows: (q) => store.catchUpRows(q),
     loadOutstanding: (q) => store.loadOutstanding(q),
-    applyChanges: async (changes) => {
-      if (changes.to_device_outbox?.length && failures < 2) {
-        failures++;
+    async applyChanges(changes) {
+      if (changes[table]?.length && this.failures < 2) {
+        this.failures++;
         throw new Error('disk full');
       }
       store.applyChanges(changes);
     },
   };
+}
+
+test('a rejected storage write is reported and retried until it lands; to-device waits for it', async () => {
+  const world = new World();
+  const clock = new FakeClock();
+  const store = new fedsend.MemoryStore();
+  const flaky = failingTwice(store, 'to_device_outbox');
   const { sender, errors, events } = await startSender(world, clock, { options: { store: flaky } });
   let durable = false;
   const done = sender
@@ -241,7 +246,7 @@ test('a rejected storage write is reported and retried until it lands; to-device
   assert.equal(store.loadRecovered().to_device_outbox.length, 0);
   await clock.advance(60_000);
   await done;
-  assert.equal(failures, 2);
+  assert.equal(flaky.failures, 2);
   assert.equal(errors.filter((e) => e.code === 'ERR_FEDSEND_CALLBACK' && e.callback === 'store.applyChanges').length, 2);
   assert.match(errors[0].message, /disk full/);
   assert.ok(events.some((e) => e.event === 'storage_retry'));
@@ -428,19 +433,7 @@ test('a device-list update waits for its pokes to be durable while the storage w
   const world = new World();
   const clock = new FakeClock();
   const store = new fedsend.MemoryStore();
-  let failures = 0;
-  const flaky = {
-    loadRecovered: () => store.loadRecovered(),
-    catchUpRows: (q) => store.catchUpRows(q),
-    loadOutstanding: (q) => store.loadOutstanding(q),
-    applyChanges: async (changes) => {
-      if (changes.device_list_pokes?.length && failures < 2) {
-        failures++;
-        throw new Error('disk full');
-      }
-      store.applyChanges(changes);
-    },
-  };
+  const flaky = failingTwice(store, 'device_list_pokes');
   const { sender, errors } = await startSender(world, clock, { options: { store: flaky } });
   let durable = false;
   const done = sender
@@ -451,7 +444,7 @@ test('a device-list update waits for its pokes to be durable while the storage w
   assert.deepEqual(store.loadRecovered().device_list_pokes, []);
   await clock.advance(60_000);
   await done;
-  assert.equal(failures, 2);
+  assert.equal(flaky.failures, 2);
   assert.equal(errors.filter((e) => e.callback === 'store.applyChanges').length, 2);
   await sender.close();
 });

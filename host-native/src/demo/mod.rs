@@ -278,7 +278,7 @@ fn missing(remote: &Remote, expected: &Expected) -> Vec<String> {
 fn progress(started: Instant, remotes: &[Remote], stats: &Value, expected: Option<&Expected>) {
     let empty = Vec::new();
     let rows = stats["destinations"].as_array().unwrap_or(&empty);
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = serve::driver::now_ms();
     let mut line = format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
     let (mut queued, mut backing_off) = (0, 0);
     for (i, remote) in remotes.iter().enumerate() {

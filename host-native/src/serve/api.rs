@@ -27,7 +27,7 @@ use fedsend_core::{PduInfo, ServerName, server_of};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::driver::{DriverHandle, Rejection};
+use super::driver::{DriverHandle, Rejection, now_ms};
 use super::metrics::Metrics;
 use super::store::NewEvent;
 
@@ -125,16 +125,10 @@ async fn health() -> Response {
     axum::Json(json!({ "status": "ok" })).into_response()
 }
 
-async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let stats = match state.driver.stats().await {
-        Ok(stats) => stats,
-        Err(rejection) => return rejection.into_response(),
-    };
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let text = state.metrics.render(&stats, now_ms);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Rejection> {
+    let stats = state.driver.stats().await?;
+    let text = state.metrics.render(&stats, now_ms());
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
 }
 
 /// A submitted event (local or remote).
@@ -233,39 +227,38 @@ fn new_event(state: &ApiState, submission: EventSubmission, local: bool) -> Resu
         proactively_send,
         out_of_band,
         send_on_behalf_of,
-        received_ts: Some(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        ),
+        received_ts: Some(now_ms()),
         pdu,
     };
     Ok(NewEvent { info, depth, prev_events, local })
 }
 
-async fn submit_event(state: Arc<ApiState>, headers: HeaderMap, body: Body, local: bool) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
-    let submission: EventSubmission = match read_json(&state, body).await {
-        Ok(s) => s,
-        Err(refused) => return refused.into_response(),
-    };
-    let event = match new_event(&state, submission, local) {
-        Ok(e) => e,
-        Err(refused) => return refused.into_response(),
-    };
-    match state.driver.event(event).await {
-        Ok(added) => axum::Json(json!({ "stream_ordering": added.stream_ordering, "new": added.new })).into_response(),
-        Err(rejection) => rejection.into_response(),
-    }
+async fn submit_event(
+    state: Arc<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+    local: bool,
+) -> Result<Response, Rejection> {
+    authorize(&state, &headers)?;
+    let submission: EventSubmission = read_json(&state, body).await?;
+    let event = new_event(&state, submission, local)?;
+    let added = state.driver.event(event).await?;
+    Ok(axum::Json(json!({ "stream_ordering": added.stream_ordering, "new": added.new })).into_response())
 }
 
-async fn local_event(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+async fn local_event(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Rejection> {
     submit_event(state, headers, body, true).await
 }
 
-async fn remote_event(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+async fn remote_event(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Rejection> {
     submit_event(state, headers, body, false).await
 }
 
@@ -280,18 +273,11 @@ async fn partial_state(
     Path(room_id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
-    let request: PartialState = match read_json(&state, body).await {
-        Ok(r) => r,
-        Err(refused) => return refused.into_response(),
-    };
-    match state.driver.partial_state(room_id, request.servers).await {
-        Ok(()) => axum::Json(json!({})).into_response(),
-        Err(rejection) => rejection.into_response(),
-    }
+) -> Result<Response, Rejection> {
+    authorize(&state, &headers)?;
+    let request: PartialState = read_json(&state, body).await?;
+    state.driver.partial_state(room_id, request.servers).await?;
+    Ok(axum::Json(json!({})).into_response())
 }
 
 async fn command(
@@ -299,50 +285,38 @@ async fn command(
     Path(kind): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
+) -> Result<Response, Rejection> {
+    authorize(&state, &headers)?;
     if DRIVER_ONLY.contains(&kind.as_str()) || !kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-        return error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", format!("no such command {kind:?}"));
+        return Err(refusal(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", format!("no such command {kind:?}")));
     }
-    let mut object: serde_json::Map<String, Value> = match read_json(&state, body).await {
-        Ok(o) => o,
-        Err(refused) => return refused.into_response(),
-    };
+    let mut object: serde_json::Map<String, Value> = read_json(&state, body).await?;
     if object.contains_key("type") {
-        return bad("the command is named by the URL; remove \"type\" from the body").into_response();
+        return Err(bad("the command is named by the URL; remove \"type\" from the body"));
     }
     if kind == "edu" {
         let size = object.get("content").map_or(0, |c| c.to_string().len());
         if size > state.edu_bytes_max {
-            return error(
+            return Err(refusal(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "M_TOO_LARGE",
                 format!("EDU content is {size} bytes, more than {} ([ingest] edu_bytes_max)", state.edu_bytes_max),
-            );
+            ));
         }
     }
     object.insert("type".into(), Value::String(kind.clone()));
-    let result = if kind == "to_device" {
-        state.driver.to_device(Value::Object(object)).await
+    if kind == "to_device" {
+        state.driver.to_device(Value::Object(object)).await?;
     } else {
-        state.driver.input(Value::Object(object)).await
-    };
-    match result {
-        Ok(()) => axum::Json(json!({})).into_response(),
-        Err(rejection) => rejection.into_response(),
+        state.driver.input(Value::Object(object)).await?;
     }
+    Ok(axum::Json(json!({})).into_response())
 }
 
-async fn destinations(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
-    match state.driver.stats().await {
-        Ok(stats) => axum::Json(json!({ "total": stats.len(), "destinations": stats })).into_response(),
-        Err(rejection) => rejection.into_response(),
-    }
+async fn destinations(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Rejection> {
+    authorize(&state, &headers)?;
+    let stats = state.driver.stats().await?;
+    Ok(axum::Json(json!({ "total": stats.len(), "destinations": stats })).into_response())
 }
 
 fn parse_destination(name: &str) -> Result<ServerName, Rejection> {
@@ -350,33 +324,28 @@ fn parse_destination(name: &str) -> Result<ServerName, Rejection> {
         .map_err(|e| refusal(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", format!("{name:?} is not a server name: {e}")))
 }
 
-async fn destination(State(state): State<Arc<ApiState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
-    let name = match parse_destination(&name) {
-        Ok(n) => n,
-        Err(refused) => return refused.into_response(),
-    };
-    match state.driver.stats().await {
-        Ok(stats) => match stats.into_iter().find(|s| s.destination == name) {
-            Some(found) => axum::Json(found).into_response(),
-            None => error(StatusCode::NOT_FOUND, "M_NOT_FOUND", format!("unknown destination {name}")),
-        },
-        Err(rejection) => rejection.into_response(),
-    }
+async fn destination(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Rejection> {
+    authorize(&state, &headers)?;
+    let name = parse_destination(&name)?;
+    let stats = state.driver.stats().await?;
+    let found = stats
+        .into_iter()
+        .find(|s| s.destination == name)
+        .ok_or_else(|| refusal(StatusCode::NOT_FOUND, "M_NOT_FOUND", format!("unknown destination {name}")))?;
+    Ok(axum::Json(found).into_response())
 }
 
-async fn reset(State(state): State<Arc<ApiState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
-        return refused.into_response();
-    }
-    let name = match parse_destination(&name) {
-        Ok(n) => n,
-        Err(refused) => return refused.into_response(),
-    };
-    match state.driver.input(json!({ "type": "wake_destination", "destination": name })).await {
-        Ok(()) => axum::Json(json!({})).into_response(),
-        Err(rejection) => rejection.into_response(),
-    }
+async fn reset(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Rejection> {
+    authorize(&state, &headers)?;
+    let name = parse_destination(&name)?;
+    state.driver.input(json!({ "type": "wake_destination", "destination": name })).await?;
+    Ok(axum::Json(json!({})).into_response())
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::transport;
+
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,13 +146,13 @@ fn default_edu_bytes_max() -> usize {
     64 * 1024
 }
 fn default_connect_timeout_ms() -> u64 {
-    10_000
+    transport::DEFAULT_CONNECT_TIMEOUT_MS
 }
 fn default_request_timeout_ms() -> u64 {
-    60_000
+    transport::DEFAULT_REQUEST_TIMEOUT_MS
 }
 fn default_well_known_port() -> u16 {
-    443
+    transport::DEFAULT_WELL_KNOWN_PORT
 }
 fn default_sends_in_flight_max() -> usize {
     64

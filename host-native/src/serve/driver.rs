@@ -166,8 +166,16 @@ impl std::fmt::Debug for Driver {
     }
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (0 before it).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn decode_output(text: &str) -> Option<Output> {
+    serde_json::from_str(text)
+        // A newer core may have outputs this host does not know yet; say so and go on.
+        .map_err(|e| warn!(output = text, "ignoring an output this host cannot decode: {e}"))
+        .ok()
 }
 
 /// Counts the EDUs of a transaction body, for Synapse's `sent_edus` counter.
@@ -274,10 +282,8 @@ impl Driver {
     }
 
     fn perform_text(&mut self, text: &str) {
-        match serde_json::from_str::<Output>(text) {
-            Ok(output) => self.perform(output),
-            // A newer core may have outputs this host does not know yet; say so and go on.
-            Err(e) => warn!(output = text, "ignoring an output this host cannot decode: {e}"),
+        if let Some(output) = decode_output(text) {
+            self.perform(output);
         }
     }
 
@@ -383,14 +389,13 @@ impl Driver {
                 // The rows this input created leave in the outputs it caused, before any
                 // other input is fed: collect them before performing anything.
                 let mut outputs = Vec::new();
-                while let Some(text) = self.engine.poll_output() {
-                    outputs.push(text);
-                }
                 let mut outbox_ids = BTreeSet::new();
-                for text in &outputs {
-                    if let Ok(Output::Persist { changes, .. }) = serde_json::from_str::<Output>(text) {
+                while let Some(text) = self.engine.poll_output() {
+                    let Some(output) = decode_output(&text) else { continue };
+                    if let Output::Persist { changes, .. } = &output {
                         outbox_ids.extend(changes.to_device_outbox.iter().map(|r| r.outbox_id));
                     }
+                    outputs.push(output);
                 }
                 if outbox_ids.is_empty() {
                     // Nothing remote to deliver (e.g. only local recipients).
@@ -398,8 +403,8 @@ impl Driver {
                 } else {
                     self.to_device_waiters.push(ToDeviceWaiter { outbox_ids, reply });
                 }
-                for text in outputs {
-                    self.perform_text(&text);
+                for output in outputs {
+                    self.perform(output);
                 }
             }
             Command::Event { event, reply } => match self.store.add_event(&event) {

@@ -62,6 +62,13 @@ const IDLE_CONNECTIONS_PER_DESTINATION_MAX: usize = 2;
 /// Redirects followed when fetching a well-known document; more means a loop or abuse.
 const WELL_KNOWN_REDIRECTS_MAX: usize = 5;
 
+/// Per address: TCP connect plus TLS handshake.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Synapse's federation request timeout.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 60_000;
+/// Where `/.well-known/matrix/server` lives outside tests.
+pub const DEFAULT_WELL_KNOWN_PORT: u16 = 443;
+
 /// Everything the transport needs; [`TransportConfig::new`] fills in production defaults.
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
@@ -96,14 +103,14 @@ impl TransportConfig {
         Self {
             origin: origin.into(),
             signing_key,
-            connect_timeout_ms: 10_000,
-            request_timeout_ms: 60_000,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             verify_tls: true,
             extra_ca_file: None,
             ip_denylist_enabled: true,
             ip_allowlist: Vec::new(),
             dns_nameserver: None,
-            well_known_port: 443,
+            well_known_port: DEFAULT_WELL_KNOWN_PORT,
         }
     }
 }

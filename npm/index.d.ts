@@ -79,6 +79,8 @@ export interface CatchUpRoom {
   pdu: Json;
   partial_state?: boolean;
   extremities?: Extremity[];
+  /** Set when the host cannot hand over the event (`pdu` is then `{}`): the core gives it up with this reason. */
+  undeliverable?: string;
 }
 
 /** Stored state of one destination. */
@@ -254,6 +256,10 @@ export interface SigningKeyUpdateInput {
 }
 export interface PresenceInput { type: 'presence'; states: PresenceState[]; destinations: ServerName[] }
 export interface SetDestinationStateInput { type: 'set_destination_state'; state: DestinationState }
+/** To-device EDUs already durable in the homeserver's own outbox: sent, never persisted again. */
+export interface StoredToDeviceInput { type: 'stored_to_device'; rows: OutboxRow[] }
+/** Device-list changes already durable in the homeserver's own tables: sent, never persisted again. */
+export interface StoredDeviceListPokesInput { type: 'stored_device_list_pokes'; pokes: DeviceListPoke[] }
 export interface EventsFetchedInput { type: 'events_fetched'; request: RequestId; events: PduInfo[] }
 export interface CatchUpLoadedInput { type: 'catch_up_loaded'; request: RequestId; rooms: CatchUpRoom[] }
 export interface OutstandingLoadedInput { type: 'outstanding_loaded'; request: RequestId; destinations: ServerName[] }
@@ -275,6 +281,8 @@ export type Input =
   | SigningKeyUpdateInput
   | PresenceInput
   | SetDestinationStateInput
+  | StoredToDeviceInput
+  | StoredDeviceListPokesInput
   | EventsFetchedInput
   | CatchUpLoadedInput
   | OutstandingLoadedInput
@@ -295,7 +303,9 @@ export type CommandInput =
   | DeviceListUpdateInput
   | SigningKeyUpdateInput
   | PresenceInput
-  | SetDestinationStateInput;
+  | SetDestinationStateInput
+  | StoredToDeviceInput
+  | StoredDeviceListPokesInput;
 
 export type SendTransactionOutput = { type: 'send_transaction' } & OutgoingTransaction;
 export interface FetchEventsOutput { type: 'fetch_events'; request: RequestId; after: number; limit: number }

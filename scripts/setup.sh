@@ -39,6 +39,40 @@ else
   say "apt: ${pkgs[*]} already installed"
 fi
 
+# 1b. Private database services for the worker tests (scripts/services.sh starts its own instances
+#     on free loopback ports): postgresql-15 (initdb/pg_ctl in /usr/lib/postgresql/15/bin) and
+#     redis-server. The packages' own system-wide services (port 5432, port 6379) must not run:
+#     a policy-rc.d that refuses every start is in place while apt installs (Docker images
+#     usually have one already), and anything that started anyway is stopped afterwards.
+svc_pkgs=(postgresql-15 redis-server)
+svc_missing=()
+for p in "${svc_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || svc_missing+=("$p")
+done
+if ((${#svc_missing[@]})); then
+  need_root "apt packages (${svc_missing[*]})"
+  say "apt: installing ${svc_missing[*]} (system services kept stopped)"
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if ! [ -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; own_policy=1
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${svc_missing[@]}" >/dev/null
+  if ((own_policy)); then rm -f "$policy"; fi
+  if command -v pg_lsclusters >/dev/null; then
+    pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
+      pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
+    done
+  fi
+  service redis-server stop >/dev/null 2>&1 || true
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now postgresql redis-server >/dev/null 2>&1 || true
+  fi
+else
+  say "apt: ${svc_pkgs[*]} already installed"
+fi
+
 # 2. Linker names Debian's rustc looks for on PATH (the package ships neither):
 #    rust-lld = default linker of wasm32-unknown-unknown, wasm32v1-none, wasm32-wasip1
 #    wasm-ld  = what wasm-component-ld (wasm32-wasip2) spawns
@@ -138,8 +172,10 @@ python_venv() {
   "$venv/bin/python" -c "$imports" || die "$name: the installed packages do not import"
   echo "$want" > "$venv/.setup-stamp"
 }
-# Synapse as the federation peer of interop/ (~30 s, 240 MB).
-python_venv synapse-venv "$root/interop/requirements.txt" 'import synapse, signedjson, requests' \
+# Synapse as the federation peer of interop/ and interop/worker/ (~30 s, 240 MB).
+# Also psycopg2 and txredisapi: interop/worker/ runs Synapse on PostgreSQL + Redis.
+python_venv synapse-venv "$root/interop/requirements.txt" \
+  'import synapse, signedjson, requests, psycopg2, txredisapi, hiredis' \
   "matrix-synapse for the interop peer, ~30 s"
 # host-native/tests/transport.rs checks our X-Matrix signatures with this independent
 # implementation.

@@ -6,6 +6,13 @@
 #
 # Stages:
 #   setup         scripts/setup.sh (idempotent; installs only what is missing)
+#   services      scripts/services.sh: private PostgreSQL + Redis on free loopback ports in a temp
+#                 dir, stopped (and the dir removed) when test.sh exits. Their FEDSEND_TEST_*
+#                 variables (see scripts/services.sh) are exported to every later stage, cargo
+#                 tests included. Started automatically before the first stage that uses them
+#                 (native-test, interop, worker) even when `services` is not named, e.g. by
+#                 `scripts/test.sh native-test`. When FEDSEND_TEST_PG_PORT is already set (a dev
+#                 instance: `. DIR/env` after `scripts/services.sh start DIR`), those are used and left running.
 #   wasm          scripts/build-wasm.sh (Node + web bindings, target/fedsend_guest.wasm)
 #   native-build  cargo build --release --workspace
 #   native-test   cargo test --release --workspace (same selection as the build, so the test step
@@ -22,19 +29,47 @@
 #   interop       interop/test_interop.py: a real Synapse (PyPI, venv made by setup) on loopback as
 #                 the federation peer, judging what Synapse's /sync, database and log show (issue 6);
 #                 first the harness sends signed transactions itself, then `fedsend serve` does
+#   worker        (not in the default list yet) interop/worker/test_worker.py --sender fedsend: a
+#                 Synapse main process on PostgreSQL + Redis whose federation sender instance is
+#                 target/release/fedsend, against a second Synapse (~2-3 min)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/bin:$PATH"   # rustup's cargo; wasm-bindgen
 
-all_stages=(setup wasm native-build native-test simulate bench no-std node e2e interop)
+all_stages=(setup services wasm native-build native-test simulate bench no-std node e2e interop)
+extra_stages=(worker)                   # valid names, run only when named
+uses_services=(native-test interop worker)
 stages=("$@")
 ((${#stages[@]})) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
-  [[ " ${all_stages[*]} " == *" $s "* ]] || { echo "test.sh: unknown stage '$s' (stages: ${all_stages[*]})" >&2; exit 2; }
+  [[ " ${all_stages[*]} ${extra_stages[*]} " == *" $s "* ]] || { echo "test.sh: unknown stage '$s' (stages: ${all_stages[*]} ${extra_stages[*]})" >&2; exit 2; }
 done
+# Put `services` before the first stage that uses them, unless it is already there.
+if [[ " ${stages[*]} " != *" services "* ]]; then
+  with=()
+  for s in "${stages[@]}"; do
+    if [[ " ${with[*]} " != *" services "* && " ${uses_services[*]} " == *" $s "* ]]; then with+=(services); fi
+    with+=("$s")
+  done
+  stages=("${with[@]}")
+fi
 
 stage_setup() { scripts/setup.sh; }
+svc_dir=""   # the services' temp dir, stopped by the EXIT trap
+stage_services() {
+  if [ -n "${FEDSEND_TEST_PG_PORT:-}" ]; then
+    echo "services: using the ones in the environment (postgres port $FEDSEND_TEST_PG_PORT, redis ${FEDSEND_TEST_REDIS_URL:-?})"
+    return 0
+  fi
+  svc_dir="$(mktemp -d "${TMPDIR:-/tmp}/fedsend-services.XXXXXX")"
+  chmod 755 "$svc_dir"   # the postgres user must reach its data dir inside
+  scripts/services.sh start "$svc_dir"
+  set -a
+  # shellcheck disable=SC1091
+  . "$svc_dir/env"
+  set +a
+}
 stage_wasm() { scripts/build-wasm.sh; }
 stage_native-build() { cargo build --release --workspace; }
 stage_native-test() { cargo test --release --workspace; }
@@ -70,12 +105,27 @@ stage_interop() {
   # a room_id).
   "$py" interop/test_interop.py --mode fedsend
 }
+# fedsend as Synapse's federation_sender worker instance (interop/worker/README.md).
+stage_worker() {
+  local py=tools/python/synapse-venv/bin/python
+  [ -x "$py" ] || { echo "test.sh: $py is missing; run scripts/setup.sh" >&2; return 1; }
+  "$py" interop/worker/test_worker.py --sender fedsend --fedsend target/release/fedsend
+}
 
 start=$SECONDS
 current=""
 summary=()
 skipped=()
-trap 'rc=$?; [ -n "$current" ] && [ "$rc" -ne 0 ] && echo "test.sh: FAILED in stage $current (exit $rc) after $((SECONDS - start))s"' EXIT
+on_exit() {
+  local rc=$1
+  if [ -n "$current" ] && [ "$rc" -ne 0 ]; then
+    echo "test.sh: FAILED in stage $current (exit $rc) after $((SECONDS - start))s"
+  fi
+  if [ -n "$svc_dir" ]; then scripts/services.sh stop "$svc_dir" >/dev/null 2>&1 || true; fi
+}
+trap 'on_exit $?' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 for s in "${stages[@]}"; do
   current=$s
   t0=$SECONDS

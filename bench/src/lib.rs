@@ -832,6 +832,7 @@ fn catch_up_room(room_id: String, so: u64) -> CatchUpRoom {
         event_id: event_id(so),
         pdu,
         partial_state: false,
+        undeliverable: None,
         room_id,
         stream_ordering: so,
     }

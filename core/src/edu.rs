@@ -211,6 +211,11 @@ impl EduQueue {
         self.to_device.push_back(edu);
     }
 
+    /// Whether the outbox row `outbox_id` is queued here.
+    pub(crate) fn has_to_device(&self, outbox_id: u64) -> bool {
+        self.to_device.iter().any(|edu| edu.outbox_id == Some(outbox_id))
+    }
+
     /// Removes every queued to-device row (pruning a destination, D14) and returns them.
     pub(crate) fn take_all_to_device(&mut self) -> Vec<EduEntry> {
         self.to_device.drain(..).collect()

@@ -151,6 +151,23 @@ pub enum Input {
         /// The servers to tell.
         destinations: Vec<ServerName>,
     },
+    /// To-device EDUs the homeserver already keeps durably in an outbox of its own (Synapse's
+    /// `device_federation_outbox`): queued and sent at once like [`Input::ToDevice`], but not
+    /// persisted again. A delivered row is deleted through [`Changes::to_device_deleted`]
+    /// under its `outbox_id`, which is the homeserver's id. Hosts feed each row once, in id
+    /// order per destination; a row still queued or in flight is ignored.
+    StoredToDevice {
+        /// The rows.
+        rows: Vec<OutboxRow>,
+    },
+    /// Device-list changes the homeserver already keeps durably (Synapse's
+    /// `device_lists_outbound_pokes`): queued like [`Input::DeviceListUpdate`] but not
+    /// persisted again; delivered ones are deleted through
+    /// [`Changes::device_list_pokes_deleted`].
+    StoredDeviceListPokes {
+        /// The pokes, with the content of their EDU minus `prev_id`.
+        pokes: Vec<DeviceListPoke>,
+    },
     /// An operator overwrote the stored state of a destination (backoff timings and last
     /// successful stream position); the machine adopts it as is.
     SetDestinationState {
@@ -302,6 +319,11 @@ pub struct CatchUpRoom {
     /// Up to 10 current forward extremities of the room, highest depth first.
     #[serde(default)]
     pub extremities: Vec<Extremity>,
+    /// Set by a host that cannot hand over the event (unreadable, or nested deeper than any
+    /// parser on the way accepts; `pdu` is then `{}`): the machine gives it up with this
+    /// reason, so the destination's catch-up moves past it instead of waiting forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undeliverable: Option<String>,
 }
 
 /// A forward extremity offered for catch-up.

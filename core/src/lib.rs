@@ -109,6 +109,7 @@ mod edu;
 mod error;
 mod event;
 mod io;
+pub mod nesting;
 mod rng;
 mod sender;
 mod shard;

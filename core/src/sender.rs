@@ -531,6 +531,7 @@ impl FederationSender {
     // inputs
 
     fn apply(&mut self, input: Input) -> Result<(), InputError> {
+        crate::nesting::check_input(&input)?;
         match input {
             Input::NewEvents { up_to } => {
                 self.last_poked = self.last_poked.max(up_to);
@@ -596,6 +597,14 @@ impl FederationSender {
                         self.wakeup_add(host);
                     }
                 }
+                Ok(())
+            }
+            Input::StoredToDevice { rows } => {
+                self.stored_to_device(rows);
+                Ok(())
+            }
+            Input::StoredDeviceListPokes { pokes } => {
+                self.stored_device_list_pokes(pokes);
                 Ok(())
             }
             Input::ToDevice { sender, message_type, message_id, messages } => {
@@ -966,6 +975,10 @@ impl FederationSender {
         if info.out_of_band || !info.proactively_send || !info.has_prev_events {
             return;
         }
+        if let Some(reason) = crate::nesting::pdu_too_deep(&info.pdu) {
+            self.push_event(Event::EventSkipped { event_id: info.event_id, reason });
+            return;
+        }
         // Sorted and deduplicated in place (the order a set would give), without copying names.
         let mut targets: Vec<ServerName> = info.partial_state_servers.unwrap_or(info.hosts);
         targets.extend(info.invitee_server);
@@ -1079,6 +1092,58 @@ impl FederationSender {
             });
             if destination.due_within(now, window_ms) {
                 self.wakeup_add(host);
+            }
+        }
+    }
+
+    /// Rows already durable in the homeserver's outbox: queued, sent at once, not persisted.
+    fn stored_to_device(&mut self, mut rows: Vec<OutboxRow>) {
+        rows.sort_by_key(|row| row.outbox_id);
+        for row in rows {
+            if row.destination == self.config.server_name || !self.handles(&row.destination) {
+                continue;
+            }
+            let Some(content) = row.edu.get("content") else { continue };
+            let destination = self.destinations.entry(row.destination.clone()).or_insert_with(Destination::healthy);
+            let queue = destination.queue();
+            let in_flight = queue.frozen.as_ref().is_some_and(|f| f.edus.iter().any(|e| e.outbox_id == Some(row.outbox_id)));
+            if in_flight || queue.edus.has_to_device(row.outbox_id) {
+                continue;
+            }
+            let mut edu = EduEntry::new("m.direct_to_device", content);
+            edu.outbox_id = Some(row.outbox_id);
+            destination.queue().edus.push_to_device(edu);
+            self.dirty.insert(row.destination);
+        }
+    }
+
+    /// Pokes already durable in the homeserver's tables: queued and staggered like
+    /// [`Input::DeviceListUpdate`], not persisted again.
+    fn stored_device_list_pokes(&mut self, pokes: Vec<DeviceListPoke>) {
+        let now = self.now;
+        let window_ms = self.config.catch_up_threshold_ms;
+        for row in pokes {
+            if row.destination == self.config.server_name || !self.handles(&row.destination) {
+                continue;
+            }
+            let destination = self.destinations.entry(row.destination.clone()).or_insert_with(Destination::healthy);
+            if row.device_id.is_some()
+                && destination.device_list_position(&row.user_id).is_some_and(|p| p >= row.stream_id)
+            {
+                // Already acknowledged by the destination: only its deletion is owed.
+                self.changes.device_list_pokes_deleted.push(DeviceListPokeKey {
+                    destination: row.destination,
+                    user_id: row.user_id,
+                    device_id: row.device_id,
+                    stream_id: row.stream_id,
+                });
+                continue;
+            }
+            let poke = Poke { stream_id: row.stream_id, queued_ts: row.queued_ts, content: row.content };
+            if destination.queue().edus.push_device_list(&row.user_id, row.device_id.as_deref(), poke)
+                && destination.due_within(now, window_ms)
+            {
+                self.wakeup_add(row.destination);
             }
         }
     }
@@ -1404,25 +1469,29 @@ impl FederationSender {
         };
         let overhead = empty_body_len(&self.config.server_name, self.now.as_ms());
         let bytes_max = self.config.transaction_bytes_max;
-        let fits_alone = |p: &PduEntry| overhead + p.json.len() as u64 <= bytes_max;
+        // Why a PDU can never leave: too large for any transaction, or nested too deeply for
+        // the parsers on its way.
+        let undeliverable = |p: &PduEntry, pdu: &serde_json::Value| {
+            if overhead + p.json.len() as u64 > bytes_max {
+                return Some(String::from("larger than transaction_bytes_max on its own"));
+            }
+            crate::nesting::pdu_too_deep(pdu)
+        };
         let mut chosen: Vec<Arc<PduEntry>> = Vec::new();
         if !owed_is_extremity && !room.partial_state && !owed_only {
             for extremity in &room.extremities {
                 if extremity.stream_ordering >= catch_up_pos && extremity.visible {
                     let candidate = entry(&extremity.event_id, extremity.stream_ordering, &extremity.pdu);
-                    if fits_alone(&candidate) {
-                        chosen.push(candidate);
-                    } else {
-                        let reason = String::from("larger than transaction_bytes_max on its own");
-                        self.give_up(name, destination, &candidate, reason);
+                    match undeliverable(&candidate, &extremity.pdu) {
+                        None => chosen.push(candidate),
+                        Some(reason) => self.give_up(name, destination, &candidate, reason),
                     }
                 }
             }
         }
         if chosen.is_empty() {
             let owed = entry(&room.event_id, room.stream_ordering, &room.pdu);
-            if !fits_alone(&owed) {
-                let reason = String::from("larger than transaction_bytes_max on its own");
+            if let Some(reason) = room.undeliverable.clone().or_else(|| undeliverable(&owed, &room.pdu)) {
                 self.give_up(name, destination, &owed, reason);
                 self.catch_up_room_done(name, destination, room.stream_ordering);
                 return None;

@@ -19,5 +19,6 @@ pub mod demo;
 pub mod human;
 pub mod scenario;
 pub mod serve;
+pub mod synapse_worker;
 pub mod transport;
 pub mod wasm_engine;

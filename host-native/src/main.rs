@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use fedsend_host_native::demo::{self, DemoArgs};
 use fedsend_host_native::scenario::{self, ScenarioArgs};
 use fedsend_host_native::serve::{self, ServeArgs};
+use fedsend_host_native::synapse_worker::{self, SynapseArgs};
 
 /// A Matrix federation sender.
 #[derive(Debug, Parser)]
@@ -24,6 +25,8 @@ enum Command {
     Serve(ServeArgs),
     /// Run the service against loopback remote servers it starts itself; print a delivery report.
     Demo(DemoArgs),
+    /// Be a `federation_sender` instance of a Synapse deployment on PostgreSQL and Redis.
+    Synapse(SynapseArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,13 @@ fn main() -> ExitCode {
             }
             Err(message) => {
                 eprintln!("fedsend demo: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Synapse(args) => match synapse_worker::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("fedsend synapse: {message}");
                 ExitCode::FAILURE
             }
         },

@@ -8,19 +8,23 @@ use std::time::Duration;
 
 use fedsend_core::TransactionResult;
 use fedsend_host_native::serve::client::{Answer, IngestClient};
-use fedsend_host_native::serve::config::ServeConfig;
+use fedsend_host_native::serve::config::{EngineKind, ServeConfig};
 use fedsend_host_native::serve::driver::Transport;
 use fedsend_host_native::serve::store::{Added, MemoryStore, NewEvent, SqliteStore, Store, StoreError};
 use fedsend_host_native::serve::{self, Running};
 use serde_json::{Value, json};
 
+mod common;
+
 const TOKEN: &str = "test-token-0123456789";
 
-/// Records every attempt; answers `ok` unless the destination is listed in `failing`.
+/// Records every attempt; answers `ok` unless the destination is listed in `failing`, or
+/// never (until a long timeout) if it is listed in `silent`.
 #[derive(Default)]
 struct FakeTransport {
     sent: Mutex<Vec<(String, String, Value)>>,
     failing: Mutex<Vec<String>>,
+    silent: Mutex<Vec<String>>,
 }
 
 impl Transport for FakeTransport {
@@ -31,6 +35,10 @@ impl Transport for FakeTransport {
         body: &'a str,
     ) -> Pin<Box<dyn Future<Output = TransactionResult> + Send + 'a>> {
         Box::pin(async move {
+            if self.silent.lock().unwrap().iter().any(|d| d == destination) {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                return TransactionResult::Timeout;
+            }
             self.sent.lock().unwrap().push((destination.into(), txn_id.into(), serde_json::from_str(body).unwrap()));
             if self.failing.lock().unwrap().iter().any(|d| d == destination) {
                 TransactionResult::Status { status: 500, retry_after_ms: None, errcode: None }
@@ -70,23 +78,33 @@ struct Service {
 }
 
 async fn start_service() -> Service {
+    start_service_with(EngineKind::Native, "", |_| {}).await
+}
+
+/// The service on `engine`, with `transport_toml` as its `[transport]` section and the store
+/// prepared by `prepare` before it starts.
+async fn start_service_with(engine: EngineKind, transport_toml: &str, prepare: impl FnOnce(&mut SqliteStore)) -> Service {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig::parse(
+    let config = ServeConfig::parse(&format!(
         r#"
         server_name = "us.example"
         signing_key_file = "unused"
         [ingest]
         listen = "127.0.0.1:0"
         edu_bytes_max = 1000
+        [transport]
+        {transport_toml}
         [sender]
         retry_interval_min_ms = 200
         http_retries_max = 0
         "#,
-    )
+    ))
     .unwrap();
-    let store = SqliteStore::open(&dir.path().join("fedsend.db")).unwrap();
+    let mut store = SqliteStore::open(&dir.path().join("fedsend.db")).unwrap();
+    prepare(&mut store);
     let transport = Arc::new(FakeTransport::default());
-    let engine = serve::make_engine(config.engine, None).unwrap();
+    let wasm = (engine == EngineKind::Wasm).then(common::existing_guest_path);
+    let engine = serve::make_engine(engine, wasm.as_deref()).unwrap();
     let running = serve::start(&config, engine, Box::new(store), transport.clone(), TOKEN.into()).await.unwrap();
     let client = IngestClient { addr: running.local_addr, token: Some(TOKEN.into()) };
     Service { running, client, transport, _dir: dir }
@@ -403,10 +421,12 @@ fn serve_binary_stops_cleanly_on_sigterm() {
     }
 }
 
-/// A store whose writes fail while `failing` is set, like a full disk.
+/// A store whose writes fail while `failing` is set, like a full disk, and whose event
+/// answers come in the wrong order while `disordered` is set, which the engine refuses.
 struct FailingStore {
     inner: MemoryStore,
     failing: Arc<std::sync::atomic::AtomicBool>,
+    disordered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FailingStore {
@@ -443,7 +463,11 @@ impl Store for FailingStore {
         self.inner.max_stream_ordering()
     }
     fn fetch_events(&mut self, after: u64, limit: u32) -> Result<Vec<fedsend_core::PduInfo>, StoreError> {
-        self.inner.fetch_events(after, limit)
+        let mut events = self.inner.fetch_events(after, limit)?;
+        if self.disordered.load(std::sync::atomic::Ordering::SeqCst) {
+            events.reverse();
+        }
+        Ok(events)
     }
     fn load_catch_up(
         &mut self,
@@ -470,7 +494,7 @@ async fn storage_failures_are_reported_and_survived() {
     )
     .unwrap();
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = FailingStore { inner: MemoryStore::new(), failing: failing.clone() };
+    let store = FailingStore { inner: MemoryStore::new(), failing: failing.clone(), disordered: Arc::default() };
     let transport = Arc::new(FakeTransport::default());
     let engine = serve::make_engine(config.engine, None).unwrap();
     let running = serve::start(&config, engine, Box::new(store), transport.clone(), TOKEN.into()).await.unwrap();
@@ -490,17 +514,19 @@ async fn storage_failures_are_reported_and_survived() {
         "sender": "@a:us.example", "message_type": "m.test", "message_id": "td-1",
         "messages": {"@b:a.example": {"D": {}}},
     });
-    let pending = {
-        let c = c.clone();
-        tokio::spawn(async move { c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)).await })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!pending.is_finished(), "acknowledged before durable");
-    assert_eq!(c.call("GET", "/health", None).await.unwrap().status, 200, "still serving");
+    let answer = tokio::time::timeout(Duration::from_secs(10), c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)))
+        .await
+        .expect("a to-device submission is answered while storage fails")
+        .unwrap();
+    assert_eq!((answer.status, answer.body["errcode"].clone()), (503, json!("M_UNKNOWN")), "{answer:?}");
+    let health = c.call("GET", "/health", None).await.unwrap();
+    assert_eq!((health.status, health.body["status"].clone()), (503, json!("degraded")), "{health:?}");
+    assert!(health.body["problem"].as_str().unwrap().contains("disk is full"), "{health:?}");
 
-    // Healed: the core's retried batch lands, the submission is acknowledged, things flow.
+    // Healed: resubmitted, acknowledged (the core's retried batch lands too; receivers
+    // deduplicate the message id), things flow.
     failing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let answer = tokio::time::timeout(Duration::from_secs(30), pending).await.unwrap().unwrap().unwrap();
+    let answer = c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)).await.unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&m1)).await.unwrap().status, 200);
     let t = transport.clone();
@@ -511,4 +537,199 @@ async fn storage_failures_are_reported_and_survived() {
     let metrics = c.call("GET", "/metrics", None).await.unwrap();
     assert!(!metrics.body.as_str().unwrap().contains("fedsend_storage_failures_total 0"), "failures counted");
     running.stop().await;
+}
+
+const ENGINES: [EngineKind; 2] = [EngineKind::Native, EngineKind::Wasm];
+
+/// `[[…[1]…]]` with `depth` levels.
+fn nested(depth: usize) -> Value {
+    let mut value = json!(1);
+    for _ in 0..depth {
+        value = Value::Array(vec![value]);
+    }
+    value
+}
+
+/// A local event in `room` whose content is `content`, routed to `hosts`.
+fn event_with(id: &str, room: &str, depth: u64, prev: &[&str], content: Value, hosts: &[&str]) -> Value {
+    let mut pdu = pdu(id, room, "@a:us.example", depth, prev);
+    pdu["content"] = content;
+    json!({"event_id": id, "pdu": pdu, "hosts": hosts})
+}
+
+/// Issue: a 250-byte message nested ~125 levels was accepted, then refused by the engine
+/// inside the driver's answer, and no event reached any destination again. Every depth from
+/// 100 to what the API's parser takes is refused at the edge now, with the reason, and
+/// everything after it flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_submissions_are_refused_and_sending_goes_on() {
+    for engine in ENGINES {
+        let service = start_service_with(engine, "", |_| {}).await;
+        let c = &service.client;
+        let t = service.transport.clone();
+        let room = "!r:us.example";
+        let create = json!({"event_id": "$c", "pdu": pdu("$c", room, "@a:us.example", 1, &[])});
+        assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&create)).await.unwrap().status, 200);
+        let refused = |answer: &Answer, what: &str| {
+            assert_eq!(answer.status, 400, "{engine:?} {what}: {answer:?}");
+            assert!(answer.body["error"].as_str().unwrap().contains("levels of arrays and objects"), "{answer:?}");
+        };
+        // The PDU object adds a level around its content; the API's parser takes bodies of
+        // up to 127 levels.
+        for pdu_depth in 100..=126 {
+            let event = event_with("$deep", room, 2, &["$c"], nested(pdu_depth - 1), &["a.example"]);
+            refused(&c.call("POST", "/_fedsend/v1/events", Some(&event)).await.unwrap(), &format!("event {pdu_depth}"));
+        }
+        for depth in 100..=124 {
+            let to_device = json!({"sender": "@a:us.example", "message_type": "m.test", "message_id": "deep",
+                                   "messages": {"@b:a.example": {"D": nested(depth)}}});
+            refused(&c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)).await.unwrap(), &format!("to-device {depth}"));
+        }
+        for depth in 100..=126 {
+            let edu = json!({"destination": "a.example", "edu_type": "m.x", "content": nested(depth)});
+            refused(&c.call("POST", "/_fedsend/v1/edu", Some(&edu)).await.unwrap(), &format!("EDU {depth}"));
+            let keys = json!({"user_id": "@a:us.example", "device_id": "D", "stream_id": 7, "keys": nested(depth),
+                              "destinations": ["a.example"]});
+            refused(
+                &c.call("POST", "/_fedsend/v1/device_list_update", Some(&keys)).await.unwrap(),
+                &format!("device keys {depth}"),
+            );
+        }
+        // At the limit: accepted and delivered, and so is what follows.
+        let at_limit = event_with("$limit", room, 2, &["$c"], nested(63), &["a.example"]);
+        assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&at_limit)).await.unwrap().status, 200);
+        let next = event_with("$next", room, 3, &["$limit"], json!({}), &["a.example"]);
+        assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&next)).await.unwrap().status, 200);
+        let to_device = json!({"sender": "@a:us.example", "message_type": "m.test", "message_id": "ok",
+                               "messages": {"@b:a.example": {"D": nested(60)}}});
+        assert_eq!(c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)).await.unwrap().status, 200);
+        eventually("the events and the message after the refusals", || {
+            t.pdus_to("a.example") == ["$limit", "$next"]
+                && t.edus_to("a.example", "m.direct_to_device").iter().any(|e| e["content"]["message_id"] == "ok")
+        })
+        .await;
+        assert!(t.edus_to("a.example", "m.x").is_empty(), "nothing refused was sent");
+        assert_eq!(c.call("GET", "/health", None).await.unwrap().status, 200);
+        service.running.stop().await;
+    }
+}
+
+/// Events stored before the edge checked nesting (or written by another producer) cannot
+/// stop the events stream or a destination's catch-up: they are skipped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_events_already_stored_are_skipped_in_fan_out_and_catch_up() {
+    use fedsend_core::{Changes, DestinationRoom, DestinationState, PduInfo, ServerName};
+    for engine in ENGINES {
+        let room = "!r:us.example";
+        let stored = |id: &str, depth: u64, prev: &[&str], content: Value| NewEvent {
+            info: PduInfo {
+                event_id: id.into(),
+                room_id: room.into(),
+                stream_ordering: 0,
+                sender: "@a:us.example".into(),
+                has_prev_events: !prev.is_empty(),
+                hosts: vec![ServerName::parse("a.example").unwrap()],
+                partial_state_servers: None,
+                invitee_server: None,
+                proactively_send: true,
+                out_of_band: false,
+                send_on_behalf_of: None,
+                received_ts: None,
+                pdu: { let mut p = pdu(id, room, "@a:us.example", depth, prev); p["content"] = content; p },
+            },
+            depth,
+            prev_events: prev.iter().map(|p| (*p).to_owned()).collect(),
+            local: true,
+        };
+        let service = start_service_with(engine, "", |store| {
+            store.add_event(&stored("$c", 1, &[], json!({}))).unwrap();
+            // Too deep for the store to read back; too deep for the engine's answer.
+            store.add_event(&stored("$unreadable", 2, &["$c"], nested(126))).unwrap();
+            store.add_event(&stored("$deep", 3, &["$unreadable"], nested(121))).unwrap();
+            store.add_event(&stored("$after", 4, &["$deep"], json!({}))).unwrap();
+            // A destination owed the deep event from before (catch-up from storage).
+            let late = ServerName::parse("late.example").unwrap();
+            let changes = Changes {
+                events_out_pos: Some(4),
+                destination_rooms: vec![DestinationRoom { destination: late.clone(), room_id: room.into(), stream_ordering: 3 }],
+                destinations: vec![DestinationState { destination: late, last_successful_stream_ordering: Some(1), ..Default::default() }],
+                ..Changes::default()
+            };
+            store.apply(&changes).unwrap();
+        })
+        .await;
+        let c = &service.client;
+        let t = service.transport.clone();
+        let news = event_with("$news", room, 5, &["$after"], json!({}), &["a.example", "late.example"]);
+        assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&news)).await.unwrap().status, 200);
+        eventually("the events around the deep ones, and catch-up past them", || {
+            t.pdus_to("late.example").contains(&"$news".to_owned()) && t.pdus_to("a.example").contains(&"$news".to_owned())
+        })
+        .await;
+        assert!(!t.pdus_to("late.example").iter().any(|id| id == "$deep" || id == "$unreadable"));
+        let metrics = c.call("GET", "/metrics", None).await.unwrap();
+        assert!(metrics.body.as_str().unwrap().contains("fedsend_undeliverable_events_total 1"), "{engine:?}: {metrics:?}");
+        service.running.stop().await;
+    }
+}
+
+/// An answer the engine refuses is reported (metric, `/health`, log) and failed back to the
+/// core, which asks again: nothing waits forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_answers_are_reported_and_retried() {
+    let config = ServeConfig::parse(
+        "server_name = \"us.example\"\nsigning_key_file = \"unused\"\n[ingest]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let disordered = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut inner = MemoryStore::new();
+    let room = "!r:us.example";
+    for (id, depth, prev) in [("$c", 1, vec![]), ("$1", 2, vec!["$c"]), ("$2", 3, vec!["$1"])] {
+        let info: fedsend_core::PduInfo = serde_json::from_value(json!({
+            "event_id": id, "room_id": room, "stream_ordering": 0, "sender": "@a:us.example",
+            "has_prev_events": !prev.is_empty(), "hosts": ["a.example"],
+            "pdu": pdu(id, room, "@a:us.example", depth, &prev)}))
+        .unwrap();
+        let prev_events = prev.iter().map(|p| (*p).to_owned()).collect();
+        inner.add_event(&NewEvent { info, depth, prev_events, local: true }).unwrap();
+    }
+    let store = FailingStore { inner, failing: Arc::default(), disordered: disordered.clone() };
+    let transport = Arc::new(FakeTransport::default());
+    let engine = serve::make_engine(config.engine, None).unwrap();
+    let running = serve::start(&config, engine, Box::new(store), transport.clone(), TOKEN.into()).await.unwrap();
+    let c = IngestClient { addr: running.local_addr, token: Some(TOKEN.into()) };
+    let health = c.call("GET", "/health", None).await.unwrap();
+    assert_eq!((health.status, health.body["status"].clone()), (503, json!("degraded")), "{health:?}");
+    assert!(health.body["problem"].as_str().unwrap().contains("refused"), "{health:?}");
+    let metrics = c.call("GET", "/metrics", None).await.unwrap();
+    assert!(!metrics.body.as_str().unwrap().contains("fedsend_engine_refusals_total 0"), "{metrics:?}");
+    assert!(transport.pdus_to("a.example").is_empty());
+    disordered.store(false, std::sync::atomic::Ordering::SeqCst);
+    let t = transport.clone();
+    eventually("delivery once the store answers properly", || t.pdus_to("a.example") == ["$1", "$2"]).await;
+    running.stop().await;
+}
+
+/// Issue: 64 destinations that accept connections and never answer held every request slot
+/// for the whole request timeout. With 100 of them, a healthy remote still gets its event
+/// within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_remotes_do_not_starve_a_healthy_one() {
+    let service = start_service_with(EngineKind::Native, "slow_send_after_ms = 500", |_| {}).await;
+    let c = &service.client;
+    let t = service.transport.clone();
+    let silent: Vec<String> = (1..=100).map(|i| format!("silent{i}.example")).collect();
+    t.silent.lock().unwrap().extend(silent.iter().cloned());
+    let room = "!r:us.example";
+    let create = json!({"event_id": "$c", "pdu": pdu("$c", room, "@a:us.example", 1, &[])});
+    assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&create)).await.unwrap().status, 200);
+    let to_silent = event_with("$1", room, 2, &["$c"], json!({}), &silent.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&to_silent)).await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let healthy = event_with("$2", room, 3, &["$1"], json!({}), &["healthy.example"]);
+    assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&healthy)).await.unwrap().status, 200);
+    eventually("the healthy remote's event", || t.pdus_to("healthy.example") == ["$2"]).await;
+    println!("healthy remote served {:?} after its event, beside 100 silent remotes", started.elapsed());
+    service.running.stop().await;
 }

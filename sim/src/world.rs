@@ -1097,6 +1097,7 @@ impl World {
                                 pdu: self.events[x].pdu.clone(),
                             })
                             .collect(),
+                        undeliverable: None,
                     });
                 }
                 if self.trace_events {

@@ -48,6 +48,9 @@ pub struct ApiState {
     pub edu_bytes_max: usize,
 }
 
+/// Commands acknowledged only once what they caused is durable.
+const DURABLE: &[&str] = &["to_device", "device_list_update", "signing_key_update"];
+
 /// Core input types that only the driver may feed (completions, the events stream, time).
 const DRIVER_ONLY: &[&str] = &[
     "new_events",
@@ -121,8 +124,15 @@ async fn read_json<T: for<'de> Deserialize<'de>>(state: &ApiState, body: Body) -
     serde_json::from_value(value).map_err(|e| refusal(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{e}")))
 }
 
-async fn health() -> Response {
-    axum::Json(json!({ "status": "ok" })).into_response()
+async fn health(State(state): State<Arc<ApiState>>) -> Response {
+    match state.metrics.recent_problem(now_ms()) {
+        None => axum::Json(json!({ "status": "ok" })).into_response(),
+        Some(problem) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "degraded", "problem": problem.what, "at_ms": problem.at_ms })),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, Rejection> {
@@ -174,6 +184,8 @@ fn new_event(state: &ApiState, submission: EventSubmission, local: bool) -> Resu
     if !event_id.starts_with('$') || event_id.len() < 2 || event_id.len() > 255 {
         return Err(bad(format!("event_id {event_id:?} is not an event id ($…, at most 255 bytes)")));
     }
+    // Refused here rather than stored: the core could never send it (see fedsend_core::nesting).
+    fedsend_core::nesting::check_value_depth("pdu", &pdu).map_err(bad)?;
     let object = pdu.as_object().ok_or_else(|| bad("pdu must be a JSON object"))?;
     let text = |key: &str| object.get(key).and_then(Value::as_str);
     // Room version 12 create events carry no room_id: the room id is the create event's id
@@ -305,8 +317,8 @@ async fn command(
         }
     }
     object.insert("type".into(), Value::String(kind.clone()));
-    if kind == "to_device" {
-        state.driver.to_device(Value::Object(object)).await?;
+    if DURABLE.contains(&kind.as_str()) {
+        state.driver.durable_input(Value::Object(object)).await?;
     } else {
         state.driver.input(Value::Object(object)).await?;
     }

@@ -109,9 +109,18 @@ pub struct TransportSection {
     /// Port of `/.well-known/matrix/server` lookups (443 outside tests).
     #[serde(default = "default_well_known_port")]
     pub well_known_port: u16,
-    /// Transactions on the wire at once, all destinations together.
+    /// Transactions on the wire at once, all destinations together (slow ones excepted).
     #[serde(default = "default_sends_in_flight_max")]
     pub sends_in_flight_max: usize,
+    /// Transactions on the wire to one host (a server name without its port) at once.
+    #[serde(default = "default_sends_per_host_max")]
+    pub sends_per_host_max: usize,
+    /// An unanswered transaction turns slow after this long and gives its slot back.
+    #[serde(default = "default_slow_send_after_ms")]
+    pub slow_send_after_ms: u64,
+    /// Slow transactions waiting at once; one more is ended as timed out.
+    #[serde(default = "default_slow_sends_max")]
+    pub slow_sends_max: usize,
 }
 
 impl Default for TransportSection {
@@ -126,6 +135,9 @@ impl Default for TransportSection {
             dns_nameserver: None,
             well_known_port: default_well_known_port(),
             sends_in_flight_max: default_sends_in_flight_max(),
+            sends_per_host_max: default_sends_per_host_max(),
+            slow_send_after_ms: default_slow_send_after_ms(),
+            slow_sends_max: default_slow_sends_max(),
         }
     }
 }
@@ -156,6 +168,15 @@ fn default_well_known_port() -> u16 {
 }
 fn default_sends_in_flight_max() -> usize {
     64
+}
+fn default_sends_per_host_max() -> usize {
+    8
+}
+fn default_slow_send_after_ms() -> u64 {
+    5_000
+}
+fn default_slow_sends_max() -> usize {
+    1_024
 }
 
 impl ServeConfig {
@@ -192,8 +213,17 @@ impl ServeConfig {
         if config.ingest.token.is_some() && config.ingest.token_file.is_some() {
             return Err("[ingest] sets both token and token_file; keep one".into());
         }
-        if config.transport.sends_in_flight_max == 0 {
-            return Err("[transport] sends_in_flight_max must be at least 1".into());
+        for (key, value) in [
+            ("sends_in_flight_max", config.transport.sends_in_flight_max),
+            ("sends_per_host_max", config.transport.sends_per_host_max),
+            ("slow_sends_max", config.transport.slow_sends_max),
+        ] {
+            if value == 0 {
+                return Err(format!("[transport] {key} must be at least 1"));
+            }
+        }
+        if config.transport.slow_send_after_ms == 0 {
+            return Err("[transport] slow_send_after_ms must be at least 1".into());
         }
         config.core_config_json()?;
         Ok(config)

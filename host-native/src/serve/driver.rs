@@ -13,13 +13,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fedsend_core::{DestinationStats, Input, OutgoingTransaction, Output, RequestId, ServerName, TransactionResult};
+use fedsend_core::nesting::check_value_depth;
+use fedsend_core::{
+    CatchUpRoom, DestinationStats, Input, OutgoingTransaction, Output, PduInfo, RequestId, ServerName, TransactionResult,
+};
 use fedsend_sim::Engine;
 use serde_json::Value;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::metrics::Metrics;
+use super::slots::{SendSlots, SlotLimits};
 use super::store::{Added, NewEvent, Store, StoreError};
 
 /// One HTTP attempt of a transaction. Retry policy is the core's, never the transport's.
@@ -81,8 +85,10 @@ type Reply<T> = oneshot::Sender<Result<T, Rejection>>;
 pub enum Command {
     /// Feed a core input as is (JSON with its `type`). Acknowledged when the core accepted it.
     Input { input: Value, reply: Reply<()> },
-    /// Feed a `to_device` input; acknowledged once its outbox rows are durable.
-    ToDevice { input: Value, reply: Reply<()> },
+    /// Feed an input whose effect must survive a crash once acknowledged (`to_device`,
+    /// `device_list_update`, `signing_key_update`): acknowledged once every batch of changes
+    /// it caused is durable, refused with 503 if storing one fails.
+    Durable { input: Value, reply: Reply<()> },
     /// Record an event (durably), then tell the core about it.
     Event { event: Box<NewEvent>, reply: Reply<Added> },
     /// Mark a room partial-state or fully joined.
@@ -109,9 +115,9 @@ impl DriverHandle {
         self.ask(|reply| Command::Input { input, reply }).await
     }
 
-    /// See [`Command::ToDevice`].
-    pub async fn to_device(&self, input: Value) -> Result<(), Rejection> {
-        self.ask(|reply| Command::ToDevice { input, reply }).await
+    /// See [`Command::Durable`].
+    pub async fn durable_input(&self, input: Value) -> Result<(), Rejection> {
+        self.ask(|reply| Command::Durable { input, reply }).await
     }
 
     /// See [`Command::Event`].
@@ -140,9 +146,9 @@ struct Completion {
     result: TransactionResult,
 }
 
-/// A to-device submission waiting for its outbox rows to become durable.
-struct ToDeviceWaiter {
-    outbox_ids: BTreeSet<u64>,
+/// A submission waiting for the batches of changes it caused to become durable.
+struct DurableWaiter {
+    persists: BTreeSet<RequestId>,
     reply: Reply<()>,
 }
 
@@ -151,13 +157,14 @@ pub struct Driver {
     engine: Box<dyn Engine + Send>,
     store: Box<dyn Store>,
     transport: Arc<dyn Transport>,
-    sends: Arc<Semaphore>,
+    slots: Arc<SendSlots>,
     commands: mpsc::Receiver<Command>,
     completions_tx: mpsc::UnboundedSender<Completion>,
     completions: mpsc::UnboundedReceiver<Completion>,
-    to_device_waiters: Vec<ToDeviceWaiter>,
+    durable_waiters: Vec<DurableWaiter>,
     metrics: Arc<Metrics>,
     in_flight: HashMap<RequestId, ServerName>,
+    events: Option<mpsc::UnboundedSender<fedsend_core::Event>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -169,13 +176,6 @@ impl std::fmt::Debug for Driver {
 /// Wall-clock milliseconds since the Unix epoch (0 before it).
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn decode_output(text: &str) -> Option<Output> {
-    serde_json::from_str(text)
-        // A newer core may have outputs this host does not know yet; say so and go on.
-        .map_err(|e| warn!(output = text, "ignoring an output this host cannot decode: {e}"))
-        .ok()
 }
 
 /// Counts the EDUs of a transaction body, for Synapse's `sent_edus` counter.
@@ -191,8 +191,10 @@ fn edus_in(body: &str) -> u64 {
 pub struct DriverOptions {
     /// The core's `Config` as JSON.
     pub core_config_json: String,
-    /// Transactions on the wire at once.
-    pub sends_in_flight_max: usize,
+    /// How transactions share the request slots.
+    pub slot_limits: SlotLimits,
+    /// Receives the core's events (worker mode announces recovered destinations).
+    pub events: Option<mpsc::UnboundedSender<fedsend_core::Event>>,
 }
 
 impl Driver {
@@ -220,13 +222,14 @@ impl Driver {
             engine,
             store,
             transport,
-            sends: Arc::new(Semaphore::new(options.sends_in_flight_max.max(1))),
+            slots: Arc::new(SendSlots::new(options.slot_limits)),
             commands,
             completions_tx,
             completions,
-            to_device_waiters: Vec::new(),
+            durable_waiters: Vec::new(),
             metrics,
             in_flight: HashMap::new(),
+            events: options.events.clone(),
         };
         let up_to = driver.store.max_stream_ordering().map_err(|e| format!("reading the events stream: {e}"))?;
         if up_to > 0 {
@@ -277,38 +280,106 @@ impl Driver {
 
     fn drain(&mut self) {
         while let Some(text) = self.engine.poll_output() {
-            self.perform_text(&text);
+            if let Some(output) = self.decode_output(&text) {
+                self.perform(output);
+            }
         }
     }
 
-    fn perform_text(&mut self, text: &str) {
-        if let Some(output) = decode_output(text) {
-            self.perform(output);
+    fn decode_output(&mut self, text: &str) -> Option<Output> {
+        match serde_json::from_str(text) {
+            Ok(output) => Some(output),
+            Err(e) => {
+                // A newer core may have outputs this host does not know yet: worth an
+                // operator's attention, since whatever the output asked for is not done.
+                warn!(output = %text.chars().take(300).collect::<String>(), "an output this host cannot decode: {e}");
+                self.engine_mismatch(format!("an output the host cannot decode: {e}"));
+                None
+            }
         }
     }
 
+    fn engine_mismatch(&mut self, what: String) {
+        self.metrics.engine_refusals.inc();
+        self.metrics.report_problem(now_ms(), what);
+    }
+
+    /// Feeds the answer to a request. An answer the engine refuses would leave the request
+    /// waiting forever, so it is reported and the request is failed instead: the core retries
+    /// queries and persists after a delay, and a transaction as timed out.
     fn answer(&mut self, input: Input) {
-        if let Err(e) = self.feed(&input) {
-            error!("the engine refused our own answer: {}", e.error);
+        let Err(refusal) = self.feed(&input) else { return };
+        error!("the engine refused the answer to a request: {}", refusal.error);
+        self.engine_mismatch(format!("the engine refused an answer: {}", refusal.error));
+        let fallback = match input {
+            Input::EventsFetched { request, .. }
+            | Input::CatchUpLoaded { request, .. }
+            | Input::OutstandingLoaded { request, .. }
+            | Input::Persisted { request } => {
+                Input::StorageFailed { request, error: format!("the engine refused the answer: {}", refusal.error) }
+            }
+            Input::TransactionDone { request, result } if result != TransactionResult::Timeout => {
+                Input::TransactionDone { request, result: TransactionResult::Timeout }
+            }
+            // Nothing else to offer: the refusal is on record.
+            _ => return,
+        };
+        if let Err(e) = self.feed(&fallback) {
+            error!("the engine refused the failure of a request too: {}", e.error);
         }
     }
 
     fn storage_failed(&mut self, request: RequestId, what: &str, e: &StoreError) {
         error!(%request, "{what}: {e}");
         self.metrics.storage_failures.inc();
+        self.metrics.report_problem(now_ms(), format!("{what}: {e}"));
+        self.fail_durable_waiters(request, &format!("{what}: {e}"));
         self.answer(Input::StorageFailed { request, error: e.to_string() });
+    }
+
+    /// Events from storage that no JSON parser between here and the remote could take are
+    /// handed over as out-of-band stand-ins, so the stream moves past them.
+    fn screen_events(&self, events: &mut [PduInfo]) {
+        for event in events {
+            if let Err(reason) = check_value_depth("the event", &event.pdu) {
+                warn!(event_id = event.event_id, "not sending an event: {reason}");
+                self.metrics.undeliverable_events.inc();
+                event.pdu = Value::Object(serde_json::Map::new());
+                event.out_of_band = true;
+            }
+        }
+    }
+
+    /// The same for catch-up: a too-deep owed event is marked undeliverable (the core gives
+    /// it up and moves on), a too-deep extremity is left out.
+    fn screen_catch_up(&self, rooms: &mut [CatchUpRoom]) {
+        for room in rooms {
+            room.extremities.retain(|x| check_value_depth("an extremity", &x.pdu).is_ok());
+            if let Err(reason) = check_value_depth("the event", &room.pdu) {
+                warn!(event_id = room.event_id, "not sending an event in catch-up: {reason}");
+                self.metrics.undeliverable_events.inc();
+                room.pdu = Value::Object(serde_json::Map::new());
+                room.undeliverable = Some(reason);
+            }
+        }
     }
 
     fn perform(&mut self, output: Output) {
         match output {
             Output::SendTransaction(txn) => self.send(txn),
             Output::FetchEvents { request, after, limit } => match self.store.fetch_events(after, limit) {
-                Ok(events) => self.answer(Input::EventsFetched { request, events }),
+                Ok(mut events) => {
+                    self.screen_events(&mut events);
+                    self.answer(Input::EventsFetched { request, events });
+                }
                 Err(e) => self.storage_failed(request, "fetching events", &e),
             },
             Output::LoadCatchUp { request, destination, after, up_to, limit } => {
                 match self.store.load_catch_up(&destination, after, up_to, limit) {
-                    Ok(rooms) => self.answer(Input::CatchUpLoaded { request, rooms }),
+                    Ok(mut rooms) => {
+                        self.screen_catch_up(&mut rooms);
+                        self.answer(Input::CatchUpLoaded { request, rooms });
+                    }
                     Err(e) => self.storage_failed(request, "loading catch-up rows", &e),
                 }
             }
@@ -318,27 +389,42 @@ impl Driver {
             },
             Output::Persist { request, changes } => match self.store.apply(&changes) {
                 Ok(()) => {
-                    let durable: BTreeSet<u64> = changes.to_device_outbox.iter().map(|r| r.outbox_id).collect();
                     self.answer(Input::Persisted { request });
-                    if !durable.is_empty() {
-                        self.release_to_device(&durable);
-                    }
+                    self.release_durable_waiters(request);
                 }
                 Err(e) => self.storage_failed(request, "persisting sender state", &e),
             },
-            Output::Event { event } => debug!(?event, "core event"),
+            Output::Event { event } => {
+                debug!(?event, "core event");
+                if let Some(events) = &self.events {
+                    let _ = events.send(event);
+                }
+            }
             other => warn!(?other, "ignoring an output this host does not handle"),
         }
     }
 
-    fn release_to_device(&mut self, durable: &BTreeSet<u64>) {
-        let waiters = std::mem::take(&mut self.to_device_waiters);
-        for mut waiter in waiters {
-            waiter.outbox_ids.retain(|id| !durable.contains(id));
-            if waiter.outbox_ids.is_empty() {
+    fn release_durable_waiters(&mut self, persisted: RequestId) {
+        for mut waiter in std::mem::take(&mut self.durable_waiters) {
+            waiter.persists.remove(&persisted);
+            if waiter.persists.is_empty() {
                 let _ = waiter.reply.send(Ok(()));
             } else {
-                self.to_device_waiters.push(waiter);
+                self.durable_waiters.push(waiter);
+            }
+        }
+    }
+
+    /// The submission is not durable: the client hears so and may resubmit (to-device
+    /// messages are deduplicated by message id, device-list updates by stream id). The core
+    /// still retries the batch.
+    fn fail_durable_waiters(&mut self, failed: RequestId, why: &str) {
+        for waiter in std::mem::take(&mut self.durable_waiters) {
+            if waiter.persists.contains(&failed) {
+                let error = format!("storing the submission failed: {why}");
+                let _ = waiter.reply.send(Err(Rejection { status: 503, errcode: "M_UNKNOWN", error }));
+            } else {
+                self.durable_waiters.push(waiter);
             }
         }
     }
@@ -348,14 +434,12 @@ impl Driver {
         debug!(%destination, txn_id, attempt, pdus = pdu_ids.len(), "sending transaction");
         self.in_flight.insert(request, destination.clone());
         let transport = Arc::clone(&self.transport);
-        let sends = Arc::clone(&self.sends);
+        let slots = Arc::clone(&self.slots);
         let completions = self.completions_tx.clone();
         let edus = edus_in(&body);
         let pdus = pdu_ids.len() as u64;
         tokio::spawn(async move {
-            // The semaphore is never closed, so acquiring only waits.
-            let _permit = sends.acquire_owned().await.expect("semaphore is never closed");
-            let result = transport.send(destination.as_str(), &txn_id, &body).await;
+            let result = slots.run(destination.as_str(), transport.send(destination.as_str(), &txn_id, &body)).await;
             let _ = completions.send(Completion { request, destination, pdus, edus, result });
         });
     }
@@ -381,27 +465,38 @@ impl Driver {
             Command::Input { input, reply } => {
                 let _ = reply.send(self.feed_json(&input.to_string()));
             }
-            Command::ToDevice { input, reply } => {
+            Command::Durable { input, reply } => {
+                // Outputs of earlier inputs are performed first, so that whatever comes out
+                // after this input is caused by it.
+                self.drain();
                 if let Err(e) = self.feed_json(&input.to_string()) {
                     let _ = reply.send(Err(e));
                     return;
                 }
-                // The rows this input created leave in the outputs it caused, before any
-                // other input is fed: collect them before performing anything.
+                // The core emits the batch of changes an input caused before any other input
+                // is fed: collect those batches before performing anything.
                 let mut outputs = Vec::new();
-                let mut outbox_ids = BTreeSet::new();
+                let mut persists = BTreeSet::new();
+                let mut undecodable = false;
                 while let Some(text) = self.engine.poll_output() {
-                    let Some(output) = decode_output(&text) else { continue };
-                    if let Output::Persist { changes, .. } = &output {
-                        outbox_ids.extend(changes.to_device_outbox.iter().map(|r| r.outbox_id));
+                    let Some(output) = self.decode_output(&text) else {
+                        undecodable = true;
+                        continue;
+                    };
+                    if let Output::Persist { request, .. } = &output {
+                        persists.insert(*request);
                     }
                     outputs.push(output);
                 }
-                if outbox_ids.is_empty() {
-                    // Nothing remote to deliver (e.g. only local recipients).
+                if undecodable {
+                    // Whatever the core asked to store is not stored: never acknowledge that.
+                    let error = "the submission was accepted but its effects could not be stored".to_owned();
+                    let _ = reply.send(Err(Rejection { status: 500, errcode: "M_UNKNOWN", error }));
+                } else if persists.is_empty() {
+                    // Nothing to store (e.g. only local recipients).
                     let _ = reply.send(Ok(()));
                 } else {
-                    self.to_device_waiters.push(ToDeviceWaiter { outbox_ids, reply });
+                    self.durable_waiters.push(DurableWaiter { persists, reply });
                 }
                 for output in outputs {
                     self.perform(output);

@@ -2,6 +2,8 @@
 //! dashboards keep working; per-destination gauges are set from the core's figures (D12) at
 //! every scrape.
 
+use std::sync::Mutex;
+
 use fedsend_core::{DestinationPhase, DestinationStats};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -15,6 +17,20 @@ use prometheus_client::registry::Registry;
 pub struct DestinationLabel {
     /// The destination server.
     pub destination: String,
+}
+
+/// How long one problem keeps `/health` degraded. Problems that persist (a wedged request
+/// retried, storage down) are reported again on every retry, so the state lasts as long as
+/// they do.
+pub const HEALTH_PROBLEM_WINDOW_MS: u64 = 60_000;
+
+/// Something that went wrong and that an operator should see on `/health`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// When it was last seen (Unix ms).
+    pub at_ms: u64,
+    /// What it was.
+    pub what: String,
 }
 
 /// Every metric of the service.
@@ -33,6 +49,13 @@ pub struct Metrics {
     pub ingested_events: Counter,
     /// Store operations that failed.
     pub storage_failures: Counter,
+    /// Answers the engine refused and outputs the host could not decode: a mismatch between
+    /// what the host and the core exchange, which would otherwise leave a request unanswered.
+    pub engine_refusals: Counter,
+    /// Events from storage that can never be sent (unreadable, or nested too deeply).
+    pub undeliverable_events: Counter,
+    /// The newest problem that makes `/health` report degraded.
+    problem: Mutex<Option<Problem>>,
     queued_pdus: Family<DestinationLabel, Gauge>,
     queued_edus: Family<DestinationLabel, Gauge>,
     oldest_pending_age_ms: Family<DestinationLabel, Gauge>,
@@ -61,6 +84,8 @@ impl Metrics {
         let failed_transactions = Counter::default();
         let ingested_events = Counter::default();
         let storage_failures = Counter::default();
+        let engine_refusals = Counter::default();
+        let undeliverable_events = Counter::default();
         registry.register(
             "synapse_federation_client_sent_transactions",
             "Transactions delivered (2xx)",
@@ -79,6 +104,16 @@ impl Metrics {
         );
         registry.register("fedsend_ingested_events", "Events accepted by the ingest API", ingested_events.clone());
         registry.register("fedsend_storage_failures", "Store operations that failed", storage_failures.clone());
+        registry.register(
+            "fedsend_engine_refusals",
+            "Answers the engine refused or outputs the host could not decode",
+            engine_refusals.clone(),
+        );
+        registry.register(
+            "fedsend_undeliverable_events",
+            "Stored events that can never be sent (unreadable or nested too deeply)",
+            undeliverable_events.clone(),
+        );
         let family = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<DestinationLabel, Gauge>::default();
             registry.register(name, help, family.clone());
@@ -122,6 +157,9 @@ impl Metrics {
             failed_transactions,
             ingested_events,
             storage_failures,
+            engine_refusals,
+            undeliverable_events,
+            problem: Mutex::new(None),
             queued_pdus,
             queued_edus,
             oldest_pending_age_ms,
@@ -133,6 +171,20 @@ impl Metrics {
             pending_pdus,
             pending_edus,
         }
+    }
+
+    /// Records a problem for `/health`: it reports degraded until [`HEALTH_PROBLEM_WINDOW_MS`]
+    /// pass without another.
+    pub fn report_problem(&self, now_ms: u64, what: impl Into<String>) {
+        let problem = Problem { at_ms: now_ms, what: what.into() };
+        // A poisoned lock only means a panic elsewhere while holding it; the value is plain data.
+        *self.problem.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(problem);
+    }
+
+    /// The problem `/health` reports at `now_ms`, if any is recent.
+    pub fn recent_problem(&self, now_ms: u64) -> Option<Problem> {
+        let problem = self.problem.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()?;
+        (now_ms.saturating_sub(problem.at_ms) < HEALTH_PROBLEM_WINDOW_MS).then_some(problem)
     }
 
     /// The text exposition, with gauges taken from `stats` at `now_ms`.

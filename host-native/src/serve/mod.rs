@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod driver;
 pub mod metrics;
+pub mod slots;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -86,6 +87,8 @@ pub fn make_transport(config: &ServeConfig, key: fedsend_sign::SigningKey) -> Re
 pub struct Running {
     /// Where the ingest API listens.
     pub local_addr: SocketAddr,
+    /// Feeds the driver (worker mode feeds what replication announces).
+    pub handle: driver::DriverHandle,
     shutdown: watch::Sender<bool>,
     driver: tokio::task::JoinHandle<()>,
     server: tokio::task::JoinHandle<()>,
@@ -109,25 +112,63 @@ pub async fn start(
     token: String,
 ) -> Result<Running, String> {
     let server_name = ServerName::parse(&config.server_name).map_err(|e| e.to_string())?;
-    let metrics = Arc::new(Metrics::new());
     let options = DriverOptions {
         core_config_json: config.core_config_json()?,
-        sends_in_flight_max: config.transport.sends_in_flight_max,
+        slot_limits: slots::SlotLimits {
+            in_flight_max: config.transport.sends_in_flight_max,
+            per_host_max: config.transport.sends_per_host_max,
+            slow_after: std::time::Duration::from_millis(config.transport.slow_send_after_ms),
+            slow_max: config.transport.slow_sends_max,
+        },
+        events: None,
     };
-    let (driver, handle) = Driver::start(engine, store, transport, Arc::clone(&metrics), &options)?;
-    let listener = TcpListener::bind(config.ingest.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {} ([ingest] listen): {e}", config.ingest.listen))?;
-    let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let driver = tokio::spawn(driver.run(shutdown_rx.clone()));
-    let state = Arc::new(api::ApiState {
-        driver: handle,
-        metrics,
+    let api = ApiSettings {
+        listen: config.ingest.listen,
         token,
         server_name,
         body_bytes_max: config.ingest.body_bytes_max,
         edu_bytes_max: config.ingest.edu_bytes_max,
+    };
+    start_parts(&options, api, engine, store, transport).await
+}
+
+/// What the HTTP API needs besides the driver.
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    /// Address of the API, `/metrics` and `/health`.
+    pub listen: SocketAddr,
+    /// Bearer token of the API.
+    pub token: String,
+    /// Our server name.
+    pub server_name: ServerName,
+    /// Largest request body accepted.
+    pub body_bytes_max: usize,
+    /// Largest EDU content accepted.
+    pub edu_bytes_max: usize,
+}
+
+/// Starts the driver and the API from their parts (`fedsend serve` and worker mode).
+pub async fn start_parts(
+    options: &DriverOptions,
+    api: ApiSettings,
+    engine: Box<dyn Engine + Send>,
+    store: Box<dyn store::Store>,
+    transport: Arc<dyn Transport>,
+) -> Result<Running, String> {
+    let metrics = Arc::new(Metrics::new());
+    let (driver, handle) = Driver::start(engine, store, transport, Arc::clone(&metrics), options)?;
+    let listener =
+        TcpListener::bind(api.listen).await.map_err(|e| format!("cannot listen on {}: {e}", api.listen))?;
+    let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let driver = tokio::spawn(driver.run(shutdown_rx.clone()));
+    let state = Arc::new(api::ApiState {
+        driver: handle.clone(),
+        metrics,
+        token: api.token,
+        server_name: api.server_name,
+        body_bytes_max: api.body_bytes_max,
+        edu_bytes_max: api.edu_bytes_max,
     });
     let app = api::router(state);
     let mut stop = shutdown_rx;
@@ -144,7 +185,7 @@ pub async fn start(
         }
     });
     info!(%local_addr, "ingest API listening");
-    Ok(Running { local_addr, shutdown, driver, server })
+    Ok(Running { local_addr, handle, shutdown, driver, server })
 }
 
 /// `fedsend serve`: runs until SIGTERM or Ctrl-C.
@@ -175,7 +216,8 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(e) => {

@@ -23,6 +23,7 @@ use fedsend_core::{
     ServerName,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde_json::Value;
 
 /// Extremities offered per catch-up room (the core's contract: up to 10, highest depth first).
 pub const EXTREMITIES_PER_ROOM_MAX: usize = 10;
@@ -230,6 +231,7 @@ impl Store for MemoryStore {
                         pdu: x.info.pdu.clone(),
                     })
                     .collect(),
+                undeliverable: None,
             });
         }
         Ok(rooms)
@@ -405,21 +407,46 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn event_at(&self, stream_ordering: u64) -> Result<Option<(PduInfo, u64, bool)>, StoreError> {
-        let row: Option<(String, i64, bool)> = self
+    /// The event at `stream_ordering`: its id and either its facts or why they cannot be read.
+    fn event_at(&self, stream_ordering: u64) -> Result<Option<(String, Result<PduInfo, String>)>, StoreError> {
+        let row: Option<(String, String)> = self
             .connection
             .query_row(
-                "SELECT info, depth, local FROM events WHERE stream_ordering = ?1",
+                "SELECT event_id, info FROM events WHERE stream_ordering = ?1",
                 [to_i64(stream_ordering, "stream ordering")?],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        row.map(|(info, depth, local)| Ok((decode_info(&info)?, to_u64(depth), local))).transpose()
+        Ok(row.map(|(event_id, info)| (event_id, decode_info(&info))))
     }
 }
 
-fn decode_info(text: &str) -> Result<PduInfo, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Backend(format!("stored event is not valid PduInfo: {e}")))
+/// A stored event's facts. Rows stored before the ingest API checked nesting may be too deep to
+/// parse; they are reported per event instead of failing the whole query, which would be
+/// retried forever.
+fn decode_info(text: &str) -> Result<PduInfo, String> {
+    serde_json::from_str(text).map_err(|e| format!("the stored event cannot be read: {e}"))
+}
+
+/// Stands in for an event that cannot be read, so that the events stream still moves past it:
+/// out of band, so the core sends it nowhere.
+fn unreadable_event(stream_ordering: u64, event_id: String, room_id: String, reason: &str) -> PduInfo {
+    tracing::warn!(event_id, stream_ordering, "skipping a stored event: {reason}");
+    PduInfo {
+        event_id,
+        room_id,
+        stream_ordering,
+        sender: String::new(),
+        has_prev_events: true,
+        hosts: Vec::new(),
+        partial_state_servers: None,
+        invitee_server: None,
+        proactively_send: false,
+        out_of_band: true,
+        send_on_behalf_of: None,
+        received_ts: None,
+        pdu: Value::Object(serde_json::Map::new()),
+    }
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> String {
@@ -717,9 +744,16 @@ impl Store for SqliteStore {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let mut statement = self
             .connection
-            .prepare("SELECT info FROM events WHERE stream_ordering > ?1 ORDER BY stream_ordering LIMIT ?2")?;
-        let rows = statement.query_map(params![after, i64::from(limit)], |r| r.get::<_, String>(0))?;
-        rows.map(|row| decode_info(&row?)).collect()
+            .prepare("SELECT stream_ordering, event_id, room_id, info FROM events WHERE stream_ordering > ?1 ORDER BY stream_ordering LIMIT ?2")?;
+        let rows = statement.query_map(params![after, i64::from(limit)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+        })?;
+        rows.map(|row| {
+            let (stream_ordering, event_id, room_id, info) = row?;
+            Ok(decode_info(&info)
+                .unwrap_or_else(|reason| unreadable_event(to_u64(stream_ordering), event_id, room_id, &reason)))
+        })
+        .collect()
     }
 
     fn load_catch_up(
@@ -749,7 +783,11 @@ impl Store for SqliteStore {
         let mut rooms = Vec::new();
         for (room_id, stream_ordering) in rows {
             let stream_ordering = to_u64(stream_ordering);
-            let Some((event, _, _)) = self.event_at(stream_ordering)? else { continue };
+            let Some((event_id, event)) = self.event_at(stream_ordering)? else { continue };
+            let (pdu, undeliverable) = match event {
+                Ok(info) => (info.pdu, None),
+                Err(reason) => (Value::Object(serde_json::Map::new()), Some(reason)),
+            };
             let partial_state: bool = self
                 .connection
                 .query_row("SELECT partial_state_servers IS NOT NULL FROM rooms WHERE room_id = ?1", [&room_id], |r| {
@@ -765,24 +803,29 @@ impl Store for SqliteStore {
                 .query_map(params![room_id, EXTREMITIES_PER_ROOM_MAX as i64], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?))
                 })?
-                .map(|row| {
-                    let (info, local) = row?;
-                    let info = decode_info(&info)?;
-                    Ok(Extremity {
+                .filter_map(|row| {
+                    let (info, local) = match row {
+                        Ok(row) => row,
+                        Err(e) => return Some(Err(StoreError::from(e))),
+                    };
+                    // An unreadable extremity is left out: the owed event goes instead.
+                    let info = decode_info(&info).ok()?;
+                    Some(Ok(Extremity {
                         event_id: info.event_id.clone(),
                         stream_ordering: info.stream_ordering,
                         visible: visible_to(&info, local, partial_state, destination),
                         pdu: info.pdu,
-                    })
+                    }))
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
             rooms.push(CatchUpRoom {
                 room_id,
                 stream_ordering,
-                event_id: event.event_id,
-                pdu: event.pdu,
+                event_id,
+                pdu,
                 partial_state,
                 extremities,
+                undeliverable,
             });
         }
         Ok(rooms)

@@ -1,0 +1,324 @@
+//! What Synapse's replication stream announces, turned into the core's inputs.
+//!
+//! Replication is mostly a doorbell: for the events, to-device and device-list streams the
+//! rows only say that something new is in PostgreSQL, and the durable work is read from
+//! there (so a missed line costs nothing: the next doorbell, a POSITION or a reconnection
+//! reads it). Typing, receipts and presence travel in the rows themselves and are fed as
+//! they come, like Synapse's own sender does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use fedsend_core::{Event, ServerName, server_of};
+use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgError, SynapseDb};
+use fedsend_synapse::redis_link::{LinkEvent, Publisher};
+use fedsend_synapse::replication::{
+    EventsRow, PresenceFederationRow, PresenceRow, ReceiptRow, Stream, StreamRow, Token, TypingRow, Update,
+};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::serve::driver::DriverHandle;
+
+/// Rows read from PostgreSQL per query when a doorbell rings.
+const ROWS_PER_READ: u32 = 500;
+/// How often reads that failed (PostgreSQL down) are tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Turns replication into inputs of one driver.
+pub struct Feeder {
+    db: SynapseDb,
+    ownership: Ownership,
+    devices: DeviceListOptions,
+    server_name: String,
+    driver: DriverHandle,
+    publisher: Publisher,
+    /// Highest `device_federation_outbox` stream id handed to the core.
+    to_device_after: u64,
+    /// Highest `device_lists_outbound_pokes` stream id handed to the core.
+    device_lists_after: u64,
+    /// Who is typing in each room, as the typing stream last said (it sends whole sets).
+    typing: BTreeMap<String, BTreeSet<String>>,
+    /// A read failed: read everything again at the next retry tick.
+    retry_reads: bool,
+}
+
+impl std::fmt::Debug for Feeder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feeder").field("instance", &self.ownership.instance).finish_non_exhaustive()
+    }
+}
+
+impl Feeder {
+    /// A feeder for `driver`.
+    pub fn new(
+        db: SynapseDb,
+        ownership: Ownership,
+        devices: DeviceListOptions,
+        server_name: String,
+        driver: DriverHandle,
+        publisher: Publisher,
+    ) -> Self {
+        Self {
+            db,
+            ownership,
+            devices,
+            server_name,
+            driver,
+            publisher,
+            to_device_after: 0,
+            device_lists_after: 0,
+            typing: BTreeMap::new(),
+            retry_reads: false,
+        }
+    }
+
+    /// Runs until `link` closes or `stop` turns true. `core_events` are the core's events:
+    /// a destination that answers again is announced to every process (`REMOTE_SERVER_UP`).
+    pub async fn run(
+        mut self,
+        mut link: mpsc::Receiver<LinkEvent>,
+        mut core_events: mpsc::UnboundedReceiver<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        // Work stored while no sender ran is read at once, not at the next event.
+        self.read_all().await;
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => {
+                    if *stop.borrow() {
+                        break;
+                    }
+                }
+                event = link.recv() => match event {
+                    Some(event) => self.on_link(event).await,
+                    None => break,
+                },
+                Some(event) = core_events.recv() => self.on_core_event(event).await,
+                _ = retry.tick() => {
+                    if self.retry_reads {
+                        self.read_all().await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_core_event(&mut self, event: Event) {
+        if let Event::DestinationUp { destination } = event {
+            if let Err(e) = self.publisher.remote_server_up(destination.as_str()).await {
+                debug!(%destination, "REMOTE_SERVER_UP not published: {e}");
+            }
+        }
+    }
+
+    async fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected { reconnection } => {
+                info!(reconnection, "replication connected");
+                // Anything published while disconnected is lost on Redis: read it back.
+                self.read_all().await;
+            }
+            LinkEvent::Disconnected => warn!("replication disconnected; reconnecting"),
+            LinkEvent::Update(update) => self.on_update(update).await,
+        }
+    }
+
+    async fn on_update(&mut self, update: Update) {
+        match update {
+            Update::Rows { stream, token, rows, .. } => self.on_rows(stream, token, rows).await,
+            Update::Position { stream, token, .. } | Update::Gap { stream, to: token, .. } => {
+                self.doorbell(stream, token).await;
+            }
+            Update::Reset { stream: Stream::Typing, .. } => self.typing.clear(),
+            Update::RemoteServerUp { server } => match ServerName::parse(&server) {
+                Ok(destination) => self.feed(json!({"type": "remote_up", "destination": destination})).await,
+                Err(e) => debug!(server, "REMOTE_SERVER_UP for an invalid name: {e}"),
+            },
+            other => debug!(?other, "replication update not needed by a sender"),
+        }
+    }
+
+    /// Something new may be stored for `stream` up to `token`.
+    async fn doorbell(&mut self, stream: Stream, token: Token) {
+        match stream {
+            Stream::Events => self.new_events(token).await,
+            Stream::ToDevice => self.read_to_device().await,
+            Stream::DeviceLists => self.read_device_lists().await,
+            Stream::Federation => self.acknowledge_federation(token).await,
+            _ => {}
+        }
+    }
+
+    async fn on_rows(&mut self, stream: Stream, token: Token, rows: Vec<StreamRow>) {
+        match stream {
+            Stream::Events | Stream::ToDevice | Stream::DeviceLists | Stream::Federation => {
+                self.doorbell(stream, token).await;
+            }
+            _ => {
+                for row in rows {
+                    match row {
+                        StreamRow::Typing(row) => self.typing(row).await,
+                        StreamRow::Receipts(row) => self.receipt(row).await,
+                        StreamRow::Presence(row) => self.presence(row).await,
+                        StreamRow::PresenceFederation(row) => self.presence_to_one(row).await,
+                        StreamRow::Events(EventsRow::Event(_)) => self.new_events(token).await,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn feed(&self, input: Value) {
+        if let Err(e) = self.driver.input(input).await {
+            warn!("the core refused a replicated item: {}", e.error);
+        }
+    }
+
+    fn is_local(&self, user_id: &str) -> bool {
+        server_of(user_id) == Some(self.server_name.as_str())
+    }
+
+    fn failed(&mut self, what: &str, error: &PgError) {
+        warn!("{what}: {error}; trying again in {} s", RETRY_INTERVAL.as_secs());
+        self.retry_reads = true;
+    }
+
+    async fn read_all(&mut self) {
+        self.retry_reads = false;
+        match self.db.max_stream_ordering().await {
+            Ok(up_to) => self.new_events(i64::try_from(up_to).unwrap_or(i64::MAX)).await,
+            Err(e) => self.failed("reading the events stream position", &e),
+        }
+        self.read_to_device().await;
+        self.read_device_lists().await;
+    }
+
+    async fn new_events(&self, token: Token) {
+        if let Ok(up_to) = u64::try_from(token)
+            && up_to > 0
+        {
+            self.feed(json!({"type": "new_events", "up_to": up_to})).await;
+        }
+    }
+
+    async fn read_to_device(&mut self) {
+        loop {
+            match self.db.to_device_rows(&self.ownership, self.to_device_after, ROWS_PER_READ).await {
+                Ok(batch) => {
+                    self.to_device_after = self.to_device_after.max(batch.next_after);
+                    if !batch.rows.is_empty() {
+                        self.feed(json!({"type": "stored_to_device", "rows": batch.rows})).await;
+                    }
+                    if !batch.more {
+                        return;
+                    }
+                }
+                Err(e) => return self.failed("reading to-device messages", &e),
+            }
+        }
+    }
+
+    async fn read_device_lists(&mut self) {
+        loop {
+            match self.db.device_list_pokes(&self.ownership, self.device_lists_after, ROWS_PER_READ, &self.devices).await
+            {
+                Ok(batch) => {
+                    self.device_lists_after = self.device_lists_after.max(batch.next_after);
+                    if !batch.rows.is_empty() {
+                        self.feed(json!({"type": "stored_device_list_pokes", "pokes": batch.rows})).await;
+                    }
+                    if !batch.more {
+                        return;
+                    }
+                }
+                Err(e) => return self.failed("reading device-list changes", &e),
+            }
+        }
+    }
+
+    /// The `federation` stream carries nothing a sender must send today, but the main
+    /// process keeps its queue until every sender acknowledges.
+    async fn acknowledge_federation(&self, token: Token) {
+        if let Err(e) = self.publisher.federation_ack(token).await {
+            debug!("FEDERATION_ACK not published: {e}");
+        }
+    }
+
+    async fn typing(&mut self, row: TypingRow) {
+        let now: BTreeSet<String> = row.user_ids.into_iter().filter(|u| self.is_local(u)).collect();
+        let before = self.typing.insert(row.room_id.clone(), now.clone()).unwrap_or_default();
+        let changes: Vec<(String, bool)> = now
+            .difference(&before)
+            .map(|u| (u.clone(), true))
+            .chain(before.difference(&now).map(|u| (u.clone(), false)))
+            .collect();
+        if changes.is_empty() {
+            return;
+        }
+        let Some(hosts) = self.hosts_in_room(&row.room_id).await else { return };
+        for (user_id, typing) in changes {
+            self.feed(json!({"type": "typing", "room_id": row.room_id, "user_id": user_id, "typing": typing,
+                             "hosts": hosts}))
+                .await;
+        }
+    }
+
+    async fn receipt(&mut self, row: ReceiptRow) {
+        // Private receipts never leave the server; remote users' receipts are not ours to send.
+        if !self.is_local(&row.user_id) || row.receipt_type == "m.read.private" {
+            return;
+        }
+        let Some(hosts) = self.hosts_in_room(&row.room_id).await else { return };
+        let mut receipt = json!({"room_id": row.room_id, "receipt_type": row.receipt_type, "user_id": row.user_id,
+                                 "event_id": row.event_id, "data": row.data});
+        if let Some(thread_id) = row.thread_id {
+            receipt["thread_id"] = Value::String(thread_id);
+        }
+        self.feed(json!({"type": "receipt", "receipt": receipt, "hosts": hosts})).await;
+    }
+
+    async fn presence(&mut self, row: PresenceRow) {
+        if !self.is_local(&row.user_id) {
+            return;
+        }
+        let destinations = match self.db.hosts_sharing_room_with(&row.user_id).await {
+            Ok(hosts) => hosts,
+            Err(e) => return self.failed("reading who shares a room for presence", &e),
+        };
+        let mut state = json!({"user_id": row.user_id, "presence": row.state, "currently_active": row.currently_active});
+        if let Ok(ts) = u64::try_from(row.last_active_ts)
+            && ts > 0
+        {
+            state["last_active_ts"] = json!(ts);
+        }
+        if let Some(status_msg) = row.status_msg {
+            state["status_msg"] = Value::String(status_msg);
+        }
+        self.feed(json!({"type": "presence", "states": [state], "destinations": destinations})).await;
+    }
+
+    async fn presence_to_one(&mut self, row: PresenceFederationRow) {
+        let Ok(destination) = ServerName::parse(&row.destination) else { return };
+        match self.db.presence_state(&row.user_id).await {
+            Ok(Some(state)) => {
+                self.feed(json!({"type": "presence", "states": [state], "destinations": [destination]})).await;
+            }
+            Ok(None) => {}
+            Err(e) => self.failed("reading a presence state", &e),
+        }
+    }
+
+    async fn hosts_in_room(&mut self, room_id: &str) -> Option<Vec<ServerName>> {
+        match self.db.hosts_in_room(room_id).await {
+            Ok(hosts) => Some(hosts),
+            Err(e) => {
+                self.failed("reading the servers in a room", &e);
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The driver's [`Store`] over Synapse's PostgreSQL tables.
+//!
+//! The driver performs storage calls one at a time from its own task, synchronously; this
+//! adapter runs each asynchronous query to completion on the runtime from inside that task
+//! (`block_in_place`, so the runtime's other workers keep serving requests and replication).
+//! Cache invalidations that a write produced are announced on Redis afterwards, as Synapse's
+//! own streamer does for rows already committed.
+
+use std::collections::HashMap;
+
+use fedsend_core::{CatchUpRoom, Changes, PduInfo, Recovered, ServerName};
+use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgError, SynapseDb};
+use fedsend_synapse::redis_link::{ExternalCache, Publisher};
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use crate::serve::driver::now_ms;
+use crate::serve::store::{Added, NewEvent, Store, StoreError};
+
+/// Synapse's tables seen through the core's storage boundary.
+pub struct SynapseStore {
+    db: SynapseDb,
+    ownership: Ownership,
+    devices: DeviceListOptions,
+    joined_hosts_cache: ExternalCache,
+    publisher: Publisher,
+    runtime: Handle,
+}
+
+impl std::fmt::Debug for SynapseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SynapseStore").field("instance", &self.ownership.instance).finish_non_exhaustive()
+    }
+}
+
+fn backend(error: PgError) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+impl SynapseStore {
+    /// The store of `ownership.instance`; must be built inside the runtime.
+    pub fn new(
+        db: SynapseDb,
+        ownership: Ownership,
+        devices: DeviceListOptions,
+        joined_hosts_cache: ExternalCache,
+        publisher: Publisher,
+    ) -> Self {
+        Self { db, ownership, devices, joined_hosts_cache, publisher, runtime: Handle::current() }
+    }
+
+    fn wait<T>(&self, future: impl Future<Output = T>) -> T {
+        tokio::task::block_in_place(|| self.runtime.block_on(future))
+    }
+}
+
+impl Store for SynapseStore {
+    fn recovered(&mut self) -> Result<Recovered, StoreError> {
+        self.wait(self.db.recovered(&self.ownership, &self.devices)).map_err(backend)
+    }
+
+    fn apply(&mut self, changes: &Changes) -> Result<(), StoreError> {
+        let invalidations =
+            self.wait(self.db.apply(changes, &self.ownership.instance, now_ms())).map_err(backend)?;
+        if invalidations.is_empty() {
+            return Ok(());
+        }
+        // Committed already: announcing is best effort, as other processes also read the
+        // invalidation stream back from the database when they notice a gap.
+        let publisher = self.publisher.clone();
+        self.runtime.spawn(async move {
+            for invalidation in invalidations {
+                let keys: Vec<serde_json::Value> =
+                    invalidation.keys.iter().map(|k| serde_json::Value::String(k.clone())).collect();
+                let ts = i64::try_from(invalidation.invalidation_ts).unwrap_or(i64::MAX);
+                if let Err(e) =
+                    publisher.cache_invalidated(invalidation.stream_id, &invalidation.cache_func, Some(&keys), ts).await
+                {
+                    debug!("cache invalidation {} not announced: {e}", invalidation.stream_id);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn add_event(&mut self, _event: &NewEvent) -> Result<Added, StoreError> {
+        Err(StoreError::Invalid("a Synapse worker reads events from Synapse's database; nothing is submitted".into()))
+    }
+
+    fn set_partial_state(&mut self, _room_id: &str, _servers: Option<&[ServerName]>) -> Result<(), StoreError> {
+        Err(StoreError::Invalid("a Synapse worker reads partial-state rooms from Synapse's database".into()))
+    }
+
+    fn max_stream_ordering(&mut self) -> Result<u64, StoreError> {
+        self.wait(self.db.max_stream_ordering()).map_err(backend)
+    }
+
+    fn fetch_events(&mut self, after: u64, limit: u32) -> Result<Vec<PduInfo>, StoreError> {
+        let db = self.db.clone();
+        let cache = &self.joined_hosts_cache;
+        self.wait(async move {
+            // The event creator caches who was joined before each event for an hour; state
+            // groups are the fallback.
+            let mut cached_hosts = HashMap::new();
+            for event in db.new_event_ids(after, limit).await.map_err(backend)? {
+                match cache.joined_hosts_before_event(&event.event_id).await {
+                    Ok(Some(hosts)) => {
+                        let hosts: Vec<ServerName> = hosts.iter().filter_map(|h| ServerName::parse(h).ok()).collect();
+                        cached_hosts.insert(event.event_id, hosts);
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!("joined-hosts cache unavailable, using state groups: {e}"),
+                }
+            }
+            db.fetch_events(after, limit, &cached_hosts).await.map_err(backend)
+        })
+    }
+
+    fn load_catch_up(
+        &mut self,
+        destination: &ServerName,
+        after: u64,
+        up_to: u64,
+        limit: u32,
+    ) -> Result<Vec<CatchUpRoom>, StoreError> {
+        self.wait(self.db.load_catch_up(destination, after, up_to, limit)).map_err(backend)
+    }
+
+    fn outstanding(&mut self, after: Option<&ServerName>, limit: u32) -> Result<Vec<ServerName>, StoreError> {
+        self.wait(self.db.outstanding(&self.ownership, after, limit)).map_err(backend)
+    }
+}

@@ -29,16 +29,17 @@
 #   interop       interop/test_interop.py: a real Synapse (PyPI, venv made by setup) on loopback as
 #                 the federation peer, judging what Synapse's /sync, database and log show (issue 6);
 #                 first the harness sends signed transactions itself, then `fedsend serve` does
-#   worker        (not in the default list yet) interop/worker/test_worker.py --sender fedsend: a
-#                 Synapse main process on PostgreSQL + Redis whose federation sender instance is
-#                 target/release/fedsend, against a second Synapse (~2-3 min)
+#   worker        interop/worker/test_worker.py --sender fedsend: a Synapse main process on
+#                 PostgreSQL + Redis whose federation sender instances are target/release/fedsend
+#                 (two, sharded), against three other Synapses; Synapse's own worker first, then the
+#                 switch to fedsend, an outage, kill -9 during a burst (~1 min)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/bin:$PATH"   # rustup's cargo; wasm-bindgen
 
-all_stages=(setup services wasm native-build native-test simulate bench no-std node e2e interop)
-extra_stages=(worker)                   # valid names, run only when named
+all_stages=(setup services wasm native-build native-test simulate bench no-std node e2e interop worker)
+extra_stages=()                         # valid names, run only when named
 uses_services=(native-test interop worker)
 stages=("$@")
 ((${#stages[@]})) || stages=("${all_stages[@]}")
@@ -109,7 +110,8 @@ stage_interop() {
 stage_worker() {
   local py=tools/python/synapse-venv/bin/python
   [ -x "$py" ] || { echo "test.sh: $py is missing; run scripts/setup.sh" >&2; return 1; }
-  "$py" interop/worker/test_worker.py --sender fedsend --fedsend target/release/fedsend
+  "$py" interop/worker/test_worker.py --sender fedsend --fedsend target/release/fedsend \
+    --instances 2 --remotes 3 --kill9 --switch-from-python
 }
 
 start=$SECONDS

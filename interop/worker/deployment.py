@@ -437,11 +437,20 @@ class SenderInstance:
             except (HarnessError, OSError):
                 pass  # not subscribed (yet) when stopped
 
+    def pdus_sent_to(self, destination):
+        """PDUs this (fedsend) instance delivered to `destination`, from its log lines."""
+        import re
+
+        with open(self.stdout_path, encoding="utf8", errors="replace") as f:
+            text = f.read()
+        pattern = re.compile(r"sent transaction destination=(\S+) txn_id=\S+ pdus=(\d+)")
+        return sum(int(m.group(2)) for m in pattern.finditer(text) if m.group(1) == destination)
+
     def sent_to(self, destination):
         """Whether this instance's logs show a transaction sent to `destination`.
 
         python: Synapse logs each outbound request as `{PUT-O-n} [destination] ...`;
-        fedsend: any log line naming both the destination and a /send (adjust to its format)."""
+        fedsend: its `sent transaction destination=NAME` log line."""
         if self.kind == "python":
             with open(self.log_path, encoding="utf8", errors="replace") as f:
                 text = f.read()
@@ -451,7 +460,8 @@ class SenderInstance:
             )
         with open(self.stdout_path, encoding="utf8", errors="replace") as f:
             text = f.read()
-        return any(destination in line and "send" in line for line in text.splitlines())
+        # The driver logs `sent transaction destination=NAME txn_id=…` per delivered transaction.
+        return any("sent transaction" in line and f"destination={destination} " in line for line in text.splitlines())
 
 
 def shard_owner(destination, instances):

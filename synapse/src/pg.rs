@@ -237,6 +237,11 @@ impl SynapseDb {
         let mut config = tokio_postgres::Config::new();
         config.host(&args.host).port(args.port).user(&args.user).dbname(&args.dbname);
         config.application_name("fedsend");
+        // A server that vanishes without closing the connection must not hang a query forever:
+        // the kernel gives up on unacknowledged data, and connecting has a bound.
+        config.connect_timeout(std::time::Duration::from_secs(10));
+        config.keepalives_idle(std::time::Duration::from_secs(30));
+        config.tcp_user_timeout(std::time::Duration::from_secs(30));
         if let Some(password) = &args.password {
             config.password(password);
         }
@@ -245,6 +250,9 @@ impl SynapseDb {
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(args.pool_size.max(1))
+            .wait_timeout(Some(std::time::Duration::from_secs(30)))
+            .create_timeout(Some(std::time::Duration::from_secs(10)))
+            .recycle_timeout(Some(std::time::Duration::from_secs(10)))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::Data(format!("cannot build the connection pool: {e}")))?;

@@ -141,6 +141,7 @@ impl DriverHandle {
 struct Completion {
     request: RequestId,
     destination: ServerName,
+    txn_id: String,
     pdus: u64,
     edus: u64,
     result: TransactionResult,
@@ -440,7 +441,7 @@ impl Driver {
         let pdus = pdu_ids.len() as u64;
         tokio::spawn(async move {
             let result = slots.run(destination.as_str(), transport.send(destination.as_str(), &txn_id, &body)).await;
-            let _ = completions.send(Completion { request, destination, pdus, edus, result });
+            let _ = completions.send(Completion { request, destination, txn_id, pdus, edus, result });
         });
     }
 
@@ -448,12 +449,15 @@ impl Driver {
         self.in_flight.remove(&done.request);
         match &done.result {
             TransactionResult::Ok { .. } => {
+                // One line per transaction, as Synapse logs each request: operators (and the
+                // sharding test) can tell who sent what.
+                info!(destination = %done.destination, txn_id = done.txn_id, pdus = done.pdus, edus = done.edus, "sent transaction");
                 self.metrics.sent_transactions.inc();
                 self.metrics.sent_pdu_destinations.inc_by(done.pdus);
                 self.metrics.sent_edus.inc_by(done.edus);
             }
             other => {
-                debug!(destination = %done.destination, result = ?other, "transaction attempt failed");
+                info!(destination = %done.destination, txn_id = done.txn_id, result = ?other, "transaction attempt failed");
                 self.metrics.failed_transactions.inc();
             }
         }

@@ -12,8 +12,10 @@ use std::time::Duration;
 use fedsend_core::{Event, ServerName, server_of};
 use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgError, SynapseDb};
 use fedsend_synapse::redis_link::{LinkEvent, Publisher};
+use fedsend_synapse::config::InstanceLocation;
+use fedsend_synapse::http_gap::StreamUpdatesClient;
 use fedsend_synapse::replication::{
-    EventsRow, PresenceFederationRow, PresenceRow, ReceiptRow, Stream, StreamRow, Token, TypingRow, Update,
+    EventsRow, GapSource, PresenceFederationRow, PresenceRow, ReceiptRow, Stream, StreamRow, Token, TypingRow, Update,
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -42,6 +44,10 @@ pub struct Feeder {
     typing: BTreeMap<String, BTreeSet<String>>,
     /// A read failed: read everything again at the next retry tick.
     retry_reads: bool,
+    /// Where the writers of in-memory streams answer for rows a gap lost (`instance_map`).
+    writers: BTreeMap<String, InstanceLocation>,
+    /// `worker_replication_secret`.
+    replication_secret: Option<String>,
 }
 
 impl std::fmt::Debug for Feeder {
@@ -52,6 +58,7 @@ impl std::fmt::Debug for Feeder {
 
 impl Feeder {
     /// A feeder for `driver`.
+    #[allow(clippy::too_many_arguments)] // each is a distinct collaborator
     pub fn new(
         db: SynapseDb,
         ownership: Ownership,
@@ -59,6 +66,8 @@ impl Feeder {
         server_name: String,
         driver: DriverHandle,
         publisher: Publisher,
+        writers: BTreeMap<String, InstanceLocation>,
+        replication_secret: Option<String>,
     ) -> Self {
         Self {
             db,
@@ -71,6 +80,8 @@ impl Feeder {
             device_lists_after: 0,
             typing: BTreeMap::new(),
             retry_reads: false,
+            writers,
+            replication_secret,
         }
     }
 
@@ -129,6 +140,9 @@ impl Feeder {
     async fn on_update(&mut self, update: Update) {
         match update {
             Update::Rows { stream, token, rows, .. } => self.on_rows(stream, token, rows).await,
+            Update::Gap { stream, instance, from, to } if stream.gap_source() == GapSource::WriterHttp => {
+                self.fill_gap(stream, &instance, from, to).await;
+            }
             Update::Position { stream, token, .. } | Update::Gap { stream, to: token, .. } => {
                 self.doorbell(stream, token).await;
             }
@@ -138,6 +152,32 @@ impl Feeder {
                 Err(e) => debug!(server, "REMOTE_SERVER_UP for an invalid name: {e}"),
             },
             other => debug!(?other, "replication update not needed by a sender"),
+        }
+    }
+
+    /// Rows of an in-memory stream lost while disconnected: only their writer has them, on its
+    /// replication listener. Without an answer they are lost, as they are for Synapse's worker
+    /// (typing and presence are refreshed by their next change).
+    async fn fill_gap(&mut self, stream: Stream, instance: &str, from: Token, to: Token) {
+        if stream == Stream::Federation {
+            // Nothing a sender must send travels on it; acknowledging keeps the writer's queue short.
+            return self.acknowledge_federation(to).await;
+        }
+        let Some(location) = self.writers.get(instance).cloned() else {
+            return warn!(instance, ?stream, "no instance_map entry for the writer; rows {from}..{to} are lost");
+        };
+        let rows = match StreamUpdatesClient::new(instance, location, self.replication_secret.clone()) {
+            Ok(client) => client.fetch_rows(stream, from, to).await,
+            Err(e) => return warn!(instance, ?stream, "cannot ask the writer for rows {from}..{to}: {e}"),
+        };
+        match rows {
+            Ok(rows) => {
+                debug!(instance, ?stream, rows = rows.len(), "filled a replication gap {from}..{to}");
+                for (token, row) in rows {
+                    self.on_rows(stream, token, vec![row]).await;
+                }
+            }
+            Err(e) => warn!(instance, ?stream, "rows {from}..{to} could not be fetched and are lost: {e}"),
         }
     }
 

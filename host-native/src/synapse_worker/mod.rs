@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedsend_core::{Config, ServerName};
-use fedsend_synapse::config::{DatabaseConfig, WorkerConfig};
+use fedsend_synapse::config::{DatabaseConfig, TlsVersion, WorkerConfig};
 use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgArgs, PgError, SchemaVersion, SynapseDb};
 use fedsend_synapse::redis_link::{ExternalCache, RedisLink, RedisLinkConfig};
 use fedsend_synapse::replication::ReplicationState;
@@ -26,6 +26,7 @@ use crate::serve::config::EngineKind;
 use crate::serve::driver::DriverOptions;
 use crate::serve::slots::SlotLimits;
 use crate::serve::{ApiSettings, init_logging, make_engine, start_parts, wait_for_signal};
+use crate::transport::{DEFAULT_DENYLIST, IpNet};
 use crate::transport::{HttpsTransport, TransportConfig};
 use feed::Feeder;
 use store::SynapseStore;
@@ -190,7 +191,16 @@ async fn run_worker(args: SynapseArgs, worker: WorkerConfig) -> Result<(), Strin
     let (stop, stopped) = watch::channel(false);
     let mut link = link;
     let link_events = std::mem::replace(&mut link.events, mpsc::channel(1).1);
-    let feeder = Feeder::new(db, ownership, devices, worker.server_name.clone(), running.handle.clone(), link.publisher.clone());
+    let feeder = Feeder::new(
+        db,
+        ownership,
+        devices,
+        worker.server_name.clone(),
+        running.handle.clone(),
+        link.publisher.clone(),
+        worker.instance_map.clone(),
+        worker.replication_secret.clone(),
+    );
     let feeding = tokio::spawn(feeder.run(link_events, core_events, stopped));
     wait_for_signal().await;
     info!("shutting down");
@@ -201,14 +211,118 @@ async fn run_worker(args: SynapseArgs, worker: WorkerConfig) -> Result<(), Strin
     Ok(())
 }
 
+/// Whether the transport's denylist already refuses every address of `range` (`a.b.c.d/n`).
+fn covered_by_denylist(range: &str) -> bool {
+    let Some((address, prefix_len)) = range.split_once('/') else { return false };
+    let (Ok(address), Ok(prefix_len)) = (address.parse::<std::net::IpAddr>(), prefix_len.parse::<u8>()) else {
+        return false;
+    };
+    DEFAULT_DENYLIST.iter().any(|deny| {
+        let wider = deny.split_once('/').and_then(|(_, len)| len.parse::<u8>().ok()).is_some_and(|len| len <= prefix_len);
+        wider && deny.parse::<IpNet>().is_ok_and(|net| net.contains(address))
+    })
+}
+
+/// Federation client settings this sender cannot honour yet. Each is refused with a reason
+/// rather than ignored: ignoring would make the sender weaker (a blocklist not enforced) or
+/// fail in ways the operator did not ask for.
+fn refuse_unsupported(worker: &WorkerConfig) -> Result<(), String> {
+    let federation = &worker.federation;
+    if let Some(range) = federation.ip_range_blocklist.cidrs().into_iter().find(|range| !covered_by_denylist(range)) {
+        return Err(format!(
+            "ip_range_blacklist / federation_ip_range_blacklist: {range} is outside fedsend's own denylist, which is \
+             what it enforces (Synapse's default ranges and more, with ip_range_whitelist as exceptions)"
+        ));
+    }
+    if federation.custom_ca_files.as_ref().is_some_and(|files| files.len() > 1) {
+        return Err("federation_custom_ca_list: fedsend takes one CA file; concatenate the certificates into one".into());
+    }
+    if federation.minimum_tls_version == TlsVersion::V1_3 {
+        return Err("federation_client_minimum_tls_version 1.3 is not supported yet (fedsend allows TLS 1.2 and 1.3)".into());
+    }
+    if !federation.certificate_verification_whitelist.is_empty() {
+        return Err("federation_certificate_verification_whitelist is not supported: fedsend verifies every \
+                    certificate unless federation_verify_certificates is false"
+            .into());
+    }
+    Ok(())
+}
+
 /// `fedsend synapse`: runs until SIGTERM or Ctrl-C.
 pub fn run(args: SynapseArgs) -> Result<(), String> {
     init_logging();
     let worker = WorkerConfig::load(&args.config, &args.instance).map_err(|e| e.to_string())?;
+    refuse_unsupported(&worker)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     // On a worker thread: the store's synchronous calls step out of the runtime there.
     runtime.block_on(async move { tokio::spawn(run_worker(args, worker)).await.map_err(|e| e.to_string())? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED_B64: &str = "FCRCzVRq+8Qmd2nrCLOq02uCAdB+nqu2teOaZ6jtLmk";
+
+    fn load(extra: &str) -> Result<WorkerConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("homeserver.yaml");
+        let text = format!(
+            "server_name: hs1.example\nsigning_key: \"ed25519 a {SEED_B64}\"\n\
+             database: {{name: psycopg2, args: {{user: synapse, dbname: synapse, host: 127.0.0.1}}}}\n\
+             redis: {{enabled: true}}\ninstance_map: {{main: {{host: 127.0.0.1, port: 9093}}}}\n\
+             federation_sender_instances: [fedsend1, fedsend2]\n{extra}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        WorkerConfig::load(&[path], "fedsend1").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn synapse_sender_settings_become_the_core_config() {
+        let worker = load(
+            "federation: {client_timeout: 20s, max_long_retries: 2, max_long_retry_delay: 1s, \
+             destination_min_retry_interval: 5s, destination_retry_multiplier: 3}\n\
+             presence: {enabled: false}\nfederation_domain_whitelist: [a.example, b.example]",
+        )
+        .unwrap();
+        let json = core_config_json(&worker, ServerName::parse("hs1.example").unwrap()).unwrap();
+        let config: Config = serde_json::from_str(&json).unwrap();
+        assert_eq!(config.instance_name, "fedsend1");
+        assert_eq!(config.instances, ["fedsend1", "fedsend2"]);
+        assert_eq!(config.request_timeout_ms, 20_000);
+        assert_eq!(config.http_retries_max, 2);
+        assert_eq!(config.http_retry_delay_max_ms, 1_000);
+        assert_eq!(config.retry_interval_min_ms, 5_000);
+        assert_eq!(config.retry_multiplier, 3);
+        assert!(!config.presence_enabled);
+        let allowed: Vec<&str> = config.domain_whitelist.iter().flatten().map(ServerName::as_str).collect();
+        assert_eq!(allowed, ["a.example", "b.example"]);
+    }
+
+    #[test]
+    fn settings_fedsend_cannot_honour_are_refused_with_the_key() {
+        assert!(refuse_unsupported(&load("").unwrap()).is_ok(), "Synapse's defaults are accepted");
+        assert!(refuse_unsupported(&load("ip_range_whitelist: ['127.0.0.1']").unwrap()).is_ok());
+        assert!(refuse_unsupported(&load("ip_range_blacklist: ['10.0.0.0/8', '10.1.0.0/16']").unwrap()).is_ok());
+        for (extra, key) in [
+            ("ip_range_blacklist: ['10.0.0.0/8', '8.8.8.0/24']", "ip_range_blacklist"),
+            ("federation_custom_ca_list: [a.pem, b.pem]", "federation_custom_ca_list"),
+            ("federation_client_minimum_tls_version: 1.3", "federation_client_minimum_tls_version"),
+            ("federation_certificate_verification_whitelist: ['*.example']", "federation_certificate_verification_whitelist"),
+        ] {
+            let error = refuse_unsupported(&load(extra).unwrap()).expect_err(extra);
+            assert!(error.contains(key) && !error.contains('\n'), "{extra}: {error}");
+        }
+        // Refused by the configuration reader already, naming the key.
+        for (extra, key) in [
+            ("database: {name: sqlite3, args: {database: x.db}}", "database"),
+            ("outbound_federation_restricted_to: [fedsend1]", "outbound_federation_restricted_to"),
+        ] {
+            let error = load(extra).expect_err(extra);
+            assert!(error.contains(key), "{extra}: {error}");
+        }
+    }
 }

@@ -17,6 +17,9 @@ use tracing::{debug, warn};
 use crate::serve::driver::now_ms;
 use crate::serve::store::{Added, NewEvent, Store, StoreError};
 
+/// Longest a storage call may take before it counts as failed.
+const STORE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Synapse's tables seen through the core's storage boundary.
 pub struct SynapseStore {
     db: SynapseDb,
@@ -49,19 +52,27 @@ impl SynapseStore {
         Self { db, ownership, devices, joined_hosts_cache, publisher, runtime: Handle::current() }
     }
 
-    fn wait<T>(&self, future: impl Future<Output = T>) -> T {
-        tokio::task::block_in_place(|| self.runtime.block_on(future))
+    /// Runs a query to completion, with a bound: a storage call that never returns would
+    /// stop the whole sender, one that fails is retried by the core.
+    fn wait<T>(&self, future: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        tokio::task::block_in_place(|| {
+            self.runtime.block_on(async {
+                tokio::time::timeout(STORE_CALL_TIMEOUT, future).await.unwrap_or_else(|_| {
+                    Err(StoreError::Backend(format!("no answer from PostgreSQL within {} s", STORE_CALL_TIMEOUT.as_secs())))
+                })
+            })
+        })
     }
 }
 
 impl Store for SynapseStore {
     fn recovered(&mut self) -> Result<Recovered, StoreError> {
-        self.wait(self.db.recovered(&self.ownership, &self.devices)).map_err(backend)
+        self.wait(async { self.db.recovered(&self.ownership, &self.devices).await.map_err(backend) })
     }
 
     fn apply(&mut self, changes: &Changes) -> Result<(), StoreError> {
         let invalidations =
-            self.wait(self.db.apply(changes, &self.ownership.instance, now_ms())).map_err(backend)?;
+            self.wait(async { self.db.apply(changes, &self.ownership.instance, now_ms()).await.map_err(backend) })?;
         if invalidations.is_empty() {
             return Ok(());
         }
@@ -92,7 +103,7 @@ impl Store for SynapseStore {
     }
 
     fn max_stream_ordering(&mut self) -> Result<u64, StoreError> {
-        self.wait(self.db.max_stream_ordering()).map_err(backend)
+        self.wait(async { self.db.max_stream_ordering().await.map_err(backend) })
     }
 
     fn fetch_events(&mut self, after: u64, limit: u32) -> Result<Vec<PduInfo>, StoreError> {
@@ -123,10 +134,10 @@ impl Store for SynapseStore {
         up_to: u64,
         limit: u32,
     ) -> Result<Vec<CatchUpRoom>, StoreError> {
-        self.wait(self.db.load_catch_up(destination, after, up_to, limit)).map_err(backend)
+        self.wait(async { self.db.load_catch_up(destination, after, up_to, limit).await.map_err(backend) })
     }
 
     fn outstanding(&mut self, after: Option<&ServerName>, limit: u32) -> Result<Vec<ServerName>, StoreError> {
-        self.wait(self.db.outstanding(&self.ownership, after, limit)).map_err(backend)
+        self.wait(async { self.db.outstanding(&self.ownership, after, limit).await.map_err(backend) })
     }
 }

@@ -36,37 +36,52 @@ impl ServerName {
     }
 }
 
+/// The grammar of the spec, tightened to names an HTTPS client can reach: a name the
+/// transport could never connect to would otherwise be accepted, queued for and backed off
+/// forever. So a DNS name is dot-separated labels of 1..=63 letters, digits and hyphens, not
+/// starting or ending with a hyphen (RFC 1123); a bracketed literal must parse as an IPv6
+/// address; a port is 1..=65535.
 fn is_valid_server_name(name: &str) -> bool {
     if name.is_empty() || name.len() > 255 + 6 {
         return false;
     }
-    let (host, port) = if let Some(rest) = name.strip_prefix('[') {
-        let Some(close) = rest.find(']') else { return false };
-        let literal = &rest[..close];
-        if literal.is_empty() || !literal.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
-            return false;
-        }
-        let after = &rest[close + 1..];
-        match after.strip_prefix(':') {
-            Some(port) => ("v6", Some(port)),
-            None if after.is_empty() => ("v6", None),
+    let (host_is_valid, port) = if let Some(rest) = name.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else { return false };
+        let port = match after.strip_prefix(':') {
+            Some(port) => Some(port),
+            None if after.is_empty() => None,
             None => return false,
-        }
+        };
+        (literal.parse::<core::net::Ipv6Addr>().is_ok(), port)
     } else {
-        match name.rsplit_once(':') {
+        let (host, port) = match name.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (name, None),
-        }
+        };
+        (is_valid_dns_name(host), port)
     };
-    if let Some(port) = port
-        && (port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return false;
-    }
-    host == "v6"
-        || (!host.is_empty()
-            && host.len() <= 255
-            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+    host_is_valid && port.is_none_or(is_valid_port)
+}
+
+/// Also covers IPv4 literals, whose labels are digits.
+fn is_valid_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Digits only (`u16::from_str` would also take a leading `+`), and never port 0.
+fn is_valid_port(port: &str) -> bool {
+    !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|port| port != 0)
 }
 
 impl<'de> Deserialize<'de> for ServerName {
@@ -124,6 +139,33 @@ mod tests {
         }
         for bad in ["", "a b", "host:", "host:123456", "[::1", "[zz]", "host:port", "ex_ample.com", "@user:test"] {
             assert!(ServerName::parse(bad).is_err(), "{bad}");
+        }
+        // Names no HTTPS client can reach (issue 14, item 8): empty or hyphen-edged labels,
+        // port 0 or past 65535, bracketed text that is not an IPv6 address.
+        for unreachable in [
+            "a..b",
+            "-.-",
+            "-a.example",
+            "a-.example",
+            "example.org.",
+            ".example.org",
+            "x:0",
+            "x:99999",
+            "x:65536",
+            "x:+80",
+            "[:::::]:1",
+            "[1.2.3.4]",
+            "[::1]x",
+            "[::1]:",
+            &alloc::format!("{}.example", "a".repeat(64)),
+        ] {
+            assert!(ServerName::parse(unreachable).is_err(), "{unreachable}");
+            assert!(serde_json::from_value::<ServerName>(serde_json::json!(unreachable)).is_err(), "{unreachable}");
+        }
+        for reachable in
+            ["x:65535", "x-y.example", "[::ffff:1.2.3.4]:8448", &alloc::format!("{}.example", "a".repeat(63))]
+        {
+            assert!(ServerName::parse(reachable).is_ok(), "{reachable}");
         }
         assert_eq!(server_of("@a:b.c:8448"), Some("b.c:8448"));
         assert_eq!(server_of("@a"), None);

@@ -279,8 +279,8 @@ async fn bad_input_is_refused_with_a_reason() {
             .unwrap(),
         ),
         (
-            400,
-            "M_INVALID_PARAM",
+            404,
+            "M_UNRECOGNIZED",
             "unknown command type".into(),
             c.call("POST", "/_fedsend/v1/bogus_thing", Some(&json!({}))).await.unwrap(),
         ),

@@ -150,6 +150,13 @@ fn txn_ok() -> Handler {
 /// A tiny authoritative DNS server on a loopback UDP port: answers A and SRV from a table,
 /// NXDOMAIN for names it does not know, an empty answer for other types of known names.
 async fn dns_server(records: Vec<(&'static str, RData)>) -> SocketAddr {
+    dns_server_logged(records).await.0
+}
+
+/// [`dns_server`], also returning every name it was asked about.
+async fn dns_server_logged(records: Vec<(&'static str, RData)>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let asked_log = asked.clone();
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
     let records: Vec<(Name, RData)> =
@@ -168,6 +175,7 @@ async fn dns_server(records: Vec<(&'static str, RData)>) -> SocketAddr {
                 .set_recursion_available(true)
                 .set_authoritative(true);
             for q in query.queries() {
+                asked_log.lock().unwrap().push(q.name().to_string());
                 response.add_query(q.clone());
                 let known = records.iter().any(|(n, _)| n == q.name());
                 for (name, rdata) in &records {
@@ -182,7 +190,7 @@ async fn dns_server(records: Vec<(&'static str, RData)>) -> SocketAddr {
             let _ = socket.send_to(&response.to_vec().unwrap(), peer).await;
         }
     });
-    addr
+    (addr, asked)
 }
 
 fn a(ip: [u8; 4]) -> RData {
@@ -628,4 +636,74 @@ async fn key_server_serves_a_verifiable_key() {
     let missing = transport.request(&dest, hyper::Method::GET, "/other", None).await.unwrap();
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     server.abort();
+}
+
+/// Issue 14, item 10: an IP literal reached through well-known (a redirect to
+/// `https://127.0.0.1:PORT/...`, or an `m.server` literal) is used as an address, never asked
+/// of DNS as a name with a trailing dot.
+#[tokio::test]
+async fn well_known_ip_literals_skip_dns() {
+    let pki = pki(&["redirect-ip.test", "deleg-ip.test", "127.0.0.1"]);
+    let port = Arc::new(AtomicUsize::new(0));
+    let port_in_handler = port.clone();
+    let handler: Handler = Arc::new(move |seen: &Seen| {
+        let port = port_in_handler.load(Ordering::SeqCst);
+        match (seen.headers["host"].as_str(), seen.uri.as_str()) {
+            ("redirect-ip.test", "/.well-known/matrix/server") => {
+                Reply::Json(302, vec![("location", format!("https://127.0.0.1:{port}/moved"))], json!({}))
+            }
+            (_, "/moved") => Reply::Json(200, vec![], json!({"m.server": "delegated.test:6666"})),
+            ("deleg-ip.test", "/.well-known/matrix/server") => {
+                Reply::Json(200, vec![], json!({"m.server": format!("127.0.0.1:{port}")}))
+            }
+            _ => Reply::Json(200, vec![], json!({"pdus": {}})),
+        }
+    });
+    let server = https_server(pki.server.clone(), handler).await;
+    port.store(usize::from(server.addr.port()), Ordering::SeqCst);
+    let (dns, asked) = dns_server_logged(vec![
+        ("redirect-ip.test.", a([127, 0, 0, 1])),
+        ("deleg-ip.test.", a([127, 0, 0, 1])),
+        ("delegated.test.", a([10, 0, 0, 2])),
+    ])
+    .await;
+    let mut config = config(&pki);
+    config.dns_nameserver = Some(dns);
+    config.well_known_port = server.addr.port();
+    let transport = HttpsTransport::new(config).unwrap();
+
+    let redirected = transport.resolve_server("redirect-ip.test").await.unwrap();
+    assert_eq!(redirected.delegated.as_deref(), Some("delegated.test:6666"), "{redirected:?}");
+    assert_eq!(redirected.addrs, vec![SocketAddr::from(([10, 0, 0, 2], 6666))]);
+    let delegated = transport.resolve_server("deleg-ip.test").await.unwrap();
+    assert_eq!(delegated.via, ResolvedVia::IpLiteral, "{delegated:?}");
+    assert_eq!(delegated.addrs, vec![server.addr]);
+    let report = transport.send_transaction_detailed("deleg-ip.test", "t", &body("t")).await;
+    assert_eq!(report.result, TransactionResult::Ok { pdu_errors: BTreeMap::new() }, "{}", report.detail);
+
+    let asked = asked.lock().unwrap().clone();
+    assert!(!asked.iter().any(|name| name.starts_with("127.")), "DNS was asked about an IP literal: {asked:?}");
+    assert!(asked.iter().any(|name| name == "delegated.test."), "the fixture saw the queries: {asked:?}");
+}
+
+/// Issue 14, item 9, end to end: IPv6 forms that carry a denylisted IPv4 address are refused
+/// before any connection attempt, and the reason names what they carry.
+#[tokio::test]
+async fn ipv6_carrying_a_denied_ipv4_is_refused() {
+    let pki = pki(&["127.0.0.1"]);
+    let mut config = config(&pki);
+    config.ip_allowlist = Vec::new();
+    let transport = HttpsTransport::new(config).unwrap();
+    for destination in [
+        "[64:ff9b::7f00:1]:8448",
+        "[2002:7f00:1::1]:8448",
+        "[::7f00:1]:8448",
+        "[::ffff:0:7f00:1]:8448",
+        "[2001:0:808:808::80ff:fffe]:8448",
+    ] {
+        let report = transport.send_transaction_detailed(destination, "t", &body("t")).await;
+        assert_eq!(report.result, TransactionResult::Unreachable, "{destination}: {}", report.detail);
+        assert!(report.detail.contains("denylist"), "{destination}: {}", report.detail);
+        assert!(report.detail.contains("carries 127.0.0.1, in 127.0.0.0/8"), "{destination}: {}", report.detail);
+    }
 }

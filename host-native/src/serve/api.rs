@@ -16,6 +16,7 @@
 //! | `GET /health`, `GET /metrics` | – | liveness; Prometheus text |
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -46,6 +47,8 @@ pub struct ApiState {
     pub body_bytes_max: usize,
     /// Largest EDU content accepted.
     pub edu_bytes_max: usize,
+    /// How long a request body may take to arrive.
+    pub body_read_timeout: Duration,
 }
 
 /// Commands acknowledged only once what they caused is durable.
@@ -77,6 +80,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/_fedsend/v1/destinations/{name}/reset", post(reset))
         .route("/_fedsend/v1/{kind}", post(command))
         .fallback(not_found)
+        // After the routes: it applies to those already added.
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -93,6 +98,11 @@ impl IntoResponse for Rejection {
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "no such endpoint")
+}
+
+/// The Matrix convention for a known path with an unsupported method.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", format!("{method} is not supported on {}", uri.path()))
 }
 
 fn refusal(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Rejection {
@@ -112,13 +122,26 @@ fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), Rejection> {
 }
 
 async fn read_json<T: for<'de> Deserialize<'de>>(state: &ApiState, body: Body) -> Result<T, Rejection> {
-    let bytes = to_bytes(body, state.body_bytes_max).await.map_err(|_| {
-        refusal(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "M_TOO_LARGE",
-            format!("request body larger than {} bytes ([ingest] body_bytes_max)", state.body_bytes_max),
-        )
-    })?;
+    let reading = tokio::time::timeout(state.body_read_timeout, to_bytes(body, state.body_bytes_max));
+    let bytes = reading
+        .await
+        .map_err(|_| {
+            refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "M_UNKNOWN",
+                format!(
+                    "the request body did not arrive within {} ms ([ingest] body_read_timeout_ms)",
+                    state.body_read_timeout.as_millis()
+                ),
+            )
+        })?
+        .map_err(|_| {
+            refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                format!("request body larger than {} bytes ([ingest] body_bytes_max)", state.body_bytes_max),
+            )
+        })?;
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|e| refusal(StatusCode::BAD_REQUEST, "M_NOT_JSON", format!("body is not JSON: {e}")))?;
     serde_json::from_value(value).map_err(|e| refusal(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("{e}")))
@@ -277,7 +300,19 @@ async fn remote_event(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PartialState {
+    /// Required even when null: `{}` is more likely a mistake than "fully joined again".
+    #[serde(deserialize_with = "required_nullable")]
     servers: Option<Vec<ServerName>>,
+}
+
+/// With `deserialize_with` and no `default`, serde reports a missing field instead of
+/// quietly taking `None`.
+fn required_nullable<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer)
 }
 
 async fn partial_state(
@@ -316,13 +351,59 @@ async fn command(
             ));
         }
     }
+    check_integers_storable("", &object)?;
     object.insert("type".into(), Value::String(kind.clone()));
-    if DURABLE.contains(&kind.as_str()) {
-        state.driver.durable_input(Value::Object(object)).await?;
+    let fed = if DURABLE.contains(&kind.as_str()) {
+        state.driver.durable_input(Value::Object(object)).await
     } else {
-        state.driver.input(Value::Object(object)).await?;
-    }
+        state.driver.input(Value::Object(object)).await
+    };
+    fed.map_err(|refused| engine_refusal(&kind, refused))?;
     Ok(axum::Json(json!({})).into_response())
+}
+
+/// SQLite keeps integers as i64. An integer above that (e.g. a device-list `stream_id` of
+/// 2^63) would be accepted by the core and then fail to persist on every attempt, so it is
+/// refused here, naming where it is. (Content that is sent on rather than stored cannot hold
+/// such numbers either: canonical JSON stops at 2^53.)
+fn check_integers_storable(path: &str, object: &serde_json::Map<String, Value>) -> Result<(), Rejection> {
+    for (key, value) in object {
+        let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+        check_integer_storable(&path, value)?;
+    }
+    Ok(())
+}
+
+fn check_integer_storable(path: &str, value: &Value) -> Result<(), Rejection> {
+    match value {
+        Value::Number(number) if number.as_u64().is_some_and(|n| i64::try_from(n).is_err()) => Err(refusal(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            format!("{path} is {number}, more than {}, the largest integer the store can hold", i64::MAX),
+        )),
+        Value::Object(object) => check_integers_storable(path, object),
+        Value::Array(items) => {
+            items.iter().enumerate().try_for_each(|(i, item)| check_integer_storable(&format!("{path}[{i}]"), item))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The engine's refusals are 400 `M_INVALID_PARAM` unless they say more: a command type the
+/// engine does not know is 404 `M_UNRECOGNIZED` (the engine decides, so a newer wasm core's
+/// commands pass), and the core marks a to-device message too large for any EDU with
+/// `M_TOO_LARGE`, which is 413 as on Synapse.
+fn engine_refusal(kind: &str, refused: Rejection) -> Rejection {
+    if refused.status != StatusCode::BAD_REQUEST.as_u16() {
+        return refused;
+    }
+    if refused.error.contains(&format!("unknown variant `{kind}`")) {
+        return refusal(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", format!("no such command {kind:?}"));
+    }
+    if refused.error.starts_with("refused: M_TOO_LARGE") {
+        return Rejection { status: StatusCode::PAYLOAD_TOO_LARGE.as_u16(), errcode: "M_TOO_LARGE", ..refused };
+    }
+    refused
 }
 
 async fn destinations(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Rejection> {

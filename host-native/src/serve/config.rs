@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::transport;
+use super::ingest_server::IngestLimits;
+use crate::transport::{self, DEFAULT_DENYLIST, IpNet};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -67,6 +68,16 @@ pub struct IngestConfig {
     /// Largest EDU content accepted on `/edu` (encoded JSON bytes).
     #[serde(default = "default_edu_bytes_max")]
     pub edu_bytes_max: usize,
+    /// Open connections to the API at once; further ones wait in the listen backlog.
+    #[serde(default = "default_connections_max")]
+    pub connections_max: usize,
+    /// A connection that has not sent a whole request head within this long is closed (an
+    /// idle keep-alive connection too).
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A request whose body has not fully arrived within this long is refused with 408.
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -77,6 +88,9 @@ impl Default for IngestConfig {
             token_file: None,
             body_bytes_max: default_body_bytes_max(),
             edu_bytes_max: default_edu_bytes_max(),
+            connections_max: default_connections_max(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
         }
     }
 }
@@ -157,6 +171,18 @@ fn default_body_bytes_max() -> usize {
 fn default_edu_bytes_max() -> usize {
     64 * 1024
 }
+fn default_connections_max() -> usize {
+    IngestLimits::default().connections_max
+}
+fn default_header_read_timeout_ms() -> u64 {
+    duration_ms(IngestLimits::default().header_read_timeout)
+}
+fn default_body_read_timeout_ms() -> u64 {
+    duration_ms(IngestLimits::default().body_read_timeout)
+}
+fn duration_ms(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 fn default_connect_timeout_ms() -> u64 {
     transport::DEFAULT_CONNECT_TIMEOUT_MS
 }
@@ -214,6 +240,15 @@ impl ServeConfig {
             return Err("[ingest] sets both token and token_file; keep one".into());
         }
         for (key, value) in [
+            ("connections_max", config.ingest.connections_max as u64),
+            ("header_read_timeout_ms", config.ingest.header_read_timeout_ms),
+            ("body_read_timeout_ms", config.ingest.body_read_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("[ingest] {key} must be at least 1"));
+            }
+        }
+        for (key, value) in [
             ("sends_in_flight_max", config.transport.sends_in_flight_max),
             ("sends_per_host_max", config.transport.sends_per_host_max),
             ("slow_sends_max", config.transport.slow_sends_max),
@@ -246,6 +281,56 @@ impl ServeConfig {
         Ok(json)
     }
 
+    /// Settings that work but weaken security, each a sentence for the start-up log: an
+    /// operator may mean them (test setups, a trusted network), but should not get them
+    /// silently.
+    pub fn risky_settings(&self) -> Vec<String> {
+        let mut risks = Vec::new();
+        let listen = self.ingest.listen;
+        if !listen.ip().is_loopback() {
+            risks.push(format!(
+                "[ingest] listen = \"{listen}\" is reachable beyond this host, and the API has no TLS: the \
+                 bearer token and every submission cross the network in clear text"
+            ));
+        }
+        risks.extend(readable_by_others(&self.signing_key_file, "signing_key_file", "the signing key"));
+        if let Some(token_file) = &self.ingest.token_file {
+            risks.extend(readable_by_others(token_file, "[ingest] token_file", "the ingest token"));
+        }
+        let transport = &self.transport;
+        if !transport.verify_tls {
+            risks.push(
+                "[transport] verify_tls = false: remote certificates are not checked, so anyone on the \
+                 path can impersonate a remote server"
+                    .into(),
+            );
+        }
+        if !transport.ip_denylist_enabled {
+            risks.push(
+                "[transport] ip_denylist_enabled = false: any server name can point fedsend at loopback \
+                 and private addresses (SSRF)"
+                    .into(),
+            );
+        } else {
+            for entry in &transport.ip_allowlist {
+                let Ok(allowed) = entry.parse::<IpNet>() else { continue };
+                let reopened: Vec<&str> = DEFAULT_DENYLIST
+                    .iter()
+                    .copied()
+                    .filter(|denied| denied.parse::<IpNet>().is_ok_and(|denied| allowed.overlaps(&denied)))
+                    .collect();
+                if !reopened.is_empty() {
+                    risks.push(format!(
+                        "[transport] ip_allowlist entry \"{entry}\" reopens denylisted ranges ({}): server \
+                         names can point fedsend at them",
+                        reopened.join(", ")
+                    ));
+                }
+            }
+        }
+        risks
+    }
+
     /// The ingest token, from `token` or `token_file`.
     pub fn ingest_token(&self) -> Result<String, String> {
         let token = match (&self.ingest.token, &self.ingest.token_file) {
@@ -264,4 +349,18 @@ impl ServeConfig {
         }
         Ok(token)
     }
+}
+
+/// A warning when `path` grants anything to group or others (a secret should be 0600 or
+/// 0400); nothing when it cannot be read, which loading reports on its own.
+fn readable_by_others(path: &Path, key: &str, what: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then(|| {
+        let writable = if mode & 0o022 != 0 { " (and replace)" } else { "" };
+        format!(
+            "{key} {} has mode {mode:04o}: other local users can read{writable} {what}; chmod 600 it",
+            path.display()
+        )
+    })
 }

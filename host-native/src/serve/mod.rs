@@ -5,6 +5,7 @@
 //!   homeserver-owned facts the core queries;
 //! - [`driver`]: the single-owner tokio task around the engine;
 //! - [`api`]: the ingest API, `/metrics`, `/health`;
+//! - [`ingest_server`]: the API's accept loop, connection cap and read timeouts;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`client`]: a minimal ingest API client (demo, tests).
 
@@ -12,6 +13,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod driver;
+pub mod ingest_server;
 pub mod metrics;
 pub mod slots;
 pub mod store;
@@ -24,12 +26,13 @@ use fedsend_core::ServerName;
 use fedsend_sim::{Engine, NativeEngine};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::transport::{HttpsTransport, TransportConfig};
 use crate::wasm_engine::{WasmEngine, locate_guest};
 use config::{EngineKind, ServeConfig};
 use driver::{Driver, DriverOptions, Transport};
+use ingest_server::IngestLimits;
 use metrics::Metrics;
 use store::SqliteStore;
 
@@ -129,7 +132,12 @@ pub async fn start(
         body_bytes_max: config.ingest.body_bytes_max,
         edu_bytes_max: config.ingest.edu_bytes_max,
     };
-    start_parts(&options, api, engine, store, transport).await
+    let limits = IngestLimits {
+        connections_max: config.ingest.connections_max,
+        header_read_timeout: std::time::Duration::from_millis(config.ingest.header_read_timeout_ms),
+        body_read_timeout: std::time::Duration::from_millis(config.ingest.body_read_timeout_ms),
+    };
+    start_parts_with_limits(&options, api, limits, engine, store, transport).await
 }
 
 /// What the HTTP API needs besides the driver.
@@ -147,10 +155,23 @@ pub struct ApiSettings {
     pub edu_bytes_max: usize,
 }
 
-/// Starts the driver and the API from their parts (`fedsend serve` and worker mode).
+/// Starts the driver and the API from their parts (worker mode), with the default
+/// [`IngestLimits`].
 pub async fn start_parts(
     options: &DriverOptions,
     api: ApiSettings,
+    engine: Box<dyn Engine + Send>,
+    store: Box<dyn store::Store>,
+    transport: Arc<dyn Transport>,
+) -> Result<Running, String> {
+    start_parts_with_limits(options, api, IngestLimits::default(), engine, store, transport).await
+}
+
+/// Starts the driver and the API from their parts, the API held to `limits`.
+pub async fn start_parts_with_limits(
+    options: &DriverOptions,
+    api: ApiSettings,
+    limits: IngestLimits,
     engine: Box<dyn Engine + Send>,
     store: Box<dyn store::Store>,
     transport: Arc<dyn Transport>,
@@ -169,21 +190,10 @@ pub async fn start_parts(
         server_name: api.server_name,
         body_bytes_max: api.body_bytes_max,
         edu_bytes_max: api.edu_bytes_max,
+        body_read_timeout: limits.body_read_timeout,
     });
     let app = api::router(state);
-    let mut stop = shutdown_rx;
-    let server = tokio::spawn(async move {
-        let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
-            while !*stop.borrow() {
-                if stop.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
-        if let Err(e) = serving.await {
-            error!("ingest API stopped: {e}");
-        }
-    });
+    let server = tokio::spawn(ingest_server::serve(listener, app, limits, shutdown_rx));
     info!(%local_addr, "ingest API listening");
     Ok(Running { local_addr, handle, shutdown, driver, server })
 }
@@ -194,6 +204,9 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
     let mut config = ServeConfig::load(&args.config)?;
     if let Some(engine) = &args.engine {
         config.engine = if engine == "wasm" { EngineKind::Wasm } else { EngineKind::Native };
+    }
+    for risk in config.risky_settings() {
+        warn!("risky setting: {risk}");
     }
     let token = config.ingest_token()?;
     let key = load_signing_key(&config.signing_key_file)?;

@@ -116,8 +116,8 @@ pub(crate) async fn connect(
     let mut denied: Vec<String> = Vec::new();
     let mut tls_failure = false;
     for &addr in addrs {
-        if let Err(range) = filter.check(addr.ip()) {
-            denied.push(format!("{} (in {range})", addr.ip()));
+        if let Err(why) = filter.check(addr.ip()) {
+            denied.push(format!("{} ({why})", addr.ip()));
             continue;
         }
         let attempt = async {

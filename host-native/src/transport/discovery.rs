@@ -210,6 +210,21 @@ pub(crate) async fn lookup_addrs(
     Ok(addrs)
 }
 
+/// The addresses of a URL's host (a well-known redirect target), which may be an IP literal
+/// (`10.0.0.1`, `[::1]`): a literal is its own address. Asked as a DNS name it would get the
+/// trailing dot of [`fqdn`] and be looked up as a name that cannot exist.
+pub(crate) async fn url_host_addrs(
+    resolver: &TokioResolver,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, TransportError> {
+    let unbracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    match unbracketed.parse::<IpAddr>() {
+        Ok(ip) => Ok(vec![SocketAddr::new(ip, port)]),
+        Err(_) => lookup_addrs(resolver, host, port).await,
+    }
+}
+
 /// SRV lookup: `Ok(None)` when the name has no such record (the caller falls through to the
 /// next step), `Ok(Some(addrs))` with targets in priority order (heavier weight first within
 /// a priority), an error only when the records exist but none of their targets resolves.

@@ -6,7 +6,7 @@
 //! so that test setups and private federations can open the ranges they need.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// An address range in CIDR notation (`10.0.0.0/8`, `fc00::/7`); a bare address is a single host.
@@ -30,6 +30,26 @@ impl IpNet {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix_len),
             (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix_len),
+            _ => false,
+        }
+    }
+
+    /// The first address of the range.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// How many leading bits are fixed.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    /// Whether the two ranges share any address (ranges of different families never do).
+    pub fn overlaps(&self, other: &Self) -> bool {
+        let shorter = self.prefix_len.min(other.prefix_len);
+        match (self.addr, other.addr) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => prefix_eq(&a.octets(), &b.octets(), shorter),
+            (IpAddr::V6(a), IpAddr::V6(b)) => prefix_eq(&a.octets(), &b.octets(), shorter),
             _ => false,
         }
     }
@@ -72,6 +92,33 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The IPv4 addresses an IPv6 address carries and that packets to it end up at: NAT64
+/// (`64:ff9b::/96`), IPv4-compatible (`::a.b.c.d`), IPv4-translated (`::ffff:0:a.b.c.d`),
+/// 6to4 (`2002:AABB:CCDD::/48`) and Teredo (`2001::/32`: the server, and the client's public
+/// address stored inverted). A gateway on the path unwraps these, so a denylisted IPv4
+/// address must not slip through dressed as IPv6. (IPv4-mapped addresses are compared as IPv4
+/// directly, see [`IpNet::contains`].)
+fn embedded_ipv4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let o = ip.octets();
+    let last32 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let segments = ip.segments();
+    let mut carried = Vec::new();
+    if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || segments[..6] == [0, 0, 0, 0, 0, 0] {
+        carried.push(last32);
+    }
+    if segments[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        carried.push(last32);
+    }
+    if segments[0] == 0x2002 {
+        carried.push(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    if segments[..2] == [0x2001, 0] {
+        carried.push(Ipv4Addr::new(o[4], o[5], o[6], o[7]));
+        carried.push(Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]));
+    }
+    carried
+}
+
 fn prefix_eq(a: &[u8], b: &[u8], prefix_len: u8) -> bool {
     let full_bytes = usize::from(prefix_len / 8);
     let rest_bits = prefix_len % 8;
@@ -109,7 +156,28 @@ pub const DEFAULT_DENYLIST: &[&str] = &[
     "2001:db8::/32",
     "ff00::/8",
     "fec0::/10",
+    // Local-use NAT64 (RFC 8215): the IPv4 address inside sits where the operator chose, so
+    // it cannot be checked; such prefixes only lead into private networks anyway.
+    "64:ff9b:1::/48",
 ];
+
+/// Why an address is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Denied {
+    /// The denylist entry that matched.
+    pub(crate) range: IpNet,
+    /// The IPv4 address the refused IPv6 address carries, when that is what matched.
+    pub(crate) carried: Option<Ipv4Addr>,
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.carried {
+            None => write!(f, "in {}", self.range),
+            Some(v4) => write!(f, "carries {v4}, in {}", self.range),
+        }
+    }
+}
 
 /// The compiled filter: denylist (if enabled) minus allowlist.
 #[derive(Clone, Debug)]
@@ -132,15 +200,31 @@ impl IpFilter {
         Self { deny, allow: allow.to_vec() }
     }
 
-    /// `Err(range)` names the denylist entry that refuses `ip`.
-    pub(crate) fn check(&self, ip: IpAddr) -> Result<(), IpNet> {
-        if self.allow.iter().any(|net| net.contains(ip)) {
+    /// `Err` names the denylist entry that refuses `ip`, or the IPv4 address it carries. An
+    /// allowlisted address is allowed as a whole; otherwise every IPv4 address it carries must
+    /// pass on its own.
+    pub(crate) fn check(&self, ip: IpAddr) -> Result<(), Denied> {
+        if self.allowed(ip) {
             return Ok(());
         }
-        match self.deny.iter().find(|net| net.contains(ip)) {
-            Some(net) => Err(*net),
-            None => Ok(()),
+        if let Some(range) = self.denied_by(ip) {
+            return Err(Denied { range, carried: None });
         }
+        let IpAddr::V6(v6) = ip else { return Ok(()) };
+        for carried in embedded_ipv4(v6) {
+            if let Some(range) = self.denied_by(IpAddr::V4(carried)).filter(|_| !self.allowed(IpAddr::V4(carried))) {
+                return Err(Denied { range, carried: Some(carried) });
+            }
+        }
+        Ok(())
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        self.allow.iter().any(|net| net.contains(ip))
+    }
+
+    fn denied_by(&self, ip: IpAddr) -> Option<IpNet> {
+        self.deny.iter().find(|net| net.contains(ip)).copied()
     }
 }
 
@@ -176,8 +260,57 @@ mod tests {
     fn allowlist_overrides_denylist() {
         let filter = IpFilter::new(true, &["127.0.0.0/30".parse().unwrap()]);
         assert!(filter.check("127.0.0.3".parse().unwrap()).is_ok());
-        assert_eq!(filter.check("127.0.0.4".parse().unwrap()), Err("127.0.0.0/8".parse().unwrap()));
+        assert_eq!(
+            filter.check("127.0.0.4".parse().unwrap()),
+            Err(Denied { range: "127.0.0.0/8".parse().unwrap(), carried: None })
+        );
         assert!(IpFilter::new(false, &[]).check("127.0.0.1".parse().unwrap()).is_ok());
+    }
+
+    /// Issue 14, item 9: IPv6 forms that carry a denylisted IPv4 address.
+    #[test]
+    fn ipv6_carrying_a_denied_ipv4_is_denied() {
+        let filter = IpFilter::new(true, &[]);
+        for (ip, carried, range) in [
+            ("64:ff9b::127.0.0.1", "127.0.0.1", "127.0.0.0/8"),
+            ("64:ff9b::a00:1", "10.0.0.1", "10.0.0.0/8"),
+            ("2002:7f00:1::", "127.0.0.1", "127.0.0.0/8"),
+            ("2002:c0a8:101:5::1", "192.168.1.1", "192.168.0.0/16"),
+            ("::127.0.0.1", "127.0.0.1", "127.0.0.0/8"),
+            ("::169.254.169.254", "169.254.169.254", "169.254.0.0/16"),
+            ("::ffff:0:127.0.0.1", "127.0.0.1", "127.0.0.0/8"),
+            ("::ffff:0:a9fe:a9fe", "169.254.169.254", "169.254.0.0/16"),
+            // Teredo: server 10.1.2.3; client 8.8.8.8 (stored inverted).
+            ("2001:0:a01:203::f7f7:f7f7", "10.1.2.3", "10.0.0.0/8"),
+            // Teredo: public server 8.8.8.8; client 127.0.0.1 stored inverted.
+            ("2001:0:808:808::80ff:fffe", "127.0.0.1", "127.0.0.0/8"),
+        ] {
+            let denied = filter.check(ip.parse().unwrap()).expect_err(ip);
+            assert_eq!(denied.range, range.parse().unwrap(), "{ip}");
+            assert_eq!(denied.carried, Some(carried.parse().unwrap()), "{ip}");
+            assert!(denied.to_string().contains(carried), "{ip}: {denied}");
+        }
+        assert!(filter.check("64:ff9b:1::1".parse().unwrap()).is_err(), "local-use NAT64");
+        for public in ["64:ff9b::808:808", "2002:808:808::1", "::ffff:0:808:808", "2001:0:808:808::f7f7:f7f7"] {
+            assert!(filter.check(public.parse().unwrap()).is_ok(), "{public} carries only public addresses");
+        }
+        // An allowlisted IPv4 address stays allowed inside IPv6, and an allowlisted IPv6
+        // range is allowed whatever it carries.
+        let loopback_allowed = IpFilter::new(true, &["127.0.0.0/8".parse().unwrap()]);
+        assert!(loopback_allowed.check("64:ff9b::127.0.0.1".parse().unwrap()).is_ok());
+        let six_to_four_allowed = IpFilter::new(true, &["2002::/16".parse().unwrap()]);
+        assert!(six_to_four_allowed.check("2002:7f00:1::".parse().unwrap()).is_ok());
+        assert!(IpFilter::new(false, &[]).check("64:ff9b::127.0.0.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn ranges_overlap() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert!(net("0.0.0.0/0").overlaps(&net("127.0.0.0/8")));
+        assert!(net("127.0.0.1").overlaps(&net("127.0.0.0/8")));
+        assert!(net("127.0.0.0/8").overlaps(&net("127.0.0.1")));
+        assert!(!net("8.8.8.0/24").overlaps(&net("127.0.0.0/8")));
+        assert!(!net("::/0").overlaps(&net("127.0.0.0/8")));
     }
 
     #[test]

@@ -61,6 +61,13 @@ const RESPONSE_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 const IDLE_CONNECTIONS_PER_DESTINATION_MAX: usize = 2;
 /// Redirects followed when fetching a well-known document; more means a loop or abuse.
 const WELL_KNOWN_REDIRECTS_MAX: usize = 5;
+/// A destination's undelivered transactions are logged with their reason at most once per
+/// this period (the others go to debug and are counted in the next line): a server that is
+/// down for a day must not flood the log, but its operator must see why.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Destinations whose last failure line is remembered; beyond this (a storm of distinct
+/// failing names) further failures go to debug only.
+const FAILURE_LOG_DESTINATIONS_MAX: usize = 10_000;
 
 /// Per address: TCP connect plus TLS handshake.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
@@ -208,6 +215,13 @@ struct Inner {
     filter: IpFilter,
     well_known: WellKnownCache,
     idle: Mutex<HashMap<String, Vec<Pooled>>>,
+    failure_logs: Mutex<HashMap<String, FailureLog>>,
+}
+
+/// When a destination's failure was last logged at warn level, and how many were not since.
+struct FailureLog {
+    logged_at: Instant,
+    not_logged: u64,
 }
 
 /// The HTTPS federation client. Cheap to clone; clones share connections and caches.
@@ -258,6 +272,7 @@ impl HttpsTransport {
                 filter,
                 well_known: WellKnownCache::default(),
                 idle: Mutex::new(HashMap::new()),
+                failure_logs: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -285,12 +300,51 @@ impl HttpsTransport {
                 let detail = format!("{} from {} for {destination} txn {txn_id}", response.status, response.peer);
                 SendReport { result, detail, peer: Some(response.peer), elapsed_ms }
             }
-            Err(error) => SendReport {
-                result: error.to_result(),
-                detail: format!("{destination} txn {txn_id}: {error}"),
-                peer: None,
-                elapsed_ms,
-            },
+            Err(error) => {
+                // The core only learns `Unreachable` or `Timeout`; the reason (TLS, DNS,
+                // denylist, ...) is what an operator needs, so it is logged here.
+                self.log_failure(destination, txn_id, &error);
+                SendReport {
+                    result: error.to_result(),
+                    detail: format!("{destination} txn {txn_id}: {error}"),
+                    peer: None,
+                    elapsed_ms,
+                }
+            }
+        }
+    }
+
+    /// Logs why a transaction was not delivered: at warn level once per destination per
+    /// [`FAILURE_LOG_INTERVAL`], otherwise at debug level.
+    fn log_failure(&self, destination: &str, txn_id: &str, error: &TransportError) {
+        let now = Instant::now();
+        let not_logged_since_last_warning = {
+            let mut logs = self.inner.failure_logs.lock().unwrap_or_else(|p| p.into_inner());
+            match logs.get_mut(destination) {
+                Some(log) if now.duration_since(log.logged_at) < FAILURE_LOG_INTERVAL => {
+                    log.not_logged += 1;
+                    None
+                }
+                Some(log) => Some(std::mem::replace(log, FailureLog { logged_at: now, not_logged: 0 }).not_logged),
+                None => {
+                    if logs.len() >= FAILURE_LOG_DESTINATIONS_MAX {
+                        logs.retain(|_, log| now.duration_since(log.logged_at) < FAILURE_LOG_INTERVAL);
+                    }
+                    (logs.len() < FAILURE_LOG_DESTINATIONS_MAX).then(|| {
+                        logs.insert(destination.to_owned(), FailureLog { logged_at: now, not_logged: 0 });
+                        0
+                    })
+                }
+            }
+        };
+        match not_logged_since_last_warning {
+            Some(not_logged) => tracing::warn!(
+                destination,
+                txn_id,
+                failures_not_logged = not_logged,
+                "transaction not delivered: {error}"
+            ),
+            None => tracing::debug!(destination, txn_id, "transaction not delivered: {error}"),
         }
     }
 
@@ -405,7 +459,7 @@ impl HttpsTransport {
         let mut target_port = config.well_known_port;
         let mut path = "/.well-known/matrix/server".to_owned();
         for _ in 0..=WELL_KNOWN_REDIRECTS_MAX {
-            let addrs = discovery::lookup_addrs(&self.inner.resolver, &target_host, target_port).await?;
+            let addrs = discovery::url_host_addrs(&self.inner.resolver, &target_host, target_port).await?;
             let (sender, peer) = conn::connect(
                 &addrs,
                 &target_host,

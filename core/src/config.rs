@@ -267,7 +267,18 @@ impl Config {
     }
 
     /// The pause between two staggered wake-ups: 1/`rr_transactions_per_room_per_second` s.
-    pub fn wakeup_interval_ms(&self) -> u64 {
+    pub(crate) fn wake_up_interval_ms(&self) -> u64 {
         (1000 / self.rr_transactions_per_room_per_second).max(1)
+    }
+
+    /// Whether this instance sends to `name`: within the whitelist, if any, and ours under
+    /// the sharding of `instances`.
+    pub(crate) fn handles(&self, name: &ServerName) -> bool {
+        if let Some(whitelist) = &self.domain_whitelist
+            && !whitelist.contains(name)
+        {
+            return false;
+        }
+        crate::shard::should_handle(&self.instances, &self.instance_name, name.as_str())
     }
 }

@@ -104,18 +104,28 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+mod backoff;
+mod catch_up;
+mod catch_up_scan;
 mod config;
+mod destination;
+mod device_lists;
 mod edu;
+mod effects;
 mod error;
 mod event;
+mod fan_out;
 mod io;
+mod limiter;
 pub mod nesting;
+mod outcome;
 mod rng;
 mod sender;
 mod shard;
 mod time;
-pub mod transaction;
+mod transaction;
 mod types;
+mod wake_up_queue;
 pub mod wire;
 
 pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT};

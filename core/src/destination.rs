@@ -199,10 +199,13 @@ impl Destination {
         }
         let catching_up = self.catch_up.active;
         let queue = self.queue();
-        if queue.frozen.is_none() && catching_up && !queue.edus.is_empty() {
-            if let Some(frozen) = self.build_from_queue(name, fx, config, ctx.builder, false) {
-                self.queue().frozen = Some(frozen);
-            }
+        // Ephemeral data does not wait behind catch-up (docs/design.md, D9).
+        if queue.frozen.is_none()
+            && catching_up
+            && !queue.edus.is_empty()
+            && let Some(frozen) = self.build_from_queue(name, fx, config, ctx.builder, false)
+        {
+            self.queue().frozen = Some(frozen);
         }
         if self.queue().frozen.is_none() {
             if self.catch_up.active {
@@ -375,8 +378,8 @@ pub(crate) mod tests {
         let config = config();
         let mut fx = Effects::new(0);
         fx.now = Timestamp(10_000);
-        let mut destination = Destination::default();
-        destination.backoff = Backoff { retry_last_ts: 9_000, retry_interval_ms: 5_000, failure_ts: Some(9_000) };
+        let backoff = Backoff { retry_last_ts: 9_000, retry_interval_ms: 5_000, failure_ts: Some(9_000) };
+        let mut destination = Destination { backoff, ..Destination::default() };
         destination.queue().pending_pdus.push_back(pdu("$1", 1));
         assert!(drive_once(&mut destination, &mut fx, &config).is_empty());
         assert_eq!(destination.activity(), Activity::Sleeping(Timestamp(14_000)));

@@ -185,7 +185,7 @@ impl FederationSender {
             Input::StoredToDevice { rows } => self.stored_to_device(rows),
             Input::StoredDeviceListPokes { pokes } => self.stored_device_list_pokes(pokes),
             Input::ToDevice { sender, message_type, message_id, messages } => {
-                self.to_device(&sender, &message_type, message_id, messages)?;
+                self.send_to_device(&sender, &message_type, message_id, messages)?;
             }
             Input::DeviceListUpdate {
                 user_id,

@@ -110,7 +110,7 @@ impl FederationSender {
         Ok(())
     }
 
-    pub(super) fn to_device(
+    pub(super) fn send_to_device(
         &mut self,
         sender: &str,
         message_type: &str,

@@ -1,6 +1,6 @@
 //! The sender's configuration: every limit, interval and policy knob, with Synapse's defaults.
 //!
-//! Names match the scenario format (`spec/scenarios.md`) and the native service's TOML
+//! Names match the scenario format (docs/scenarios.md) and the native service's TOML
 //! config; units are the last word of each name.
 
 use alloc::string::String;
@@ -13,9 +13,9 @@ use crate::error::ConfigError;
 use crate::types::ServerName;
 
 /// Hard protocol limit: the Matrix spec forbids more than 50 PDUs per transaction.
-pub const PDUS_PER_TRANSACTION_LIMIT: u32 = 50;
+pub(crate) const PDUS_PER_TRANSACTION_LIMIT: u32 = 50;
 /// Hard protocol limit: the Matrix spec forbids more than 100 EDUs per transaction.
-pub const EDUS_PER_TRANSACTION_LIMIT: u32 = 100;
+pub(crate) const EDUS_PER_TRANSACTION_LIMIT: u32 = 100;
 
 /// Configuration of a [`crate::FederationSender`].
 ///
@@ -248,8 +248,11 @@ impl Config {
                 "must be between 11 and 100 (10 slots are reserved for device lists)",
             );
         }
-        if self.http_retry_delay_max_ms == 0 || self.request_timeout_ms == 0 {
-            return bad("http_retry_delay_max_ms", "delays and timeouts must be at least 1 ms");
+        if self.http_retry_delay_max_ms == 0 {
+            return bad("http_retry_delay_max_ms", "must be at least 1 ms");
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("request_timeout_ms", "must be at least 1 ms");
         }
         if self.poison_rejections_max == 0 {
             return bad("poison_rejections_max", "must be at least 1");
@@ -257,17 +260,37 @@ impl Config {
         if self.pending_pdus_max == 0 {
             return bad("pending_pdus_max", "must be at least 1");
         }
-        if self.events_batch_max == 0 || self.catch_up_batch_max == 0 || self.catch_up_waker_page_max == 0 {
-            return bad("events_batch_max", "batch sizes must be at least 1");
+        for (key, size) in [
+            ("events_batch_max", self.events_batch_max),
+            ("catch_up_batch_max", self.catch_up_batch_max),
+            ("catch_up_waker_page_max", self.catch_up_waker_page_max),
+        ] {
+            if size == 0 {
+                return bad(key, "must be at least 1");
+            }
         }
-        if self.catch_up_waker_period_ms == 0 || self.catch_up_waker_interval_ms == 0 {
-            return bad("catch_up_waker_period_ms", "the waker's period and interval must be at least 1 ms");
+        if self.catch_up_waker_period_ms == 0 {
+            return bad("catch_up_waker_period_ms", "must be at least 1 ms");
+        }
+        if self.catch_up_waker_interval_ms == 0 {
+            return bad("catch_up_waker_interval_ms", "must be at least 1 ms");
         }
         Ok(())
     }
 
     /// The pause between two staggered wake-ups: 1/`rr_transactions_per_room_per_second` s.
-    pub fn wakeup_interval_ms(&self) -> u64 {
+    pub(crate) fn wake_up_interval_ms(&self) -> u64 {
         (1000 / self.rr_transactions_per_room_per_second).max(1)
+    }
+
+    /// Whether this instance sends to `name`: within the whitelist, if any, and ours under
+    /// the sharding of `instances`.
+    pub(crate) fn handles(&self, name: &ServerName) -> bool {
+        if let Some(whitelist) = &self.domain_whitelist
+            && !whitelist.contains(name)
+        {
+            return false;
+        }
+        crate::shard::should_handle(&self.instances, &self.instance_name, name.as_str())
     }
 }

@@ -1,5 +1,6 @@
 //! EDUs queued for one destination: presence, read receipts, to-device messages, device-list
-//! updates, plain and keyed EDUs, and how they are taken into a transaction (reference §8.3).
+//! updates, plain and keyed EDUs, and how they are taken into a transaction, in the order of
+//! Synapse's `_prepare_main_queue_transaction` (`federation/sender/per_destination_queue.py`).
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
@@ -12,7 +13,7 @@ use serde_json::{Map, Value, json};
 /// Presence states per `m.presence` EDU (Synapse's `MAX_PRESENCE_STATES_PER_EDU`).
 pub const PRESENCE_STATES_PER_EDU_MAX: usize = 50;
 /// EDU slots kept free for device-list updates (Synapse's `NUMBER_OF_RESERVED_EDUS_PER_TRANSACTION`).
-pub const DEVICE_LIST_RESERVED_EDUS: usize = 10;
+pub(crate) const DEVICE_LIST_RESERVED_EDUS: usize = 10;
 /// Soft maximum of one to-device EDU's content, in bytes of JSON (Synapse's `SOFT_MAX_EDU_SIZE`).
 pub const TO_DEVICE_EDU_BYTES_MAX: usize = 65_536;
 /// Read-receipt EDUs per transaction.
@@ -78,26 +79,26 @@ impl PresenceState {
 /// An EDU ready for a transaction body: its type (for traces, metrics and poison isolation)
 /// and its JSON `{"content":…,"edu_type":…}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EduEntry {
+pub(crate) struct EduEntry {
     /// The EDU type.
-    pub edu_type: String,
+    pub(crate) edu_type: String,
     /// The serialized EDU.
-    pub json: Arc<str>,
+    pub(crate) json: Arc<str>,
     /// For a to-device EDU: its row in the durable outbox, deleted once delivered.
-    pub outbox_id: Option<u64>,
+    pub(crate) outbox_id: Option<u64>,
     /// For a device-list EDU: the poke it carries, settled once delivered.
-    pub device_list: Option<PokeRef>,
+    pub(crate) device_list: Option<PokeRef>,
 }
 
 /// The version of a device-list poke that a built EDU carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PokeRef {
+pub(crate) struct PokeRef {
     /// The local user.
-    pub user_id: String,
+    pub(crate) user_id: String,
     /// The device; `None` for cross-signing keys.
-    pub device_id: Option<String>,
+    pub(crate) device_id: Option<String>,
     /// The poke's stream id.
-    pub stream_id: u64,
+    pub(crate) stream_id: u64,
 }
 
 /// A device-list change waiting for one destination.
@@ -114,7 +115,7 @@ type PokeKey = (String, Option<String>);
 
 impl EduEntry {
     /// Serializes an EDU.
-    pub fn new(edu_type: &str, content: &Value) -> Self {
+    pub(crate) fn new(edu_type: &str, content: &Value) -> Self {
         let edu = json!({ "content": content, "edu_type": edu_type });
         // serde_json::Value always serializes.
         Self {
@@ -147,7 +148,7 @@ pub(crate) struct EduQueue {
     /// Plain EDUs, FIFO.
     plain: VecDeque<EduEntry>,
     /// Keyed EDUs: a newer one replaces an older one with the same (type, key) in place;
-    /// drained oldest first (Synapse drains newest first, Q10).
+    /// drained oldest first (Synapse's `_pop_pending_edus` drains newest first; docs/design.md, "Smaller differences").
     keyed: VecDeque<((String, String), EduEntry)>,
 }
 
@@ -377,7 +378,7 @@ impl EduQueue {
                 receipt_edus += 1;
             }
         }
-        // To-device messages, leaving room for device-list updates (reference §8.3).
+        // To-device messages, leaving room for device-list updates, as Synapse does.
         // A small limit (while isolating a poison item) must not starve to-device entirely.
         let to_device_limit = limit.saturating_sub(DEVICE_LIST_RESERVED_EDUS).max(limit.min(1));
         if !take_front(&mut self.to_device, to_device_limit, &mut taken, fits)

@@ -1,4 +1,8 @@
 //! Reports the machine makes for logs, metrics and visualisation. They need no answer.
+//!
+//! [`Event`] is a report about the sender ("a destination backed off"), emitted as
+//! [`crate::Output::Event`]; it is not a room event. Room events are PDUs, and the code calls
+//! them that (`PduInfo`, `PduEntry`).
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;

@@ -384,10 +384,12 @@ pub struct DestinationRoom {
 
 /// One atomic batch of writes to sender-owned storage.
 ///
-/// Hosts apply a batch all-or-nothing. `incarnation`, `events_out_pos` and
-/// `destination_rooms` only ever grow, so hosts apply them as *max*-upserts (keep the larger
-/// value); `destinations` rows are plain upserts of the whole row. With that rule batches may
-/// be applied in any order, which is what makes retrying a failed batch safe.
+/// Hosts apply a batch all-or-nothing, and batches in the order they are emitted.
+/// `incarnation`, `events_out_pos` and `destination_rooms` only ever grow, so hosts apply them
+/// as *max*-upserts (keep the larger value); `destinations` rows are plain upserts of the
+/// whole row. A batch that failed is issued again later, after newer ones: the max-upserts
+/// make that safe, and the machine rewrites the `destinations` rows of a re-issued batch from
+/// its current state (docs/design.md, "The storage boundary").
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Changes {
@@ -424,8 +426,8 @@ pub struct Changes {
     pub device_list_positions: Vec<DeviceListPosition>,
 }
 
-/// A device-list change owed to one destination, durable until delivered (reference §11.4's
-/// outbound pokes, collapsed: one row per (destination, user, device)).
+/// A device-list change owed to one destination, durable until delivered (Synapse's
+/// `device_lists_outbound_pokes`, collapsed: one row per (destination, user, device)).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceListPoke {

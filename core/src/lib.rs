@@ -104,24 +104,34 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+mod backoff;
+mod catch_up;
+mod catch_up_scan;
 mod config;
+mod destination;
+mod device_lists;
 mod edu;
+mod effects;
 mod error;
 mod event;
+mod fan_out;
 mod io;
+mod limiter;
 pub mod nesting;
+mod outcome;
 mod rng;
 mod sender;
 mod shard;
 mod time;
-pub mod transaction;
+mod transaction;
 mod types;
+mod wake_up_queue;
 pub mod wire;
 
-pub use config::{Config, EDUS_PER_TRANSACTION_LIMIT, PDUS_PER_TRANSACTION_LIMIT};
+pub use config::Config;
 pub use edu::{
-    DEVICE_LIST_RESERVED_EDUS, EduEntry, PRESENCE_STATES_PER_EDU_MAX, PokeRef, PresenceState,
-    RECEIPT_EDUS_PER_TRANSACTION_MAX, Receipt, TO_DEVICE_EDU_BYTES_MAX, split_to_device,
+    PRESENCE_STATES_PER_EDU_MAX, PresenceState, RECEIPT_EDUS_PER_TRANSACTION_MAX, Receipt, TO_DEVICE_EDU_BYTES_MAX,
+    split_to_device,
 };
 pub use error::{ConfigError, InputError};
 pub use event::Event;

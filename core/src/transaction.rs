@@ -1,29 +1,221 @@
-//! Transaction bodies: `{"edus":[…],"origin":…,"origin_server_ts":…,"pdus":[…]}`.
+//! Building transactions: what goes into the next one (EDUs in Synapse's order, then PDUs,
+//! within the count and byte limits), its id, and its body
+//! `{"edus":[…],"origin":…,"origin_server_ts":…,"pdus":[…]}`.
 //!
 //! Keys are written in canonical-JSON order and PDUs are embedded as the exact text the host
 //! gave (serialized once, shared by every destination), so a frozen body is byte-stable and a
-//! host may sign it as it is.
+//! host may sign it as it is. A built transaction is frozen: retried with the same id and the
+//! same bytes until the destination answers (docs/design.md, "Frozen transactions").
 
 use alloc::string::String;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 
-use crate::types::ServerName;
+use crate::config::Config;
+use crate::destination::Destination;
+use crate::device_lists::NO_POSITIONS;
+use crate::edu::{EduEntry, Fit};
+use crate::effects::Effects;
+use crate::io::{CatchUpRoom, OutgoingTransaction};
+use crate::types::{RequestId, ServerName};
+
+/// A built transaction: retried byte for byte until the destination answers 2xx.
+#[derive(Debug)]
+pub(crate) struct FrozenTransaction {
+    pub(crate) txn_id: String,
+    pub(crate) body: Arc<str>,
+    pub(crate) items: Vec<Arc<PduEntry>>,
+    pub(crate) edus: Vec<EduEntry>,
+    pub(crate) pdu_ids: Vec<String>,
+    pub(crate) attempts: u32,
+    /// Permanent rejections (4xx other than 401/408/429) of this exact transaction.
+    pub(crate) rejections: u32,
+    /// Every `destination_rooms` row up to this stream ordering is delivered on success.
+    pub(crate) delivered_up_to: Option<u64>,
+    /// For a catch-up transaction: the room it catches up, kept to fall back to the owed
+    /// event alone if the destination rejects the extremities.
+    pub(crate) catch_up: Option<CatchUpRoom>,
+}
+
+impl FrozenTransaction {
+    /// The next HTTP attempt of this transaction.
+    pub(crate) fn attempt(&mut self, request: RequestId, destination: &ServerName) -> OutgoingTransaction {
+        self.attempts += 1;
+        OutgoingTransaction {
+            request,
+            destination: destination.clone(),
+            txn_id: self.txn_id.clone(),
+            attempt: self.attempts,
+            pdu_ids: self.pdu_ids.clone(),
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// The PDU-only body built last, with its time and PDUs.
+type SharedBody = (u64, Vec<Arc<PduEntry>>, Arc<str>);
+
+/// Transaction ids and bodies. Ids are `{incarnation}.{counter}`: the incarnation is
+/// persisted before any transaction leaves, so ids never repeat across restarts.
+#[derive(Debug)]
+pub(crate) struct TransactionBuilder {
+    incarnation: u64,
+    counter: u64,
+    /// A body names no destination: when an event fans out to many destinations at once,
+    /// they all freeze the same PDUs at the same instant and share one body.
+    last_body: Option<SharedBody>,
+}
+
+impl TransactionBuilder {
+    pub(crate) fn new(incarnation: u64) -> Self {
+        Self { incarnation, counter: 0, last_body: None }
+    }
+
+    fn next_txn_id(&mut self) -> String {
+        self.counter += 1;
+        // Built without `format!`, which costs as much as the rest of a small body.
+        let mut id = String::with_capacity(24);
+        push_decimal(&mut id, self.incarnation);
+        id.push('.');
+        push_decimal(&mut id, self.counter);
+        id
+    }
+
+    /// Freezes a transaction of `items` and `edus` at `now_ms`.
+    pub(crate) fn freeze(
+        &mut self,
+        origin: &ServerName,
+        now_ms: u64,
+        items: Vec<Arc<PduEntry>>,
+        edus: Vec<EduEntry>,
+        delivered_up_to: Option<u64>,
+        catch_up: Option<CatchUpRoom>,
+    ) -> FrozenTransaction {
+        let shared = edus.is_empty()
+            && self.last_body.as_ref().is_some_and(|(ts, last_items, _)| {
+                *ts == now_ms
+                    && last_items.len() == items.len()
+                    && last_items.iter().zip(&items).all(|(a, b)| Arc::ptr_eq(a, b))
+            });
+        let body = match &self.last_body {
+            Some((_, _, body)) if shared => body.clone(),
+            _ => {
+                let jsons: Vec<&str> = items.iter().map(|p| &*p.json).collect();
+                let edu_jsons: Vec<&str> = edus.iter().map(|e| &*e.json).collect();
+                let body: Arc<str> = Arc::from(build_body(origin, now_ms, &jsons, &edu_jsons));
+                if edus.is_empty() {
+                    self.last_body = Some((now_ms, items.clone(), body.clone()));
+                }
+                body
+            }
+        };
+        let pdu_ids = items.iter().map(|p| p.event_id.clone()).collect();
+        FrozenTransaction {
+            txn_id: self.next_txn_id(),
+            body,
+            items,
+            edus,
+            pdu_ids,
+            attempts: 0,
+            rejections: 0,
+            delivered_up_to,
+            catch_up,
+        }
+    }
+}
+
+impl Destination {
+    /// Builds the next transaction from memory: EDUs in Synapse's order, then the head of the
+    /// PDU queue (if `with_pdus`), within the count and byte limits. Items that can never fit
+    /// are given up here.
+    pub(crate) fn build_from_queue(
+        &mut self,
+        name: &ServerName,
+        fx: &mut Effects,
+        config: &Config,
+        builder: &mut TransactionBuilder,
+        with_pdus: bool,
+    ) -> Option<FrozenTransaction> {
+        const EDUS_WRAPPER_BYTES: u64 = "\"edus\":[],".len() as u64;
+        let now_ms = fx.now.as_ms();
+        let overhead = empty_body_len(&config.server_name, now_ms);
+        let bytes_max = config.transaction_bytes_max;
+        let queue = self.queue.as_mut()?;
+        // While isolating a poison item, EDUs and PDUs are not mixed and batches shrink.
+        let isolating = queue.isolation.limit();
+        let edu_max = config.edus_per_transaction_max;
+        let edu_limit = isolating.map_or(edu_max, |limit| limit.min(edu_max)) as usize;
+        let mut bytes = overhead;
+        let mut edu_count = 0u64;
+        let positions = self.device_lists.as_ref().map_or(NO_POSITIONS, |d| &d.positions);
+        let taken_edus = queue.edus.take(edu_limit, now_ms, positions, &mut |size| {
+            let extra = size as u64 + if edu_count == 0 { EDUS_WRAPPER_BYTES } else { 1 };
+            if overhead + EDUS_WRAPPER_BYTES + size as u64 > bytes_max {
+                Fit::Never
+            } else if bytes + extra > bytes_max {
+                Fit::NotNow
+            } else {
+                bytes += extra;
+                edu_count += 1;
+                Fit::Yes
+            }
+        });
+        let edus = taken_edus.edus;
+        // These users' chains restart in this transaction; its delivery sets their position.
+        if let Some(chains) = self.device_lists.as_mut() {
+            for poke in edus.iter().filter_map(|e| e.device_list.as_ref()) {
+                chains.resets.remove(&poke.user_id);
+            }
+        }
+        let with_pdus = with_pdus && (isolating.is_none() || edus.is_empty());
+        // The isolation limit halves a transaction of PDUs and EDUs together, so it may
+        // exceed either count limit on its own.
+        let pdu_max = config.pdus_per_transaction_max;
+        let count_max = if with_pdus { isolating.map_or(pdu_max, |limit| limit.min(pdu_max)) as usize } else { 0 };
+        let mut taken: Vec<Arc<PduEntry>> = Vec::new();
+        let mut too_large: Vec<Arc<PduEntry>> = Vec::new();
+        while taken.len() < count_max {
+            let Some(next) = queue.pending_pdus.front() else { break };
+            let size = next.json.len() as u64 + u64::from(!taken.is_empty());
+            if bytes + size > bytes_max {
+                if overhead + next.json.len() as u64 > bytes_max {
+                    too_large.extend(queue.pending_pdus.pop_front());
+                    continue;
+                }
+                break;
+            }
+            bytes += size;
+            taken.extend(queue.pending_pdus.pop_front());
+        }
+        let reason = || String::from("larger than transaction_bytes_max on its own");
+        for entry in too_large {
+            self.give_up(name, fx, &entry, reason());
+        }
+        for edu in &taken_edus.too_large {
+            self.give_up_edu(name, fx, edu, reason());
+        }
+        if taken.is_empty() && edus.is_empty() {
+            return None;
+        }
+        let delivered_up_to = taken.iter().map(|p| p.stream_ordering).max();
+        Some(builder.freeze(&config.server_name, now_ms, taken, edus, delivered_up_to, None))
+    }
+}
 
 /// A PDU queued for one or more destinations; shared, never copied per destination.
 #[derive(Debug)]
-pub struct PduEntry {
-    /// The event id.
-    pub event_id: String,
+pub(crate) struct PduEntry {
+    pub(crate) event_id: String,
     /// Its position in the events stream.
-    pub stream_ordering: u64,
+    pub(crate) stream_ordering: u64,
     /// The federation JSON, compact, keys sorted.
-    pub json: Arc<str>,
+    pub(crate) json: Arc<str>,
     /// When it was queued (Unix ms), for the oldest-pending-age figure.
-    pub queued_at_ms: u64,
+    pub(crate) queued_at_ms: u64,
 }
 
 /// Builds a transaction body from already-serialized PDUs and EDUs.
-pub fn build_body(origin: &ServerName, origin_server_ts: u64, pdus: &[&str], edus: &[&str]) -> String {
+pub(crate) fn build_body(origin: &ServerName, origin_server_ts: u64, pdus: &[&str], edus: &[&str]) -> String {
     let payload: usize = pdus.iter().chain(edus).map(|item| item.len() + 1).sum();
     let mut body = String::with_capacity(64 + origin.as_str().len() + payload);
     body.push('{');
@@ -47,7 +239,7 @@ pub fn build_body(origin: &ServerName, origin_server_ts: u64, pdus: &[&str], edu
 
 /// Length of a body with no PDUs and no EDUs, computed without building it: transaction
 /// assembly needs it for every transaction to apply the byte cap.
-pub fn empty_body_len(origin: &ServerName, origin_server_ts: u64) -> u64 {
+pub(crate) fn empty_body_len(origin: &ServerName, origin_server_ts: u64) -> u64 {
     const FIXED: &str = r#"{"origin":"","origin_server_ts":,"pdus":[]}"#;
     let mut digits = 1;
     let mut rest = origin_server_ts / 10;
@@ -108,5 +300,48 @@ mod tests {
             push_decimal(&mut text, ts);
             assert_eq!(text, alloc::format!("x{ts}"));
         }
+    }
+
+    fn pdu(id: &str, size: usize) -> Arc<PduEntry> {
+        let padding = "x".repeat(size.saturating_sub(20));
+        let json = alloc::format!("{{\"event_id\":\"{id}\",\"p\":\"{padding}\"}}");
+        Arc::new(PduEntry { event_id: id.into(), stream_ordering: 1, json: Arc::from(json), queued_at_ms: 0 })
+    }
+
+    #[test]
+    fn ids_count_up_within_an_incarnation_and_identical_pdus_share_one_body() {
+        let origin = ServerName::parse("us.test").unwrap();
+        let mut builder = TransactionBuilder::new(7);
+        let shared = alloc::vec![pdu("$1", 30)];
+        let a = builder.freeze(&origin, 5, shared.clone(), Vec::new(), Some(1), None);
+        let b = builder.freeze(&origin, 5, shared.clone(), Vec::new(), Some(1), None);
+        let later = builder.freeze(&origin, 6, shared, Vec::new(), Some(1), None);
+        assert_eq!((a.txn_id.as_str(), b.txn_id.as_str(), later.txn_id.as_str()), ("7.1", "7.2", "7.3"));
+        assert!(Arc::ptr_eq(&a.body, &b.body), "same PDUs at the same instant: one body");
+        assert!(!Arc::ptr_eq(&a.body, &later.body));
+        let mut frozen = a;
+        let first = frozen.attempt(RequestId(1), &origin);
+        let second = frozen.attempt(RequestId(2), &origin);
+        assert_eq!((first.attempt, second.attempt), (1, 2));
+        assert_eq!((first.txn_id, first.body), (second.txn_id, second.body), "retried byte for byte");
+    }
+
+    #[test]
+    fn a_queue_is_cut_at_the_byte_cap_and_a_pdu_too_large_alone_is_given_up() {
+        let mut config = Config::new(ServerName::parse("us.test").unwrap());
+        config.transaction_bytes_max = 1024;
+        let mut fx = Effects::new(0);
+        let mut builder = TransactionBuilder::new(1);
+        let mut destination = Destination::default();
+        let queue = destination.queue();
+        queue.pending_pdus.extend([pdu("$a", 500), pdu("$huge", 2000), pdu("$b", 400), pdu("$c", 400)]);
+        let name = ServerName::parse("a.test").unwrap();
+        let frozen = destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).unwrap();
+        assert_eq!(frozen.pdu_ids, ["$a", "$b"]);
+        assert!(frozen.body.len() <= 1024);
+        assert_eq!(destination.dropped_items, 1);
+        let frozen = destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).unwrap();
+        assert_eq!(frozen.pdu_ids, ["$c"]);
+        assert!(destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).is_none());
     }
 }

@@ -1,5 +1,5 @@
-//! T-A5's `test_transaction_splitting`: 101 recipients of 64 KiB − 1000 B each leave as 101
-//! to-device EDUs over several transactions, every one within the limits.
+//! Synapse's `test_transaction_splitting` (`tests/rest/client/test_sendtodevice.py`): 101
+//! recipients of 64 KiB − 1000 B each leave as 101 to-device EDUs over several transactions, every one within the limits.
 
 use std::collections::BTreeMap;
 

@@ -185,7 +185,7 @@ impl Checker {
         Ok(())
     }
 
-    /// The wake-up queue (reference §7) wakes one destination at a time: two fresh sends of
+    /// The wake-up queue (Synapse's `_DestinationWakeupQueue`) wakes one destination at a time: two fresh sends of
     /// nothing but staggered EDUs (presence, device lists) to healthy destinations never
     /// leave at the same instant. Sends at the instant of a delivery from the world,
     /// retries, and destinations driven by backoff timers, catch-up or contact are not the

@@ -7,7 +7,7 @@
 //! browser (world and core both in wasm) all run the very same world code; only the engine
 //! differs, which is what makes their traces comparable byte for byte.
 //!
-//! [`run_scenario`] runs a scenario file (`spec/scenarios.md`) and emits its trace.
+//! [`run_scenario`] runs a scenario file (docs/scenarios.md) and emits its trace.
 
 #![no_std]
 #![warn(missing_docs)]

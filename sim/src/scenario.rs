@@ -1,4 +1,4 @@
-//! The scenario file format (`spec/scenarios.md`), parsed strictly: unknown ops, unknown
+//! The scenario file format (docs/scenarios.md), parsed strictly: unknown ops, unknown
 //! keys and wrong types are errors that name the step.
 
 use alloc::collections::BTreeMap;
@@ -159,7 +159,7 @@ impl<'de> Deserialize<'de> for Respond {
 /// One step of a scenario.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-#[allow(missing_docs)] // the fields are those of spec/scenarios.md
+#[allow(missing_docs)] // the fields are those of docs/scenarios.md
 pub enum Step {
     CreateRoom {
         room: String,

@@ -41,7 +41,8 @@ struct Room {
 }
 
 /// A device-list change announced while one of its user's rooms was partial-state: the
-/// servers that turn up once the room is full-state are told too (T-A6).
+/// servers that turn up once the room is full-state are told too (Synapse's
+/// `test_local_device_changes_sent_to_new_servers_on_un_partial_state`).
 #[derive(Debug)]
 struct DeviceChange {
     /// The input, with `destinations` filled in per announcement.
@@ -601,7 +602,7 @@ impl World {
                 }
                 if !self.is_local(user) {
                     // A remote server told us about its user's device: ours to cache, never
-                    // to announce (T-D2).
+                    // to announce (Synapse's `test_dont_send_device_updates_for_remote_users`).
                     self.remote_devices.insert((user.clone(), device.clone()));
                     return Ok(());
                 }

@@ -1,5 +1,5 @@
-//! T-S2 and T-S3: with two sender instances, every destination is served by exactly one of
-//! them, for events and for typing EDUs alike.
+//! Synapse's `test_send_event_sharded` and `test_send_typing_sharded`: with two sender
+//! instances, every destination is served by exactly one of them, for events and for typing EDUs alike.
 
 use std::collections::BTreeMap;
 

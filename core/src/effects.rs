@@ -1,0 +1,271 @@
+//! The side effects of handling inputs, gathered in one place: outputs for the host, writes
+//! to persist, timers, outstanding requests, and the destinations to drive before the input
+//! returns. Every part of the machine gets `&mut Effects` instead of the whole sender, which
+//! is what lets a destination's logic be methods on the destination.
+
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::vec::Vec;
+
+use crate::error::InputError;
+use crate::event::Event;
+use crate::io::{Changes, DestinationRoom, Output};
+use crate::rng::Prng;
+use crate::time::Timestamp;
+use crate::types::{RequestId, ServerName};
+
+/// What fires when a deadline passes. Timers due at the same instant fire in the order of
+/// these variants (the set is ordered by time, then variant), which traces depend on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    /// A destination's retry sleep or backoff ends.
+    Destination(ServerName),
+    /// The periodic catch-up scan's next step.
+    CatchUpScan,
+    /// The staggered wake-up queue's next wake.
+    WakeUpQueue,
+    /// Failed storage requests are issued again.
+    StorageRetry,
+}
+
+/// What an outstanding request is waiting for.
+#[derive(Clone, Debug)]
+pub(crate) enum PendingRequest {
+    /// `known` is the highest stream ordering notified when the query was issued: a short
+    /// answer proves storage holds nothing more up to it.
+    FetchEvents {
+        after: u64,
+        known: u64,
+    },
+    CatchUp {
+        destination: ServerName,
+        after: u64,
+        up_to: u64,
+    },
+    Outstanding {
+        after: Option<ServerName>,
+    },
+    /// `reissued`: a retry of a failed batch, whose destinations wait for it (see
+    /// `FederationSender::unapplied_rows`).
+    /// `fanout_from`: for a batch that advances `events_out_pos`, the position before it.
+    Persist {
+        changes: Changes,
+        reissued: bool,
+        fanout_from: Option<u64>,
+    },
+    Transaction {
+        destination: ServerName,
+    },
+}
+
+impl PendingRequest {
+    /// The input that answers this request, for the error naming a wrong answer.
+    fn answered_by(&self) -> &'static str {
+        match self {
+            Self::FetchEvents { .. } => "events_fetched",
+            Self::CatchUp { .. } => "catch_up_loaded",
+            Self::Outstanding { .. } => "outstanding_loaded",
+            Self::Persist { .. } => "persisted",
+            Self::Transaction { .. } => "transaction_done",
+        }
+    }
+}
+
+/// The effects, plus the two things every part reads alongside them: the current time and
+/// the seeded randomness behind jitter.
+#[derive(Debug)]
+pub(crate) struct Effects {
+    pub(crate) now: Timestamp,
+    pub(crate) rng: Prng,
+    /// Writes made while handling the current input, flushed as one batch.
+    pub(crate) changes: Changes,
+    outputs: VecDeque<Output>,
+    timers: BTreeSet<(Timestamp, Timer)>,
+    requests: BTreeMap<RequestId, PendingRequest>,
+    next_request_id: u64,
+    /// Destinations whose queue should be driven once the current input is handled.
+    dirty: BTreeSet<ServerName>,
+    /// Destinations whose stored row changed while handling the current input.
+    state_changed: BTreeSet<ServerName>,
+}
+
+impl Effects {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self {
+            now: Timestamp(0),
+            rng: Prng::from_seed(seed),
+            changes: Changes::default(),
+            outputs: VecDeque::new(),
+            timers: BTreeSet::new(),
+            requests: BTreeMap::new(),
+            next_request_id: 1,
+            dirty: BTreeSet::new(),
+            state_changed: BTreeSet::new(),
+        }
+    }
+
+    pub(crate) fn output(&mut self, output: Output) {
+        self.outputs.push_back(output);
+    }
+
+    pub(crate) fn report(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event { event });
+    }
+
+    pub(crate) fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Registers a request and returns the id its output and answer carry.
+    pub(crate) fn request(&mut self, pending: PendingRequest) -> RequestId {
+        let id = RequestId(self.next_request_id);
+        self.next_request_id += 1;
+        self.requests.insert(id, pending);
+        id
+    }
+
+    pub(crate) fn take_request(&mut self, request: RequestId) -> Result<PendingRequest, InputError> {
+        self.requests.remove(&request).ok_or(InputError::UnknownRequest(request))
+    }
+
+    /// Puts back a request answered by the wrong input (or with an inconsistent answer), so
+    /// a correct answer still finds it.
+    pub(crate) fn restore_request(&mut self, request: RequestId, pending: PendingRequest) {
+        self.requests.insert(request, pending);
+    }
+
+    /// Puts back a request answered with the wrong kind of completion and names the right one.
+    pub(crate) fn wrong_answer(&mut self, request: RequestId, pending: PendingRequest) -> InputError {
+        let expected = pending.answered_by();
+        self.requests.insert(request, pending);
+        InputError::WrongCompletion { request, expected }
+    }
+
+    pub(crate) fn set_timer(&mut self, at: Timestamp, timer: Timer) {
+        self.timers.insert((at, timer));
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// The earliest timer due at or before now, removed.
+    pub(crate) fn pop_due_timer(&mut self) -> Option<Timer> {
+        let (at, _) = self.timers.first()?;
+        if *at > self.now {
+            return None;
+        }
+        self.timers.pop_first().map(|(_, timer)| timer)
+    }
+
+    /// Asks for `name`'s queue to be driven before the current input returns.
+    pub(crate) fn mark_dirty(&mut self, name: ServerName) {
+        self.dirty.insert(name);
+    }
+
+    pub(crate) fn pop_dirty(&mut self) -> Option<ServerName> {
+        self.dirty.pop_first()
+    }
+
+    /// `name`'s stored row changed: it is written with the current batch.
+    pub(crate) fn mark_state_changed(&mut self, name: &ServerName) {
+        if !self.state_changed.contains(name) {
+            self.state_changed.insert(name.clone());
+        }
+    }
+
+    pub(crate) fn take_state_changed(&mut self) -> BTreeSet<ServerName> {
+        core::mem::take(&mut self.state_changed)
+    }
+}
+
+/// One row per key, sorted by key, so hosts write less: the newest position of a
+/// (destination, room), the last write of a destination. A stable sort is linear on the usual
+/// already-sorted batch (one event's rows come in destination order).
+pub(crate) fn compact(changes: &mut Changes) {
+    changes.destination_rooms.sort_by(|a, b| a.destination.cmp(&b.destination).then_with(|| a.room_id.cmp(&b.room_id)));
+    changes.destination_rooms.dedup_by(|later, kept| {
+        let same = later.destination == kept.destination && later.room_id == kept.room_id;
+        if same {
+            kept.stream_ordering = kept.stream_ordering.max(later.stream_ordering);
+        }
+        same
+    });
+    changes.destinations.sort_by(|a, b| a.destination.cmp(&b.destination));
+    changes.destinations.dedup_by(|later, kept| {
+        let same = later.destination == kept.destination;
+        if same {
+            core::mem::swap(later, kept);
+        }
+        same
+    });
+}
+
+/// The destinations with `destination_rooms` rows in a batch, each once.
+pub(crate) fn destinations_with_rows(rows: &[DestinationRoom]) -> Vec<ServerName> {
+    let names: BTreeSet<&ServerName> = rows.iter().map(|row| &row.destination).collect();
+    names.into_iter().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::DestinationState;
+
+    fn name(text: &str) -> ServerName {
+        ServerName::parse(text).unwrap()
+    }
+
+    #[test]
+    fn timers_fire_by_time_then_kind_and_only_when_due() {
+        let mut fx = Effects::new(0);
+        fx.set_timer(Timestamp(20), Timer::StorageRetry);
+        fx.set_timer(Timestamp(10), Timer::WakeUpQueue);
+        fx.set_timer(Timestamp(10), Timer::Destination(name("b.test")));
+        fx.set_timer(Timestamp(10), Timer::CatchUpScan);
+        assert_eq!(fx.next_deadline(), Some(Timestamp(10)));
+        assert_eq!(fx.pop_due_timer(), None, "nothing is due at time 0");
+        fx.now = Timestamp(10);
+        assert_eq!(fx.pop_due_timer(), Some(Timer::Destination(name("b.test"))));
+        assert_eq!(fx.pop_due_timer(), Some(Timer::CatchUpScan));
+        assert_eq!(fx.pop_due_timer(), Some(Timer::WakeUpQueue));
+        assert_eq!(fx.pop_due_timer(), None);
+        assert_eq!(fx.next_deadline(), Some(Timestamp(20)));
+    }
+
+    #[test]
+    fn requests_are_numbered_from_one_and_a_wrong_answer_keeps_them() {
+        let mut fx = Effects::new(0);
+        let first = fx.request(PendingRequest::Outstanding { after: None });
+        let second = fx.request(PendingRequest::Transaction { destination: name("a.test") });
+        assert_eq!((first, second), (RequestId(1), RequestId(2)));
+        let pending = fx.take_request(second).unwrap();
+        assert!(matches!(
+            fx.wrong_answer(second, pending),
+            InputError::WrongCompletion { expected: "transaction_done", .. }
+        ));
+        assert!(fx.take_request(second).is_ok(), "put back");
+        assert!(matches!(fx.take_request(second), Err(InputError::UnknownRequest(_))));
+    }
+
+    #[test]
+    fn compaction_keeps_one_row_per_key() {
+        let room =
+            |d: &str, r: &str, s| DestinationRoom { destination: name(d), room_id: r.into(), stream_ordering: s };
+        let state = |d: &str, interval| DestinationState {
+            destination: name(d),
+            retry_last_ts: 0,
+            retry_interval: interval,
+            failure_ts: None,
+            last_successful_stream_ordering: None,
+        };
+        let mut changes = Changes {
+            destination_rooms: alloc::vec![room("b.test", "!r", 5), room("a.test", "!r", 3), room("b.test", "!r", 4)],
+            destinations: alloc::vec![state("b.test", 1), state("a.test", 1), state("b.test", 2)],
+            ..Changes::default()
+        };
+        compact(&mut changes);
+        assert_eq!(changes.destination_rooms, alloc::vec![room("a.test", "!r", 3), room("b.test", "!r", 5)]);
+        assert_eq!(changes.destinations, alloc::vec![state("a.test", 1), state("b.test", 2)], "the last write wins");
+        assert_eq!(destinations_with_rows(&changes.destination_rooms), alloc::vec![name("a.test"), name("b.test")]);
+    }
+}

@@ -4,7 +4,7 @@
 # Installs only what is missing, so a second run takes a second or two. Installing needs root;
 # a machine that already has everything can run it as any user.
 # Expects rustup's stable toolchain (native builds) and Node >= 20 with npm to be present.
-# Model and reasons: shared spec toolchain.md §7.
+# Model and reasons: docs/toolchain.md, 'The setup script'.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -2,7 +2,7 @@
 //
 // Serves www/ (and tests/scenarios/ as the shipped scenarios) on 127.0.0.1, a free port, with
 // lib/server.mjs, and drives the page in Debian's headless Chromium through playwright-core
-// (tools/node/node_modules; shared spec toolchain.md §3). Every check asserts from the DOM
+// (tools/node/node_modules; docs/toolchain.md, 'Browser tests'). Every check asserts from the DOM
 // (text and data-* attributes). Any console error, page error or failed request fails the
 // run. Screenshots of the main states go to artifacts/www-*.png. Prints one line per check
 // and a result line; exit status 0 = pass. Needs www/pkg (scripts/build-wasm.sh).

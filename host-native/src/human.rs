@@ -1,4 +1,4 @@
-//! `--human`: a trace (`spec/scenarios.md`, one JSON object per line) as aligned columns for
+//! `--human`: a trace (`docs/scenarios.md`, one JSON object per line) as aligned columns for
 //! people: time since the scenario's start in seconds, kind, destination (or room), transaction,
 //! PDU/EDU counts, and the outcome or other detail. Snapshots add indented lines below.
 //!

@@ -1,6 +1,6 @@
 //! The native fedsend host.
 //!
-//! - [`scenario`]: `fedsend scenario`, which runs a scenario file (`spec/scenarios.md`) on the
+//! - [`scenario`]: `fedsend scenario`, which runs a scenario file (`docs/scenarios.md`) on the
 //!   natively linked core or on the core inside wasmtime, and prints its trace;
 //! - [`wasm_engine`]: [`WasmEngine`](wasm_engine::WasmEngine), the core compiled to wasm
 //!   (`fedsend-guest`, a plain C-ABI module without imports) behind the [`fedsend_sim::Engine`]

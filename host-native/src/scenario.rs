@@ -1,4 +1,4 @@
-//! `fedsend scenario`: runs a scenario file (`spec/scenarios.md`) through one engine and prints
+//! `fedsend scenario`: runs a scenario file (`docs/scenarios.md`) through one engine and prints
 //! its trace.
 //!
 //! stdout carries the trace and nothing else (one JSON object per line, or the `--human` table),
@@ -104,7 +104,7 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// The scenario's `start_ms` (default 1 000 000, `spec/scenarios.md`), for `--human` times. A file
+/// The scenario's `start_ms` (default 1 000 000, `docs/scenarios.md`), for `--human` times. A file
 /// that does not parse gets `None`; the scenario runner reports what is wrong with it.
 fn start_ms(scenario: &str) -> Option<u64> {
     const START_MS_DEFAULT: u64 = 1_000_000;

@@ -1,4 +1,4 @@
-//! Scenario conformance across engines (`spec/scenarios.md`).
+//! Scenario conformance across engines (`docs/scenarios.md`).
 //!
 //! For every `tests/scenarios/*.json` of the workspace, the trace must be byte-identical on
 //! - the core linked natively, run in this process (`fedsend_sim::run_scenario`);
@@ -255,7 +255,7 @@ fn for_each_parallel(files: &[String], check: impl Fn(&str) -> Result<(), String
     })
 }
 
-/// The trace without lines whose kind starts with `x-` (engine extensions, `spec/scenarios.md`).
+/// The trace without lines whose kind starts with `x-` (engine extensions, `docs/scenarios.md`).
 fn without_extensions(trace: &str) -> String {
     trace
         .lines()

@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 
 const ORIGIN: &str = "crash.localhost";
 const TOKEN: &str = "crash-test-token-0123456789";
-const KILL_POINTS: u32 = 24;
+/// Kill points of the run in the test command; `FEDSEND_CRASH_POINTS=100` is the long run.
+const KILL_POINTS_DEFAULT: u32 = 24;
 const SEED: u64 = 0x5eed_f00d;
 
 struct Rng(u64);
@@ -189,9 +190,13 @@ async fn kill_nine_at_random_points_loses_nothing_acknowledged() {
     .unwrap();
     let log = dir.path().join("serve.log");
 
+    let kill_points: u32 = match std::env::var("FEDSEND_CRASH_POINTS") {
+        Ok(text) => text.parse().expect("FEDSEND_CRASH_POINTS is a number of kill points"),
+        Err(_) => KILL_POINTS_DEFAULT,
+    };
     let mut rng = Rng(SEED);
     let mut ledger = Ledger::default();
-    for point in 0..KILL_POINTS {
+    for point in 0..kill_points {
         let (mut child, addr) = start_service(&config, &log);
         let client = IngestClient { addr, token: Some(TOKEN.into()) };
         let feeding = tokio::spawn(ingest(client, ledger, names.clone(), SEED + u64::from(point)));
@@ -201,7 +206,7 @@ async fn kill_nine_at_random_points_loses_nothing_acknowledged() {
         ledger = feeding.await.unwrap();
     }
     println!(
-        "crash test: {KILL_POINTS} kill -9 points (seed {SEED:#x}); {} events and {} to-device messages acknowledged so far",
+        "crash test: {kill_points} kill -9 points (seed {SEED:#x}); {} events and {} to-device messages acknowledged so far",
         ledger.acked_events.len(),
         ledger.acked_to_device.values().map(BTreeSet::len).sum::<usize>()
     );
@@ -266,7 +271,7 @@ async fn kill_nine_at_random_points_loses_nothing_acknowledged() {
     let lost: Vec<&String> = ledger.acked_events.iter().filter(|id| !stored.contains(*id)).collect();
     assert!(lost.is_empty(), "acknowledged events lost: {lost:?}");
     println!(
-        "crash test: converged after {KILL_POINTS} kill points in {:.1}s; {} acknowledged events all stored; \
+        "crash test: converged after {kill_points} kill points in {:.1}s; {} acknowledged events all stored; \
          {} to-device redeliveries across crashes, deduplicated by message id",
         started.elapsed().as_secs_f64(),
         ledger.acked_events.len(),

@@ -8,7 +8,7 @@
 //!   (`npm/`), whose driven sender runs the loop in JavaScript over it.
 //! - signing ([`WasmSigningKey`], [`x_matrix_authorization`], …): `fedsend-sign` for the npm
 //!   package, so JavaScript homeservers sign requests with the native host's code.
-//! - [`run_scenario`] (`runScenario`): runs a scenario file (`spec/scenarios.md`) in the
+//! - [`run_scenario`] (`runScenario`): runs a scenario file (`docs/scenarios.md`) in the
 //!   simulated world of `fedsend-sim`, against an engine object written in JavaScript. The
 //!   browser demo and the Node runner (`www/bin/fedsend-scenario.mjs`) hand it an object that
 //!   wraps a `FederationSender`, so the core is driven across the JS boundary as JSON, exactly

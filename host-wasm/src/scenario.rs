@@ -44,7 +44,7 @@ extern "C" {
     fn poll_timeout(this: &EngineObject) -> Result<JsValue, JsValue>;
 }
 
-/// Runs a scenario (JSON text, `spec/scenarios.md`) against `engine`, calling `emit` with each
+/// Runs a scenario (JSON text, `docs/scenarios.md`) against `engine`, calling `emit` with each
 /// trace line (one JSON object, no newline) in order. Throws an `Error` whose message is one
 /// line naming the step and the problem when the scenario is malformed or the engine fails.
 ///

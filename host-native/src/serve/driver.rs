@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 use super::metrics::Metrics;
 use super::slots::{SendSlots, SlotLimits};
 use super::store::{Added, NewEvent, Store, StoreError};
+use fedsend_core::Changes;
 
 /// One HTTP attempt of a transaction. Retry policy is the core's, never the transport's.
 pub trait Transport: Send + Sync + 'static {
@@ -174,6 +175,20 @@ impl std::fmt::Debug for Driver {
     }
 }
 
+/// Events stored in one durable write at most.
+const EVENTS_PER_COMMIT_MAX: usize = 512;
+/// The core's batches of changes written in one durable write at most.
+const PERSISTS_PER_COMMIT_MAX: usize = 64;
+
+/// Runs a storage call off the async runtime's worker (SQLite and fsync block), so the API
+/// and the transactions in flight keep being served meanwhile.
+fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        _ => call(),
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 before it).
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -280,9 +295,43 @@ impl Driver {
     }
 
     fn drain(&mut self) {
+        let mut persists = Vec::new();
         while let Some(text) = self.engine.poll_output() {
-            if let Some(output) = self.decode_output(&text) {
-                self.perform(output);
+            match self.decode_output(&text) {
+                Some(Output::Persist { request, changes }) => persists.push((request, changes)),
+                Some(output) => {
+                    // In output order: batches asked for before this output are written first.
+                    self.persist_all(std::mem::take(&mut persists));
+                    self.perform(output);
+                }
+                None => {}
+            }
+            if persists.len() >= PERSISTS_PER_COMMIT_MAX {
+                self.persist_all(std::mem::take(&mut persists));
+            }
+        }
+        self.persist_all(persists);
+    }
+
+    /// Group commit of the core's batches of changes: one durable write for all of them,
+    /// then each is answered.
+    fn persist_all(&mut self, persists: Vec<(RequestId, Changes)>) {
+        if persists.is_empty() {
+            return;
+        }
+        let store = &mut self.store;
+        let result = blocking(|| store.apply_all(&persists.iter().map(|(_, changes)| changes).collect::<Vec<_>>()));
+        match result {
+            Ok(()) => {
+                for (request, _) in persists {
+                    self.answer(Input::Persisted { request });
+                    self.release_durable_waiters(request);
+                }
+            }
+            Err(e) => {
+                for (request, _) in persists {
+                    self.storage_failed(request, "persisting sender state", &e);
+                }
             }
         }
     }
@@ -368,7 +417,7 @@ impl Driver {
     fn perform(&mut self, output: Output) {
         match output {
             Output::SendTransaction(txn) => self.send(txn),
-            Output::FetchEvents { request, after, limit } => match self.store.fetch_events(after, limit) {
+            Output::FetchEvents { request, after, limit } => match blocking(|| self.store.fetch_events(after, limit)) {
                 Ok(mut events) => {
                     self.screen_events(&mut events);
                     self.answer(Input::EventsFetched { request, events });
@@ -376,7 +425,7 @@ impl Driver {
                 Err(e) => self.storage_failed(request, "fetching events", &e),
             },
             Output::LoadCatchUp { request, destination, after, up_to, limit } => {
-                match self.store.load_catch_up(&destination, after, up_to, limit) {
+                match blocking(|| self.store.load_catch_up(&destination, after, up_to, limit)) {
                     Ok(mut rooms) => {
                         self.screen_catch_up(&mut rooms);
                         self.answer(Input::CatchUpLoaded { request, rooms });
@@ -384,17 +433,11 @@ impl Driver {
                     Err(e) => self.storage_failed(request, "loading catch-up rows", &e),
                 }
             }
-            Output::LoadOutstanding { request, after, limit } => match self.store.outstanding(after.as_ref(), limit) {
+            Output::LoadOutstanding { request, after, limit } => match blocking(|| self.store.outstanding(after.as_ref(), limit)) {
                 Ok(destinations) => self.answer(Input::OutstandingLoaded { request, destinations }),
                 Err(e) => self.storage_failed(request, "loading outstanding destinations", &e),
             },
-            Output::Persist { request, changes } => match self.store.apply(&changes) {
-                Ok(()) => {
-                    self.answer(Input::Persisted { request });
-                    self.release_durable_waiters(request);
-                }
-                Err(e) => self.storage_failed(request, "persisting sender state", &e),
-            },
+            Output::Persist { request, changes } => self.persist_all(vec![(request, changes)]),
             Output::Event { event } => {
                 debug!(?event, "core event");
                 if let Some(events) = &self.events {
@@ -464,6 +507,51 @@ impl Driver {
         self.answer(Input::TransactionDone { request: done.request, result: done.result });
     }
 
+    /// Group commit: the events waiting in the queue behind the first are stored with it in
+    /// one durable write, and the core hears of them once.
+    fn on_events(&mut self, mut batch: Vec<(NewEvent, Reply<Added>)>) {
+        let mut deferred = None;
+        while batch.len() < EVENTS_PER_COMMIT_MAX {
+            match self.commands.try_recv() {
+                Ok(Command::Event { event, reply }) => batch.push((*event, reply)),
+                Ok(other) => {
+                    deferred = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let (events, replies): (Vec<NewEvent>, Vec<Reply<Added>>) = batch.into_iter().unzip();
+        let store = &mut self.store;
+        let results = blocking(|| store.add_events(&events));
+        let mut up_to = 0;
+        for ((event, reply), result) in events.iter().zip(replies).zip(results) {
+            match result {
+                Ok(added) => {
+                    if added.new {
+                        self.metrics.ingested_events.inc();
+                        up_to = up_to.max(added.stream_ordering);
+                    }
+                    let _ = reply.send(Ok(added));
+                }
+                Err(e) => {
+                    if matches!(e, StoreError::Backend(_)) {
+                        error!(event_id = event.info.event_id, "storing an event: {e}");
+                        self.metrics.storage_failures.inc();
+                        self.metrics.report_problem(now_ms(), format!("storing an event: {e}"));
+                    }
+                    let _ = reply.send(Err(Rejection::from_store(e)));
+                }
+            }
+        }
+        if up_to > 0 {
+            let _ = self.feed(&Input::NewEvents { up_to });
+        }
+        if let Some(command) = deferred {
+            self.on_command(command);
+        }
+    }
+
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Input { input, reply } => {
@@ -506,24 +594,10 @@ impl Driver {
                     self.perform(output);
                 }
             }
-            Command::Event { event, reply } => match self.store.add_event(&event) {
-                Ok(added) => {
-                    let _ = reply.send(Ok(added));
-                    if added.new {
-                        self.metrics.ingested_events.inc();
-                        let _ = self.feed(&Input::NewEvents { up_to: added.stream_ordering });
-                    }
-                }
-                Err(e) => {
-                    if matches!(e, StoreError::Backend(_)) {
-                        error!(event_id = event.info.event_id, "storing an event: {e}");
-                        self.metrics.storage_failures.inc();
-                    }
-                    let _ = reply.send(Err(Rejection::from_store(e)));
-                }
-            },
+            Command::Event { event, reply } => self.on_events(vec![(*event, reply)]),
             Command::PartialState { room_id, servers, reply } => {
-                let result = self.store.set_partial_state(&room_id, servers.as_deref()).map_err(Rejection::from_store);
+                let store = &mut self.store;
+                let result = blocking(|| store.set_partial_state(&room_id, servers.as_deref())).map_err(Rejection::from_store);
                 let _ = reply.send(result);
             }
             Command::Stats { reply } => {

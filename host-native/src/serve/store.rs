@@ -90,6 +90,17 @@ pub trait Store: Send {
     fn apply(&mut self, changes: &Changes) -> Result<(), StoreError>;
     /// Records an event (idempotent by event id) and assigns its stream ordering.
     fn add_event(&mut self, event: &NewEvent) -> Result<Added, StoreError>;
+    /// Applies several batches with one durable write (group commit). Batches may be applied
+    /// in any order (see [`Store::apply`]), so a failure may leave some applied: the core
+    /// retries them all, which is harmless.
+    fn apply_all(&mut self, batches: &[&Changes]) -> Result<(), StoreError> {
+        batches.iter().try_for_each(|changes| self.apply(changes))
+    }
+    /// Records several events with one durable write where the store can; each gets its own
+    /// result, in order.
+    fn add_events(&mut self, events: &[NewEvent]) -> Vec<Result<Added, StoreError>> {
+        events.iter().map(|event| self.add_event(event)).collect()
+    }
     /// Marks a room partial-state (with the servers known at join) or, with `None`, fully joined.
     fn set_partial_state(&mut self, room_id: &str, servers: Option<&[ServerName]>) -> Result<(), StoreError>;
     /// Highest stream ordering stored (0 when empty).
@@ -421,6 +432,42 @@ impl SqliteStore {
     }
 }
 
+/// Records one event inside an open transaction (see [`Store::add_event`]).
+fn insert_event(tx: &Connection, event: &NewEvent) -> Result<Added, StoreError> {
+    to_i64(event.depth, "depth")?;
+    let existing: Option<i64> = tx
+        .query_row("SELECT stream_ordering FROM events WHERE event_id = ?1", [&event.info.event_id], |r| r.get(0))
+        .optional()?;
+    if let Some(stream_ordering) = existing {
+        return Ok(Added { stream_ordering: to_u64(stream_ordering), new: false });
+    }
+    let room_id = &event.info.room_id;
+    let known: bool =
+        tx.query_row("SELECT EXISTS (SELECT 1 FROM rooms WHERE room_id = ?1)", [room_id], |r| r.get(0))?;
+    if !known {
+        if !is_create(event) {
+            return Err(StoreError::UnknownRoom(room_id.clone()));
+        }
+        tx.execute("INSERT INTO rooms (room_id) VALUES (?1)", [room_id])?;
+    }
+    let max: i64 = tx.query_row("SELECT coalesce(max(stream_ordering), 0) FROM events", [], |r| r.get(0))?;
+    let stream_ordering = to_u64(max) + 1;
+    let mut info = event.info.clone();
+    info.stream_ordering = stream_ordering;
+    tx.execute(
+        "INSERT INTO events (stream_ordering, event_id, room_id, depth, local, info) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![max + 1, info.event_id, room_id, to_i64(event.depth, "depth")?, event.local, encode(&info)],
+    )?;
+    for prev in &event.prev_events {
+        tx.execute("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2", params![room_id, prev])?;
+    }
+    tx.execute(
+        "INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)",
+        params![room_id, info.event_id],
+    )?;
+    Ok(Added { stream_ordering, new: true })
+}
+
 /// A stored event's facts. Rows stored before the ingest API checked nesting may be too deep to
 /// parse; they are reported per event instead of failing the whole query, which would be
 /// retried forever.
@@ -565,164 +612,162 @@ impl Store for SqliteStore {
     }
 
     fn apply(&mut self, changes: &Changes) -> Result<(), StoreError> {
-        // Every field named: a field the core adds later fails this build instead of being
-        // acknowledged as durable without being written.
-        let Changes {
-            incarnation: _,
-            events_out_pos: _,
-            destination_rooms: _,
-            destinations: _,
-            to_device_outbox: _,
-            to_device_deleted: _,
-            device_list_pokes: _,
-            device_list_pokes_deleted: _,
-            device_list_positions: _,
-        } = changes;
-        check_representable(changes)?;
+        self.apply_all(&[changes])
+    }
+
+    fn apply_all(&mut self, batches: &[&Changes]) -> Result<(), StoreError> {
+        batches.iter().try_for_each(|changes| check_representable(changes))?;
         let tx = self.connection.transaction()?;
-        if let Some(incarnation) = changes.incarnation {
-            Self::max_meta(&tx, "incarnation", incarnation)?;
-        }
-        if let Some(position) = changes.events_out_pos {
-            Self::max_meta(&tx, "events_out_pos", position)?;
-        }
-        for row in &changes.destination_rooms {
-            tx.execute(
-                "INSERT INTO destinations (destination, retry_last_ts, retry_interval) VALUES (?1, 0, 0)
-                 ON CONFLICT (destination) DO NOTHING",
-                [row.destination.as_str()],
-            )?;
-            tx.execute(
-                "INSERT INTO destination_rooms (destination, room_id, stream_ordering) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (destination, room_id) DO UPDATE
-                 SET stream_ordering = max(stream_ordering, excluded.stream_ordering)",
-                params![row.destination.as_str(), row.room_id, to_i64(row.stream_ordering, "stream ordering")?],
-            )?;
-        }
-        for row in &changes.destinations {
-            tx.execute(
-                "INSERT OR REPLACE INTO destinations
-                 (destination, retry_last_ts, retry_interval, failure_ts, last_successful_stream_ordering)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    row.destination.as_str(),
-                    to_i64(row.retry_last_ts, "retry_last_ts")?,
-                    to_i64(row.retry_interval, "retry_interval")?,
-                    row.failure_ts.map(|v| to_i64(v, "failure_ts")).transpose()?,
-                    row.last_successful_stream_ordering.map(|v| to_i64(v, "stream ordering")).transpose()?,
-                ],
-            )?;
-        }
-        for row in &changes.to_device_outbox {
-            tx.execute(
-                "INSERT OR REPLACE INTO to_device_outbox (destination, outbox_id, queued_ts, edu) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    row.destination.as_str(),
-                    to_i64(row.outbox_id, "outbox id")?,
-                    to_i64(row.queued_ts, "queued_ts")?,
-                    encode(&row.edu)
-                ],
-            )?;
-        }
-        for key in &changes.to_device_deleted {
-            tx.execute(
-                "DELETE FROM to_device_outbox WHERE destination = ?1 AND outbox_id = ?2",
-                params![key.destination.as_str(), to_i64(key.outbox_id, "outbox id")?],
-            )?;
-        }
-        for poke in &changes.device_list_pokes {
-            // Keep whichever version of the (destination, user, device) row is newer.
-            let stored: Option<i64> = tx
-                .query_row(
-                    "SELECT stream_id FROM device_list_pokes WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3",
-                    params![poke.destination.as_str(), poke.user_id, poke.device_id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let stream_id = to_i64(poke.stream_id, "device-list stream id")?;
-            if stored.is_some_and(|stored| stored >= stream_id) {
-                continue;
+        for &changes in batches {
+            // Every field named: a field the core adds later fails this build instead of being
+            // acknowledged as durable without being written.
+            let Changes {
+                incarnation: _,
+                events_out_pos: _,
+                destination_rooms: _,
+                destinations: _,
+                to_device_outbox: _,
+                to_device_deleted: _,
+                device_list_pokes: _,
+                device_list_pokes_deleted: _,
+                device_list_positions: _,
+            } = changes;
+            if let Some(incarnation) = changes.incarnation {
+                Self::max_meta(&tx, "incarnation", incarnation)?;
             }
-            tx.execute(
-                "DELETE FROM device_list_pokes WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3",
-                params![poke.destination.as_str(), poke.user_id, poke.device_id],
-            )?;
-            tx.execute(
-                "INSERT INTO device_list_pokes (destination, user_id, device_id, stream_id, queued_ts, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    poke.destination.as_str(),
-                    poke.user_id,
-                    poke.device_id,
-                    stream_id,
-                    to_i64(poke.queued_ts, "queued_ts")?,
-                    encode(&poke.content)
-                ],
-            )?;
-        }
-        for done in &changes.device_list_pokes_deleted {
-            tx.execute(
-                "DELETE FROM device_list_pokes
-                 WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3 AND stream_id <= ?4",
-                params![
-                    done.destination.as_str(),
-                    done.user_id,
-                    done.device_id,
-                    to_i64(done.stream_id, "device-list stream id")?
-                ],
-            )?;
-        }
-        for position in &changes.device_list_positions {
-            match position.stream_id {
-                Some(stream_id) => tx.execute(
-                    "INSERT OR REPLACE INTO device_list_positions (destination, user_id, stream_id) VALUES (?1, ?2, ?3)",
-                    params![position.destination.as_str(), position.user_id, to_i64(stream_id, "device-list stream id")?],
-                )?,
-                None => tx.execute(
-                    "DELETE FROM device_list_positions WHERE destination = ?1 AND user_id = ?2",
-                    params![position.destination.as_str(), position.user_id],
-                )?,
-            };
+            if let Some(position) = changes.events_out_pos {
+                Self::max_meta(&tx, "events_out_pos", position)?;
+            }
+            for row in &changes.destination_rooms {
+                tx.execute(
+                    "INSERT INTO destinations (destination, retry_last_ts, retry_interval) VALUES (?1, 0, 0)
+                     ON CONFLICT (destination) DO NOTHING",
+                    [row.destination.as_str()],
+                )?;
+                tx.execute(
+                    "INSERT INTO destination_rooms (destination, room_id, stream_ordering) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (destination, room_id) DO UPDATE
+                     SET stream_ordering = max(stream_ordering, excluded.stream_ordering)",
+                    params![row.destination.as_str(), row.room_id, to_i64(row.stream_ordering, "stream ordering")?],
+                )?;
+            }
+            for row in &changes.destinations {
+                tx.execute(
+                    "INSERT OR REPLACE INTO destinations
+                     (destination, retry_last_ts, retry_interval, failure_ts, last_successful_stream_ordering)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        row.destination.as_str(),
+                        to_i64(row.retry_last_ts, "retry_last_ts")?,
+                        to_i64(row.retry_interval, "retry_interval")?,
+                        row.failure_ts.map(|v| to_i64(v, "failure_ts")).transpose()?,
+                        row.last_successful_stream_ordering.map(|v| to_i64(v, "stream ordering")).transpose()?,
+                    ],
+                )?;
+            }
+            for row in &changes.to_device_outbox {
+                tx.execute(
+                    "INSERT OR REPLACE INTO to_device_outbox (destination, outbox_id, queued_ts, edu) VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        row.destination.as_str(),
+                        to_i64(row.outbox_id, "outbox id")?,
+                        to_i64(row.queued_ts, "queued_ts")?,
+                        encode(&row.edu)
+                    ],
+                )?;
+            }
+            for key in &changes.to_device_deleted {
+                tx.execute(
+                    "DELETE FROM to_device_outbox WHERE destination = ?1 AND outbox_id = ?2",
+                    params![key.destination.as_str(), to_i64(key.outbox_id, "outbox id")?],
+                )?;
+            }
+            for poke in &changes.device_list_pokes {
+                // Keep whichever version of the (destination, user, device) row is newer.
+                let stored: Option<i64> = tx
+                    .query_row(
+                        "SELECT stream_id FROM device_list_pokes WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3",
+                        params![poke.destination.as_str(), poke.user_id, poke.device_id],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let stream_id = to_i64(poke.stream_id, "device-list stream id")?;
+                if stored.is_some_and(|stored| stored >= stream_id) {
+                    continue;
+                }
+                tx.execute(
+                    "DELETE FROM device_list_pokes WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3",
+                    params![poke.destination.as_str(), poke.user_id, poke.device_id],
+                )?;
+                tx.execute(
+                    "INSERT INTO device_list_pokes (destination, user_id, device_id, stream_id, queued_ts, content)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        poke.destination.as_str(),
+                        poke.user_id,
+                        poke.device_id,
+                        stream_id,
+                        to_i64(poke.queued_ts, "queued_ts")?,
+                        encode(&poke.content)
+                    ],
+                )?;
+            }
+            for done in &changes.device_list_pokes_deleted {
+                tx.execute(
+                    "DELETE FROM device_list_pokes
+                     WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3 AND stream_id <= ?4",
+                    params![
+                        done.destination.as_str(),
+                        done.user_id,
+                        done.device_id,
+                        to_i64(done.stream_id, "device-list stream id")?
+                    ],
+                )?;
+            }
+            for position in &changes.device_list_positions {
+                match position.stream_id {
+                    Some(stream_id) => tx.execute(
+                        "INSERT OR REPLACE INTO device_list_positions (destination, user_id, stream_id) VALUES (?1, ?2, ?3)",
+                        params![position.destination.as_str(), position.user_id, to_i64(stream_id, "device-list stream id")?],
+                    )?,
+                    None => tx.execute(
+                        "DELETE FROM device_list_positions WHERE destination = ?1 AND user_id = ?2",
+                        params![position.destination.as_str(), position.user_id],
+                    )?,
+                };
+            }
         }
         tx.commit()?;
         Ok(())
     }
 
     fn add_event(&mut self, event: &NewEvent) -> Result<Added, StoreError> {
-        to_i64(event.depth, "depth")?;
-        let tx = self.connection.transaction()?;
-        let existing: Option<i64> = tx
-            .query_row("SELECT stream_ordering FROM events WHERE event_id = ?1", [&event.info.event_id], |r| r.get(0))
-            .optional()?;
-        if let Some(stream_ordering) = existing {
-            return Ok(Added { stream_ordering: to_u64(stream_ordering), new: false });
-        }
-        let room_id = &event.info.room_id;
-        let known: bool =
-            tx.query_row("SELECT EXISTS (SELECT 1 FROM rooms WHERE room_id = ?1)", [room_id], |r| r.get(0))?;
-        if !known {
-            if !is_create(event) {
-                return Err(StoreError::UnknownRoom(room_id.clone()));
+        self.add_events(std::slice::from_ref(event)).pop().unwrap_or_else(|| Err(StoreError::Backend("no result".into())))
+    }
+
+    fn add_events(&mut self, events: &[NewEvent]) -> Vec<Result<Added, StoreError>> {
+        let mut tx = match self.connection.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = StoreError::from(e);
+                return events.iter().map(|_| Err(e.clone())).collect();
             }
-            tx.execute("INSERT INTO rooms (room_id) VALUES (?1)", [room_id])?;
+        };
+        let mut results = Vec::with_capacity(events.len());
+        for event in events {
+            // A savepoint per event: one refused event leaves the others of the batch alone.
+            let result = tx.savepoint().map_err(StoreError::from).and_then(|savepoint| {
+                let added = insert_event(&savepoint, event)?;
+                savepoint.commit()?;
+                Ok(added)
+            });
+            results.push(result);
         }
-        let max: i64 = tx.query_row("SELECT coalesce(max(stream_ordering), 0) FROM events", [], |r| r.get(0))?;
-        let stream_ordering = to_u64(max) + 1;
-        let mut info = event.info.clone();
-        info.stream_ordering = stream_ordering;
-        tx.execute(
-            "INSERT INTO events (stream_ordering, event_id, room_id, depth, local, info) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![max + 1, info.event_id, room_id, to_i64(event.depth, "depth")?, event.local, encode(&info)],
-        )?;
-        for prev in &event.prev_events {
-            tx.execute("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2", params![room_id, prev])?;
+        if let Err(e) = tx.commit() {
+            let e = StoreError::from(e);
+            return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
         }
-        tx.execute(
-            "INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)",
-            params![room_id, info.event_id],
-        )?;
-        tx.commit()?;
-        Ok(Added { stream_ordering, new: true })
+        results
     }
 
     fn set_partial_state(&mut self, room_id: &str, servers: Option<&[ServerName]>) -> Result<(), StoreError> {

@@ -32,7 +32,9 @@
 #   worker        interop/worker/test_worker.py --sender fedsend: a Synapse main process on
 #                 PostgreSQL + Redis whose federation sender instances are target/release/fedsend
 #                 (two, sharded), against three other Synapses; Synapse's own worker first, then the
-#                 switch to fedsend, an outage, kill -9 during a burst (~1 min)
+#                 switch to fedsend, an outage, kill -9 during a burst, PostgreSQL stopped, Redis
+#                 killed and restarted, malformed replication lines (~2 min, a minute of it waiting
+#                 for /health to recover after PostgreSQL)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -110,8 +112,13 @@ stage_interop() {
 stage_worker() {
   local py=tools/python/synapse-venv/bin/python
   [ -x "$py" ] || { echo "test.sh: $py is missing; run scripts/setup.sh" >&2; return 1; }
+  # The fault checks kill and restart Redis and PostgreSQL: they get the services this run
+  # started, or (services from the environment may be shared) a private pair of their own.
+  local services=(--private-services)
+  [ -z "$svc_dir" ] || services=(--services-env "$svc_dir/env")
   "$py" interop/worker/test_worker.py --sender fedsend --fedsend target/release/fedsend \
-    --instances 2 --remotes 3 --kill9 --switch-from-python
+    --instances 2 --remotes 3 --kill9 --switch-from-python --pg-outage --redis-restart --bad-replication \
+    "${services[@]}"
 }
 
 start=$SECONDS

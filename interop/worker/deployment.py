@@ -16,6 +16,7 @@
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -137,7 +138,8 @@ def redis_command(host, port, *args, timeout_s=5):
 class RedisTap:
     """PSUBSCRIBE `<pattern>` in a thread; each message as `+SECONDS CHANNEL MESSAGE` in `path`."""
 
-    def __init__(self, host, port, pattern, path):
+    def __init__(self, host, port, pattern, path, append=False):
+        """`append`: a tap opened again after a Redis restart adds to the same file."""
         self.path = path
         self.t0 = time.monotonic()
         self.count = 0
@@ -146,7 +148,7 @@ class RedisTap:
         self.file = self.sock.makefile("rb")
         _resp_read(self.file)  # the subscribe confirmation
         self.sock.settimeout(None)
-        self.out = open(path, "w", encoding="utf8")
+        self.out = open(path, "a" if append else "w", encoding="utf8")
         self.thread = threading.Thread(target=self._run, name="redis-tap", daemon=True)
         self.thread.start()
 
@@ -194,12 +196,19 @@ def parse_env_file(path):
 
 class Services:
     """PostgreSQL + Redis as described by FEDSEND_TEST_* (from `env`, else os.environ), or a
-    private pair started with scripts/services.sh under `workdir` when there are none."""
+    private pair started with scripts/services.sh under `workdir` when there are none (or when
+    `private` asks for one anyway).
 
-    def __init__(self, workdir, env_file=None):
+    The fault checks stop and start them again (`kill_redis`/`start_redis`,
+    `stop_postgres`/`start_postgres`), which needs the services directory of services.sh.
+    `close` starts again whatever is still down, so a failed check leaves them running."""
+
+    def __init__(self, workdir, env_file=None, private=False):
         self.own_dir = None
         env = parse_env_file(env_file) if env_file else dict(os.environ)
-        if not env.get("FEDSEND_TEST_PG_PORT"):
+        self.redis_down = False  # by a fault check: `close` starts it again
+        self.postgres_down = False
+        if private or not env.get("FEDSEND_TEST_PG_PORT"):
             self.own_dir = os.path.join(workdir, "services")
             os.makedirs(self.own_dir, exist_ok=True)
             os.chmod(workdir, 0o755)
@@ -207,6 +216,7 @@ class Services:
             log("no FEDSEND_TEST_* services given: starting a private PostgreSQL + Redis")
             subprocess.run([os.path.join(ROOT, "scripts", "services.sh"), "start", self.own_dir], check=True)
             env = parse_env_file(os.path.join(self.own_dir, "env"))
+        self.dir = env.get("FEDSEND_TEST_SERVICES_DIR") or self.own_dir
         self.pg_host = env.get("FEDSEND_TEST_PG_HOST", "127.0.0.1")
         self.pg_port = int(env["FEDSEND_TEST_PG_PORT"])
         self.pg_user = env.get("FEDSEND_TEST_PG_USER", "postgres")
@@ -236,7 +246,93 @@ class Services:
     def redis(self, *args):
         return redis_command(self.redis_host, self.redis_port, *args)
 
+    # -- faults -----------------------------------------------------------------------------
+
+    def _need_dir(self):
+        if not self.dir or not os.path.isdir(self.dir):
+            raise HarnessError("no services directory (FEDSEND_TEST_SERVICES_DIR) to restart the services from")
+        return self.dir
+
+    def redis_pid(self):
+        with open(os.path.join(self._need_dir(), "redis.pid")) as f:
+            return int(f.read().strip())
+
+    def kill_redis(self):
+        """kill -9 of the Redis server; returns once it is gone."""
+        pid = self.redis_pid()
+        self.redis_down = True
+        os.kill(pid, signal.SIGKILL)
+
+        def gone():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(gone, 10, f"redis (pid {pid}) to die", interval_s=0.05)
+
+    def start_redis(self):
+        """Starts Redis again on the same port with the command line of `services.sh start`."""
+        d = self._need_dir()
+        subprocess.run(
+            ["redis-server", "--bind", self.redis_host, "--port", str(self.redis_port), "--save", "",
+             "--appendonly", "no", "--daemonize", "yes", "--pidfile", os.path.join(d, "redis.pid"),
+             "--logfile", os.path.join(d, "redis.log"), "--dir", d],
+            check=True, stdout=subprocess.DEVNULL, timeout=30,
+        )
+
+        def pong():
+            try:
+                return self.redis("PING") == "PONG"
+            except (OSError, HarnessError):
+                return False
+
+        wait_until(pong, 20, "redis to answer PING again", interval_s=0.05)
+        self.redis_down = False
+
+    def _pg_ctl(self, *args):
+        """pg_ctl (next to the running server's binary) as the cluster's owner."""
+        data = os.path.join(self._need_dir(), "pg", "data")
+        argv = self._postmaster_argv()
+        command = [os.path.join(os.path.dirname(argv[0]), "pg_ctl"), "-D", data, *args]
+        if os.getuid() == 0:  # services.sh makes the cluster the postgres user's when run as root
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=60)
+
+    def _postmaster_argv(self):
+        # The server's own record of its command line (written at each start, kept after a stop).
+        with open(os.path.join(self._need_dir(), "pg", "data", "postmaster.opts")) as f:
+            return shlex.split(f.read())
+
+    def stop_postgres(self):
+        """`pg_ctl stop -m fast`: every connection is cut at once."""
+        self.postgres_down = True
+        self._pg_ctl("-m", "fast", "-w", "-t", "30", "stop")
+
+    def start_postgres(self):
+        """Starts PostgreSQL again with the options it ran with (port, socket directory, …)."""
+        argv = self._postmaster_argv()[1:]
+        options, i = [], 0
+        while i < len(argv):  # pg_ctl gives -D itself
+            if argv[i] == "-D":
+                i += 2
+                continue
+            options.append(argv[i])
+            i += 1
+        log_file = os.path.join(self._need_dir(), "pg", "postgres.log")
+        self._pg_ctl("-l", log_file, "-w", "-t", "30", "-o", shlex.join(options), "start")
+        self.postgres_down = False
+
     def close(self, drop=True):
+        # Whatever a fault check left down runs again (the databases are dropped through it,
+        # and services given to the run stay usable).
+        for down, start in ((self.redis_down, self.start_redis), (self.postgres_down, self.start_postgres)):
+            if down:
+                try:
+                    start()
+                except (OSError, subprocess.SubprocessError, HarnessError) as e:
+                    log(f"could not start a service again: {e}")
         if drop and self.databases:
             try:
                 conn = self.connect("postgres")
@@ -436,6 +532,34 @@ class SenderInstance:
                 wait_until(lambda: self.main.subscribers() < before, 5, f"Redis to drop {self.name}", interval_s=0.05)
             except (HarnessError, OSError):
                 pass  # not subscribed (yet) when stopped
+
+    def pause(self):
+        """SIGSTOP: the process is frozen (what it receives meanwhile waits in its sockets)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def health(self):
+        """fedsend's `GET /health` on its --listen port: (status code, JSON body)."""
+        import urllib.error
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.listen_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def log_size(self):
+        """A mark in the instance's stdout/stderr log, for `log_since`."""
+        return os.path.getsize(self.stdout_path)
+
+    def log_since(self, offset):
+        with open(self.stdout_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf8", "replace")
 
     def pdus_sent_to(self, destination):
         """PDUs this (fedsend) instance delivered to `destination`, from its log lines."""

@@ -11,11 +11,14 @@ SQLite. The sender instances are Synapse's own generic worker (`--sender python`
 closing `N passed, N failed` line; exits 1 on any failure.
 
 PostgreSQL + Redis: the FEDSEND_TEST_* variables of `scripts/services.sh` (environment or
-`--services-env FILE`), else a private pair started (and stopped) here.
+`--services-env FILE`), else (or with --private-services) a private pair started and stopped here.
+The fault checks (--pg-outage, --redis-restart, --bad-replication) stop and start these services;
+README.md lists every check.
 """
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import sys
@@ -40,6 +43,11 @@ NEGATIVE_WAIT_S = 5  # how long a message must stay undelivered while no sender 
 BACKLOG_WAIT_PYTHON_S = 10  # Synapse's worker: how long to watch for the backlog before nudging it
 BACKLOG_WAIT_FEDSEND_S = 30
 OUTAGE_TIMEOUT_S = 60
+SERVICE_DOWN_S = 5  # how long Redis or PostgreSQL stays down in the fault checks
+# fedsend's /health stays degraded for a minute after the last problem it saw
+# (HEALTH_PROBLEM_WINDOW_MS in host-native/src/serve/metrics.rs); a little more is allowed.
+HEALTH_RECOVERY_S = 60 + 30
+LOG_LINE_MAX = 4096  # longest log line an instance may write about a malformed replication line
 
 
 class CheckFailed(Exception):
@@ -137,6 +145,51 @@ class User(Client):
     def send_text(self, room_id, text):
         path = f"/_matrix/client/v3/rooms/{q(room_id)}/send/m.room.message/{self.txn()}"
         return self.call("PUT", path, {"msgtype": "m.text", "body": text})["event_id"]
+
+    def send_text_until_accepted(self, room_id, text, timeout_s):
+        """`send_text`, tried again while the server answers 5xx (same transaction id, so at most
+        one event): Synapse answers 500 until its pool has replaced the connections a
+        PostgreSQL restart cut."""
+        path = f"/_matrix/client/v3/rooms/{q(room_id)}/send/m.room.message/{self.txn()}"
+        answers = []
+
+        def accepted():
+            r = self.session.put(self._url(path), json={"msgtype": "m.text", "body": text}, timeout=30)
+            answers.append(r.status_code)
+            if r.status_code == 200:
+                return r.json()["event_id"]
+            if r.status_code < 500:
+                raise HarnessError(f"PUT {path}: {r.status_code} {r.text[:300]}")
+            return None
+
+        event_id = wait_until(accepted, timeout_s, f"hs1 to accept a message (answers {answers})", interval_s=0.5)
+        return event_id, answers
+
+    def put_in_background(self, path, body):
+        """PUT on a thread with a session of its own; `join()` gives its status code (None if
+        it did not answer). For requests that hang while Redis is down."""
+        import threading
+
+        import requests
+
+        session = requests.Session()
+        session.headers.update(self.session.headers)
+        result = {}
+
+        def run():
+            try:
+                result["status"] = session.put(self._url(path), json=body, timeout=40).status_code
+            except requests.RequestException as e:
+                result["error"] = type(e).__name__
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def join(timeout_s=45):
+            thread.join(timeout_s)
+            return result.get("status", result.get("error"))
+
+        return join
 
     def typing(self, room_id, typing=True):
         body = {"typing": typing, "timeout": 30000} if typing else {"typing": False}
@@ -255,15 +308,12 @@ class Deployment:
 
     def start(self):
         a = self.args
-        self.services = Services(self.workdir, a.services_env)
+        self.services = Services(self.workdir, a.services_env, private=a.private_services)
         dbname = f"fedsend_worker_{os.getpid()}_{now_ms() % 10**8}"
         self.services.create_database(dbname)
         names = [f"fedsend{i + 1}" for i in range(a.instances)]
         self.hs1 = MainProcess(os.path.join(self.workdir, "hs1"), self.services, dbname, names, python=self.python)
-        self.tap = RedisTap(
-            self.services.redis_host, self.services.redis_port, f"{self.hs1.server_name}*",
-            os.path.join(self.workdir, "redis.txt"),
-        )
+        self.open_tap()
         self.hs1.start()
         for i in range(a.remotes):
             # With several instances, remote i gets a port whose shard owner is instance
@@ -287,6 +337,15 @@ class Deployment:
         for r in self.remotes:
             r.hs.register("bob", "bob-password")
             r.bob = login(r.hs, "bob", "bob-password", "BOBDEV")
+
+    def open_tap(self, append=False):
+        """The Redis tap (again, after a Redis restart cut it, adding to the same file)."""
+        if self.tap:
+            self.tap.close()
+        self.tap = RedisTap(
+            self.services.redis_host, self.services.redis_port, f"{self.hs1.server_name}*",
+            os.path.join(self.workdir, "redis.txt"), append=append,
+        )
 
     def stop_senders(self):
         for s in self.senders:
@@ -366,6 +425,248 @@ def destination_row(hs1, destination):
         (destination,),
     )
     return rows[0] if rows else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: Redis restarted, PostgreSQL stopped, malformed replication lines
+# ---------------------------------------------------------------------------------------------
+
+
+def fedsend_alive(d):
+    dead = [s.name for s in d.senders if not s.running()]
+    if dead:
+        raise CheckFailed(f"{', '.join(dead)} exited")
+
+
+def no_problem_since(d, since_ms):
+    """Every instance's /health reports no problem seen at or after `since_ms` (an older one, from
+    an earlier check, may still be inside /health's one-minute window)."""
+    for s in d.senders:
+        status, body = s.health()
+        if status != 200 and (status != 503 or body.get("at_ms", since_ms) >= since_ms):
+            raise CheckFailed(f"{s.name} /health {status} {body}")
+
+
+def to_device_arrives(d, remote, tags, what, timeout_s=DELIVERY_TIMEOUT_S):
+    alice, bob = d.alice, remote.bob
+    want = set(tags)
+    sync_until(
+        bob,
+        lambda s: want <= {e["content"].get("tag") for e in s.to_device if e.get("sender") == alice.user_id},
+        what,
+        timeout_s=timeout_s,
+    )
+
+
+def fault_checks(d, checks, room_a, tag):
+    """The checks of --pg-outage, --redis-restart and --bad-replication, in that order. Returns
+    the deferred check that /health recovers after the PostgreSQL outage (it takes a minute, run
+    last so that the other checks fill the wait), or None."""
+    a = d.args
+    hs1, alice, services = d.hs1, d.alice, d.services
+    remote = d.remotes[0]
+    bob = remote.bob
+    health_recovered = None
+
+    if a.pg_outage:
+        back = {}
+
+        def pg_outage():
+            # The instances are frozen while the messages are stored and announced, and
+            # PostgreSQL stops before they wake: the first thing they do then is read the
+            # announced events from a database that is down. Each must say so on /health.
+            events, tags = [], []
+            for s in d.senders:
+                s.pause()
+            try:
+                for i in range(3):
+                    events.append(alice.send_text(room_a, f"before the PostgreSQL outage {i} {tag}"))
+                tags.append(f"pg outage {tag}")
+                alice.send_to_device("m.worker.test", {bob.user_id: {bob.device_id: {"tag": tags[-1]}}})
+                services.stop_postgres()
+                t_down = time.monotonic()
+            finally:
+                for s in d.senders:
+                    s.resume()
+            problems = {}
+
+            def degraded():
+                for s in d.senders:
+                    status, body = s.health()
+                    if status == 503 and body.get("problem"):
+                        problems[s.name] = body["problem"]
+                return len(problems) == len(d.senders)
+
+            try:
+                wait_until(degraded, 20, "/health 503 on every instance", interval_s=0.2)
+            except HarnessError:
+                raise CheckFailed(f"/health not 503 with a problem on every instance while PostgreSQL is down: {problems}")
+            time.sleep(max(0.0, SERVICE_DOWN_S - (time.monotonic() - t_down)))
+            fedsend_alive(d)
+            services.start_postgres()
+            back["ms"] = now_ms()
+            back["t"] = time.monotonic()
+            down_s = back["t"] - t_down
+            for r in d.remotes:
+                delivered(r, room_a, events, timeout_s=OUTAGE_TIMEOUT_S, what="messages sent just before the outage")
+            to_device_arrives(d, remote, tags, "the to-device message sent just before the outage", OUTAGE_TIMEOUT_S)
+            # The main process recovers too (after answering 500 while its pool had cut
+            # connections), and the instances deliver what it stores next.
+            ev, answers = alice.send_text_until_accepted(room_a, f"after the PostgreSQL outage {tag}", 30)
+            for r in d.remotes:
+                delivered(r, room_a, [ev], what="a message sent after the outage")
+            fedsend_alive(d)
+            back["main"] = f"hs1 answered {answers} to the next message, delivered"
+            first = next(iter(problems.values()))
+            return (f"PostgreSQL down {down_s:.1f} s; /health 503 on every instance ({first[:80]!r}); "
+                    f"{len(events)} messages and a to-device message delivered "
+                    f"{time.monotonic() - back['t']:.1f} s after it came back; {back['main']}")
+
+        if checks.run("PostgreSQL stopped under fresh work: /health 503, no crash, everything delivered once it is back",
+                      pg_outage):
+            def health_recovered():
+                def healthy():
+                    fedsend_alive(d)
+                    return all(s.health()[0] == 200 for s in d.senders)
+
+                left = HEALTH_RECOVERY_S - (time.monotonic() - back["t"])
+                try:
+                    wait_until(healthy, max(left, 1), "/health 200", interval_s=0.5)
+                except HarnessError:
+                    raise CheckFailed(f"/health: {[(s.name, *s.health()) for s in d.senders]} "
+                                      f"{HEALTH_RECOVERY_S} s after PostgreSQL came back")
+                return f"{time.monotonic() - back['t']:.0f} s after PostgreSQL came back"
+
+    if a.redis_restart:
+        def redis_restart():
+            since = now_ms()
+            marks = {s.name: s.log_size() for s in d.senders}
+            services.kill_redis()
+            t_down = time.monotonic()
+            text, td_tag = f"while Redis is down {tag}", f"redis down {tag}"
+            try:
+                # Synapse's main process stores both but cannot announce them. Its client
+                # requests then hang until Redis is back (its Redis client waits for the
+                # connection), hence the threads; the database shows what it stored.
+                answers = [
+                    alice.put_in_background(
+                        f"/_matrix/client/v3/rooms/{q(room_a)}/send/m.room.message/{alice.txn()}",
+                        {"msgtype": "m.text", "body": text},
+                    ),
+                    alice.put_in_background(
+                        f"/_matrix/client/v3/sendToDevice/m.worker.test/{alice.txn()}",
+                        {"messages": {bob.user_id: {bob.device_id: {"tag": td_tag}}}},
+                    ),
+                ]
+
+                def stored():
+                    ev = hs1.query("SELECT event_id FROM event_json WHERE json LIKE %s", (f"%{text}%",))
+                    outbox = hs1.query(
+                        "SELECT count(*) FROM device_federation_outbox WHERE destination = %s AND messages_json LIKE %s",
+                        (remote.hs.server_name, f"%{td_tag}%"),
+                    )[0][0]
+                    return ev[0][0] if ev and outbox else None
+
+                try:
+                    ev = wait_until(stored, 10, "hs1 to store the message and the to-device message", interval_s=0.2)
+                except HarnessError:
+                    raise CheckFailed("hs1 did not store the message and the to-device message while Redis was down")
+                time.sleep(max(0.0, SERVICE_DOWN_S - (time.monotonic() - t_down)))
+                if any(r.bob.has_event(room_a, ev) for r in d.remotes):
+                    raise CheckFailed("the message sent while Redis was down arrived before Redis came back")
+            finally:
+                services.start_redis()
+                d.open_tap(append=True)
+            down_s = time.monotonic() - t_down
+
+            def reconnected():
+                fedsend_alive(d)
+                return all(
+                    "replication connected reconnection=true" in s.log_since(marks[s.name])
+                    and "sent REPLICATE" in s.log_since(marks[s.name])
+                    for s in d.senders
+                )
+
+            try:
+                wait_until(reconnected, 30, "every instance to reconnect", interval_s=0.2)
+            except HarnessError:
+                raise CheckFailed("not every instance logged `replication connected reconnection=true` and "
+                                  "REPLICATE within 30 s of Redis coming back")
+            # Nothing new is announced: the instances must read what was stored meanwhile.
+            for r in d.remotes:
+                delivered(r, room_a, [ev], what="the message sent while Redis was down")
+            to_device_arrives(d, remote, [td_tag], "the to-device message sent while Redis was down")
+            no_problem_since(d, since)
+            statuses = [join() for join in answers]
+            return (f"Redis down {down_s:.1f} s; every instance reconnected and caught up; "
+                    f"hs1 answered the two requests made meanwhile with {statuses}")
+
+        checks.run("Redis killed (-9) and restarted: the instances reconnect and deliver what was stored meanwhile",
+                   redis_restart)
+
+        def main_reconnected():
+            # Each instance holds one subscription; the other is the main process's.
+            want = 1 + len(d.senders)
+            try:
+                wait_until(lambda: hs1.subscribers() == want, 30, "the main process to subscribe again", interval_s=0.2)
+            except HarnessError:
+                raise CheckFailed(f"{hs1.subscribers()} subscribers on hs1's channel, expected {want}")
+            # And it announces again: a new message reaches the remotes through replication.
+            ev = alice.send_text(room_a, f"after Redis came back {tag}")
+            for r in d.remotes:
+                delivered(r, room_a, [ev], what="a message sent after Redis came back")
+            return f"{want} subscribers; a new message delivered"
+
+        checks.run("after the Redis restart, the main process is subscribed and announces again", main_reconnected)
+
+    if a.bad_replication:
+        def bad_replication():
+            since = now_ms()
+            marks = {s.name: s.log_size() for s in d.senders}
+            rng = random.Random(7)
+            lines = [
+                b"RDATA events master notanumber [1]",
+                b"RDATA unknown_stream master 5 []",
+                b'RDATA typing master 5 {"not":"a row"}',
+                b"RDATA events master 5 [1]",
+                b"RDATA receipts master 5 not json",
+                b"POSITION events master x y",
+                b"POSITION events master 1",
+                b"FEDERATION_ACK",
+                b"REMOTE_SERVER_UP",
+                bytes(rng.randrange(256) for _ in range(200)),  # random bytes, not UTF-8
+                b"",
+                b"RDATA events master 5 " + b"[" * 50_000 + b"]" * 50_000,  # 100 KB, nested far too deep
+                b"X" * 100_000,  # 100 KB, no command at all
+            ]
+            for line in lines:
+                services.redis("PUBLISH", hs1.server_name, line)
+            # Every instance saw them (they are logged as skipped), then a normal message.
+            try:
+                wait_until(
+                    lambda: all(s.log_since(marks[s.name]).count("skipping") >= 8 for s in d.senders),
+                    20, "the instances to skip the lines", interval_s=0.2,
+                )
+            except HarnessError:
+                counts = {s.name: s.log_since(marks[s.name]).count("skipping") for s in d.senders}
+                raise CheckFailed(f"skipped lines logged per instance: {counts}, expected at least 8 each")
+            fedsend_alive(d)
+            # Whoever can publish on the channel must not be able to write without bound into
+            # every instance's log (the 100 KB lines are cut when logged).
+            longest = max(len(line) for s in d.senders for line in s.log_since(marks[s.name]).splitlines())
+            if longest > LOG_LINE_MAX:
+                raise CheckFailed(f"an instance logged a line of {longest} characters for a malformed line")
+            ev = alice.send_text(room_a, f"after the malformed lines {tag}")
+            for r in d.remotes:
+                delivered(r, room_a, [ev], what="a message after the malformed lines")
+            fedsend_alive(d)
+            no_problem_since(d, since)
+            return f"{len(lines)} malformed lines published; still running, a message delivered after them"
+
+        checks.run("malformed replication lines are skipped: no crash, the next message is delivered", bad_replication)
+
+    return health_recovered
+
 
 
 def scenario(d, checks):
@@ -656,6 +957,8 @@ def scenario(d, checks):
 
         checks.run("kill -9 of the sender during a burst: every message arrives", kill9)
 
+    health_recovered = fault_checks(d, checks, room_a, tag)
+
     # -- the sender's bookkeeping in hs1's database ---------------------------------------------
     def positions():
         rows = hs1.query("SELECT type, instance_name, stream_id FROM federation_stream_position ORDER BY 1, 2")
@@ -732,6 +1035,9 @@ def scenario(d, checks):
 
         checks.run("sharding: each destination is sent to only by its owner (sha256 LE mod N)", sharding)
 
+    if health_recovered:
+        checks.run("after the PostgreSQL outage, every instance's /health is 200 again", health_recovered)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -745,6 +1051,22 @@ def main():
         action="store_true",
         help="start Synapse's own worker as the instances first, then switch them to --sender",
     )
+    parser.add_argument(
+        "--redis-restart", action="store_true",
+        help="also: kill -9 Redis, send while it is down, start it again; the instances must catch up",
+    )
+    parser.add_argument(
+        "--pg-outage", action="store_true",
+        help="also: stop PostgreSQL for a few seconds under fresh work; /health, no crash, delivery after",
+    )
+    parser.add_argument(
+        "--bad-replication", action="store_true",
+        help="also: publish malformed lines on hs1's channel; the instances must skip them",
+    )
+    parser.add_argument(
+        "--private-services", action="store_true",
+        help="start a private PostgreSQL + Redis even when FEDSEND_TEST_* are set",
+    )
     parser.add_argument("--services-env", help="a scripts/services.sh env file (default: FEDSEND_TEST_* of the environment)")
     parser.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory after a pass")
@@ -755,6 +1077,19 @@ def main():
         if not os.access(args.fedsend, os.X_OK):
             print(f"test_worker: {args.fedsend} is not an executable (build it: cargo build --release)", file=sys.stderr)
             return 2
+
+    faults = [o for o, on in (("--redis-restart", args.redis_restart), ("--pg-outage", args.pg_outage),
+                              ("--bad-replication", args.bad_replication)) if on]
+    if faults and args.sender != "fedsend":
+        print(f"test_worker: {', '.join(faults)}: only with --sender fedsend (the checks read its log and /health)", file=sys.stderr)
+        return 2
+    if (args.redis_restart or args.pg_outage) and os.environ.get("FEDSEND_TEST_PG_PORT") \
+            and not (args.services_env or args.private_services):
+        # The environment's services may be shared (a developer's long-running pair): only
+        # restart ones named for this run or started by it.
+        print("test_worker: --redis-restart/--pg-outage restart the services; give this run its own "
+              "(--services-env FILE or --private-services)", file=sys.stderr)
+        return 2
 
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="fedsend-worker-"))
     os.makedirs(workdir, exist_ok=True)

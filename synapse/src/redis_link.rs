@@ -33,6 +33,16 @@ const DEFAULT_MAX_BACKOFF_MS: u64 = 5_000;
 const DEFAULT_INITIAL_BACKOFF_MS: u64 = 100;
 const EVENT_QUEUE_CAPACITY: usize = 4096;
 
+/// How much of a skipped replication line, and of the reason (which may quote it), is logged:
+/// whoever can publish on the channel must not be able to write without bound into every
+/// instance's log.
+const LOGGED_CHARS_MAX: usize = 300;
+
+/// The first [`LOGGED_CHARS_MAX`] characters of `text` (all of it when shorter).
+fn log_prefix(text: &str) -> &str {
+    text.char_indices().nth(LOGGED_CHARS_MAX).map_or(text, |(end, _)| &text[..end])
+}
+
 #[derive(Debug)]
 pub enum RedisLinkError {
     /// Synapse can talk TLS to Redis; this build cannot.
@@ -368,7 +378,8 @@ impl Driver {
             Ok(Some(update)) => update,
             Ok(None) => return None,
             Err(e) => {
-                tracing::warn!("skipping replication line {line:?}: {e}");
+                let (reason, bytes) = (e.to_string(), line.len());
+                tracing::warn!(bytes, "skipping replication line {:?}: {}", log_prefix(line), log_prefix(&reason));
                 return None;
             }
         };
@@ -378,7 +389,7 @@ impl Driver {
             return Some(self.lost(format!("answering REPLICATE failed: {e}")).await);
         }
         if let Update::Other { name, .. } = &update {
-            tracing::debug!("ignoring replication command {name}");
+            tracing::debug!("ignoring replication command {}", log_prefix(name));
         }
         match self.events.send(LinkEvent::Update(update)).await {
             Ok(()) => None,
@@ -680,6 +691,17 @@ mod tests {
         assert_eq!(cache.prev_state_group("$missing").await.unwrap(), None);
         assert_eq!(cache.joined_hosts_before_event("$orphan").await.unwrap(), None);
         assert!(matches!(cache.prev_state_group("$bad").await, Err(RedisLinkError::BadCacheValue { .. })));
+    }
+
+    #[test]
+    fn logged_parts_of_lines_are_bounded_and_cut_between_characters() {
+        assert_eq!(log_prefix("RDATA events master x []"), "RDATA events master x []");
+        let long = "X".repeat(100_000);
+        assert_eq!(log_prefix(&long).len(), LOGGED_CHARS_MAX);
+        // Multi-byte characters: cut after a whole character, counted in characters.
+        let wide = "é".repeat(LOGGED_CHARS_MAX + 1);
+        assert_eq!(log_prefix(&wide).chars().count(), LOGGED_CHARS_MAX);
+        assert_eq!(log_prefix(&wide).len(), 2 * LOGGED_CHARS_MAX);
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub struct Running {
     pub local_addr: SocketAddr,
     /// Feeds the driver (worker mode feeds what replication announces).
     pub handle: driver::DriverHandle,
+    /// The metrics and health state the API serves (worker mode reports its own reads' problems).
+    pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     driver: tokio::task::JoinHandle<()>,
     server: tokio::task::JoinHandle<()>,
@@ -185,7 +187,7 @@ pub async fn start_parts_with_limits(
     let driver = tokio::spawn(driver.run(shutdown_rx.clone()));
     let state = Arc::new(api::ApiState {
         driver: handle.clone(),
-        metrics,
+        metrics: Arc::clone(&metrics),
         token: api.token,
         server_name: api.server_name,
         body_bytes_max: api.body_bytes_max,
@@ -195,7 +197,7 @@ pub async fn start_parts_with_limits(
     let app = api::router(state);
     let server = tokio::spawn(ingest_server::serve(listener, app, limits, shutdown_rx));
     info!(%local_addr, "ingest API listening");
-    Ok(Running { local_addr, handle, shutdown, driver, server })
+    Ok(Running { local_addr, handle, metrics, shutdown, driver, server })
 }
 
 /// `fedsend serve`: runs until SIGTERM or Ctrl-C.

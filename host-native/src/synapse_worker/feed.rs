@@ -7,6 +7,7 @@
 //! they come, like Synapse's own sender does.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fedsend_core::{Event, ServerName, server_of};
@@ -21,7 +22,8 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::serve::driver::DriverHandle;
+use crate::serve::driver::{DriverHandle, now_ms};
+use crate::serve::metrics::Metrics;
 
 /// Rows read from PostgreSQL per query when a doorbell rings.
 const ROWS_PER_READ: u32 = 500;
@@ -48,6 +50,8 @@ pub struct Feeder {
     writers: BTreeMap<String, InstanceLocation>,
     /// `worker_replication_secret`.
     replication_secret: Option<String>,
+    /// Where problems are reported for `/health`.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Feeder {
@@ -68,6 +72,7 @@ impl Feeder {
         publisher: Publisher,
         writers: BTreeMap<String, InstanceLocation>,
         replication_secret: Option<String>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             db,
@@ -82,6 +87,7 @@ impl Feeder {
             retry_reads: false,
             writers,
             replication_secret,
+            metrics,
         }
     }
 
@@ -224,6 +230,7 @@ impl Feeder {
 
     fn failed(&mut self, what: &str, error: &PgError) {
         warn!("{what}: {error}; trying again in {} s", RETRY_INTERVAL.as_secs());
+        self.metrics.report_problem(now_ms(), format!("{what}: {error}"));
         self.retry_reads = true;
     }
 

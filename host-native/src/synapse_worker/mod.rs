@@ -200,6 +200,7 @@ async fn run_worker(args: SynapseArgs, worker: WorkerConfig) -> Result<(), Strin
         link.publisher.clone(),
         worker.instance_map.clone(),
         worker.replication_secret.clone(),
+        Arc::clone(&running.metrics),
     );
     let feeding = tokio::spawn(feeder.run(link_events, core_events, stopped));
     wait_for_signal().await;

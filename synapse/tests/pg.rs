@@ -376,8 +376,11 @@ async fn retry_timings_move_forward_only_and_invalidate_caches() {
     // A newer failure wins even with a shorter interval (Synapse's rule), and a reset always.
     apply(vec![timings("remote.test", 2000, 10_000, None)]).await;
     assert_eq!(read(&c).await, (Some(2000), Some(10_000), Some(40)));
+    assert!(!db.retry_timings_cleared("remote.test").await.unwrap(), "backing off");
     apply(vec![timings("remote.test", 0, 0, Some(50))]).await;
     assert_eq!(read(&c).await, (Some(0), Some(0), Some(50)));
+    assert!(db.retry_timings_cleared("remote.test").await.unwrap(), "marked up");
+    assert!(db.retry_timings_cleared("never-seen.test").await.unwrap(), "no row: nothing to wait for");
     let rows: Vec<(i64, String, String, Vec<String>, i64)> = c
         .query(
             "SELECT stream_id, instance_name, cache_func, keys, invalidation_ts FROM cache_invalidation_stream_by_instance ORDER BY stream_id",

@@ -16,7 +16,7 @@ use fedsend_synapse::redis_link::{LinkEvent, Publisher};
 use fedsend_synapse::config::InstanceLocation;
 use fedsend_synapse::http_gap::StreamUpdatesClient;
 use fedsend_synapse::replication::{
-    EventsRow, GapSource, PresenceFederationRow, PresenceRow, ReceiptRow, Stream, StreamRow, Token, TypingRow, Update,
+    CachesRow, EventsRow, GapSource, PresenceFederationRow, PresenceRow, ReceiptRow, Stream, StreamRow, Token, TypingRow, Update,
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -210,10 +210,33 @@ impl Feeder {
                         StreamRow::Receipts(row) => self.receipt(row).await,
                         StreamRow::Presence(row) => self.presence(row).await,
                         StreamRow::PresenceFederation(row) => self.presence_to_one(row).await,
+                        StreamRow::Caches(row) => self.cache_invalidated(row).await,
                         StreamRow::Events(EventsRow::Event(_)) => self.new_events(token).await,
                         _ => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// Another process (a federation reader, the main process) heard from a destination and
+    /// cleared its backoff in the database, invalidating the cache of it: wake it here at
+    /// once rather than when the backoff would have expired. Synapse's own sender waits for
+    /// its timer or for new traffic.
+    async fn cache_invalidated(&mut self, row: CachesRow) {
+        if row.cache_func != "get_destination_retry_timings" {
+            return;
+        }
+        let names = row.keys.unwrap_or_default();
+        for name in names.iter().filter_map(Value::as_str) {
+            let Ok(destination) = ServerName::parse(name) else { continue };
+            if !self.ownership.owns(name) || name == self.server_name {
+                continue;
+            }
+            match self.db.retry_timings_cleared(name).await {
+                Ok(true) => self.feed(json!({"type": "remote_up", "destination": destination})).await,
+                Ok(false) => {}
+                Err(e) => self.failed("reading a destination's retry timings", &e),
             }
         }
     }

@@ -97,6 +97,19 @@ impl SynapseDb {
         Ok(())
     }
 
+    /// Whether `destination`'s stored backoff is cleared (no row, or a row without retry
+    /// timings): another process heard from it and marked it up.
+    pub async fn retry_timings_cleared(&self, destination: &str) -> Result<bool, PgError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT coalesce(retry_last_ts, 0), coalesce(retry_interval, 0) FROM destinations WHERE destination = $1")
+            .await?;
+        Ok(client.query_opt(&stmt, &[&destination]).await?.is_none_or(|row| {
+            let (last_ts, interval): (i64, i64) = (row.get(0), row.get(1));
+            last_ts == 0 && interval == 0
+        }))
+    }
+
     /// Everything a starting core needs, for the destinations this instance owns. Runs the
     /// start-up position reset first.
     pub async fn recovered(&self, ownership: &Ownership, options: &DeviceListOptions) -> Result<Recovered, PgError> {

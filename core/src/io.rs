@@ -393,7 +393,8 @@ pub struct DestinationRoom {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Changes {
-    /// The sender's incarnation counter (transaction ids embed it).
+    /// The sender's incarnation counter (transaction ids and outbox ids embed it). Every
+    /// batch carries it until one carrying it is durable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<u64>,
     /// Position in the events stream up to which fan-out is durable.

@@ -56,8 +56,9 @@
 //!   `last_successful_stream_ordering`;
 //! - `destination_rooms` — (destination, room) → stream ordering of the newest event owed;
 //! - `events_out_pos` — the events-stream position up to which fan-out is durable;
-//! - `incarnation` — bumped and persisted at every start, before any transaction leaves, so
-//!   transaction ids (`{incarnation}.{counter}`) never repeat;
+//! - `incarnation` — bumped and persisted at every start, before any transaction leaves, and
+//!   carried by every batch until it is durable, so transaction ids (`{incarnation}.{counter}`)
+//!   and outbox ids never repeat;
 //! - `to_device_outbox` — to-device EDUs not yet delivered ([`OutboxRow`]; inserted with
 //!   [`Changes::to_device_outbox`], deleted with [`Changes::to_device_deleted`]). A host
 //!   acknowledges a to-device submission to its client once the batch holding its rows is

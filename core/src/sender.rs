@@ -509,6 +509,15 @@ impl FederationSender {
         if changes.is_empty() {
             return;
         }
+        if !self.incarnation_durable {
+            // This process's writes embed its incarnation (outbox ids, generated message ids),
+            // and the start-up write of the incarnation may fail and be re-issued after this
+            // batch. A batch is atomic and the incarnation a max-upsert, so carrying it here
+            // means nothing of this process becomes durable without its incarnation: a crash
+            // meanwhile cannot let the next process reuse the incarnation, and with it ids
+            // of rows still stored (it would overwrite an undelivered message).
+            changes.incarnation = Some(self.incarnation);
+        }
         let request =
             self.fx.request(PendingRequest::Persist { changes: changes.clone(), reissued: false, fanout_from });
         self.fx.output(Output::Persist { request, changes });

@@ -183,4 +183,18 @@ python_venv sign-venv "$root/host-native/tests/fixtures/sign-requirements.txt" \
   'import signedjson.sign, canonicaljson' "signedjson for the transport tests, ~10 s"
 # ---- end of Python virtualenvs -------------------------------------------------------------------
 
+# ---- 6. Fuzzing (fuzz/, `scripts/test.sh fuzz`) -------------------------------------------------
+#    No cargo-fuzz and no nightly: fuzz/fuzz.sh passes stable rustc the coverage flags itself,
+#    and the libfuzzer-sys crate (pinned in fuzz/Cargo.lock) compiles libFuzzer's C++ sources
+#    at build time, which needs a C++ compiler and libstdc++: Debian's g++ (12 on bookworm).
+if command -v g++ >/dev/null; then
+  say "fuzz: g++ $(g++ -dumpversion) already installed (libFuzzer is built by the libfuzzer-sys crate)"
+else
+  need_root "g++ (libFuzzer's C++ sources, for fuzz/)"
+  say "apt: installing g++ (libFuzzer, for fuzz/)"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends g++ >/dev/null
+fi
+# ---- end of fuzzing --------------------------------------------------------------------------------
+
 say "ok: $(/usr/bin/rustc --version | cut -d' ' -f1-2) (wasm), $(rustc --version | cut -d' ' -f1-2) (native), $("$PREFIX/bin/wasm-bindgen" --version), node $(node --version)"

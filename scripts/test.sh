@@ -21,6 +21,9 @@
 #   bench         target/release/fedsend-bench at a tiny size on every engine (native, wasmtime,
 #                 Node): checks that it runs, that all engines agree on every count and that the
 #                 numbers are sane; no timing thresholds (BENCHMARKS.md has the real run)
+#   fuzz          fuzz/fuzz.sh ci: builds the libFuzzer targets of fuzz/ (stable rustc, no nightly)
+#                 and runs each for 10 s from the committed corpus; one line per target (time,
+#                 executions, exec/s, coverage); fails on any crash (fuzz/README.md)
 #   no-std        tests/no-std-check built against a core + alloc sysroot: fails if std leaks into
 #                 fedsend-core
 #   node          node --test over www/test/**/*.test.{mjs,cjs,js} and npm/test/ (the npm package:
@@ -40,7 +43,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/bin:$PATH"   # rustup's cargo; wasm-bindgen
 
-all_stages=(setup services wasm native-build native-test simulate bench no-std node e2e interop worker)
+all_stages=(setup services wasm native-build native-test simulate bench fuzz no-std node e2e interop worker)
 extra_stages=()                         # valid names, run only when named
 uses_services=(native-test interop worker)
 stages=("$@")
@@ -79,6 +82,9 @@ stage_native-test() { cargo test --release --workspace; }
 # A further 2 000 simulator seeds beyond the 1 000 of `cargo test`, with the fault summary.
 stage_simulate() { target/release/fedsend-vopr --seeds 1000..3000; }
 stage_bench() { target/release/fedsend-bench --scale 0.01 --runs 1 --warmup 0 --check; }
+# Its own workspace and target dir (fuzz/target): the instrumented build shares nothing with
+# target/release.
+stage_fuzz() { fuzz/fuzz.sh ci 10; }
 stage_no-std() {
   # The check crate is its own workspace; starting from the main lock gives core's dependencies
   # the same versions (cargo prunes the rest). Its own target dir keeps the std build of

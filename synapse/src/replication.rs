@@ -687,7 +687,10 @@ impl ReplicationState {
         // Batches started before the POSITION can no longer complete consistently.
         self.pending_batches.retain(|(s, _), _| *s != stream);
         self.connected.insert(stream);
-        let update = if prev_token <= current && current <= new_token {
+        // A new token equal to where we are misses nothing whatever `prev_token` says (Synapse
+        // never sends prev > new, but a line may): without the first test it would be reported
+        // as the empty gap (current, current] (found by fuzz/, target `replication`).
+        let update = if new_token == current || (prev_token <= current && current <= new_token) {
             Update::Position { stream, instance: instance.clone(), token: new_token }
         } else if new_token < current {
             if stream.is_persistent() {
@@ -1014,6 +1017,22 @@ mod tests {
         );
         assert_eq!(Stream::Federation.gap_source(), GapSource::WriterHttp);
         assert_eq!(Stream::Events.gap_source(), GapSource::Database);
+    }
+
+    /// Regression (fuzz/corpus/replication/empty-gap): a POSITION whose prev token is ahead of
+    /// us but whose new token is where we are was reported as the empty gap (0, 0].
+    #[test]
+    fn a_position_at_the_current_token_is_never_a_gap() {
+        let mut state = state();
+        assert_eq!(
+            state.handle_line("POSITION events master 1 0"),
+            Ok(Some(Update::Position { stream: Stream::Events, instance: "master".into(), token: 0 }))
+        );
+        lines(&mut state, &["POSITION typing master 0 0", r#"RDATA typing master 5 ["!r",["@u:x"]]"#]);
+        assert_eq!(
+            state.handle_line("POSITION typing master 7 5"),
+            Ok(Some(Update::Position { stream: Stream::Typing, instance: "master".into(), token: 5 }))
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 #   wasm          scripts/build-wasm.sh (Node + web bindings, target/fedsend_guest.wasm)
 #   native-build  cargo build --release --workspace
 #   native-test   cargo test --release --workspace (same selection as the build, so the test step
-#                 only compiles test harnesses; see shared spec toolchain.md §6)
+#                 only compiles test harnesses; see docs/toolchain.md, 'Same package selection for build and test')
 #   simulate      target/release/fedsend-vopr --seeds 1000..3000 (prints what the faults exercised)
 #   bench         target/release/fedsend-bench at a tiny size on every engine (native, wasmtime,
 #                 Node): checks that it runs, that all engines agree on every count and that the

@@ -81,6 +81,14 @@ impl FromStr for IpNet {
                 .filter(|p| *p <= bits)
                 .ok_or_else(|| format!("invalid IP range {s:?}: prefix must be 0..={bits}"))?,
         };
+        // An IPv4-mapped range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps: addresses
+        // are compared in that form (see `contains`), so kept as IPv6 it would match nothing.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix_len >= 96
+        {
+            return Ok(Self { addr: IpAddr::V4(v4), prefix_len: prefix_len - 96 });
+        }
         Ok(Self { addr, prefix_len })
     }
 }
@@ -231,6 +239,17 @@ impl IpFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_mapped_range_matches_what_it_maps() {
+        let range: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(range.to_string(), "10.0.0.0/8");
+        assert!(range.contains("10.1.2.3".parse().unwrap()));
+        assert!(range.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!range.contains("11.0.0.1".parse().unwrap()));
+        let single: IpNet = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(single.contains("127.0.0.1".parse().unwrap()));
+    }
 
     #[test]
     fn default_denylist_parses_and_matches() {

@@ -66,13 +66,7 @@ impl CatchUpRooms {
 }
 
 /// Issues the query for a destination's rows in `(after, up_to]`.
-pub(crate) fn query_rows(
-    fx: &mut Effects,
-    config: &Config,
-    destination: &ServerName,
-    after: u64,
-    up_to: u64,
-) -> RequestId {
+fn query_rows(fx: &mut Effects, config: &Config, destination: &ServerName, after: u64, up_to: u64) -> RequestId {
     let request = fx.request(PendingRequest::CatchUp { destination: destination.clone(), after, up_to });
     let limit = config.catch_up_batch_max;
     fx.output(Output::LoadCatchUp { request, destination: destination.clone(), after, up_to, limit });

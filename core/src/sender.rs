@@ -8,7 +8,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::catch_up::{CatchUp, query_rows};
+use crate::catch_up::CatchUp;
 use crate::catch_up_scan::{CatchUpScan, ScanAction};
 use crate::config::Config;
 use crate::destination::{Activity, Destination, Driving};
@@ -384,12 +384,16 @@ impl FederationSender {
     fn reissue(&mut self, pending: PendingRequest) {
         match pending {
             PendingRequest::FetchEvents { .. } => self.fan_out.fetch_again(&mut self.fx, &self.config),
-            PendingRequest::CatchUp { destination, after, .. } => {
-                let up_to = self.fan_out.position;
-                let request = query_rows(&mut self.fx, &self.config, &destination, after, up_to);
-                if let Some(queue) = self.destinations.get_mut(&destination).and_then(|d| d.queue.as_mut()) {
-                    queue.activity = Activity::LoadingCatchUp(request);
+            PendingRequest::CatchUp { destination, .. } => {
+                // The destination's loop asks again, under the guards of the first query: a
+                // failed write may still hold rows for it (`unapplied_rows`), and the query
+                // must not run ahead of them.
+                if let Some(queue) = self.destinations.get_mut(&destination).and_then(|d| d.queue.as_mut())
+                    && matches!(queue.activity, Activity::LoadingCatchUp(_))
+                {
+                    queue.activity = Activity::Idle;
                 }
+                self.fx.mark_dirty(destination);
             }
             PendingRequest::Outstanding { after } => {
                 let request = self.fx.request(PendingRequest::Outstanding { after: after.clone() });

@@ -23,24 +23,25 @@ pub(crate) struct CatchUp {
     /// Storage may hold rows for this destination that memory does not: send from storage
     /// before anything queued in memory.
     pub(crate) active: bool,
-    /// The newest PDU fanned out (or dropped from memory) while catching up: a scan that
-    /// finds nothing must look again until it has passed it, since its row may sit in a write
-    /// not yet emitted.
+    /// The newest PDU fanned out (or dropped from memory) while catching up: its row may sit
+    /// in a write not yet stored, so catch-up cannot end before storage holds every row up to
+    /// it.
     pub(crate) last_skipped: u64,
 }
 
 impl CatchUp {
-    /// A scan found no more rooms after `position`. Returns whether catch-up is over; if a PDU
-    /// was skipped beyond the position, it looks once more (only once: the reset stops a hot
-    /// loop when that PDU's room was purged, which Synapse's `_catch_up_transmission_loop`
-    /// in `per_destination_queue.py` spins on).
-    pub(crate) fn scan_found_nothing(&mut self, position: u64) -> bool {
-        let look_again = self.last_skipped != 0 && self.last_skipped > position;
-        self.last_skipped = 0;
-        if !look_again {
-            self.active = false;
+    /// A scan found no rooms up to `searched_to`, below which storage holds every row.
+    /// Returns whether catch-up is over: not while a skipped PDU's row may still be on its way
+    /// to storage. Once past it, an empty scan ends catch-up even if that PDU's room left no
+    /// row (purged), a case Synapse's `_catch_up_transmission_loop` in
+    /// `per_destination_queue.py` spins on.
+    pub(crate) fn scan_found_nothing(&mut self, searched_to: u64) -> bool {
+        if self.last_skipped > searched_to {
+            return false;
         }
-        !look_again
+        self.last_skipped = 0;
+        self.active = false;
+        true
     }
 }
 
@@ -51,6 +52,9 @@ pub(crate) struct CatchUpRooms {
     pub(crate) rooms: VecDeque<CatchUpRoom>,
     /// Where the scan stands; `None` until it starts from the last successful position.
     pub(crate) position: Option<u64>,
+    /// How far the last scan that found nothing looked: no use asking again before storage
+    /// holds rows beyond it.
+    pub(crate) searched_to: Option<u64>,
 }
 
 impl CatchUpRooms {
@@ -109,7 +113,8 @@ impl Destination {
         fx.report(Event::CatchUpStarted { destination: name.clone() });
     }
 
-    /// Asks storage for the next rooms owed, up to how far this process has fanned out.
+    /// Asks storage for the next rooms owed, up to `up_to`, below which storage holds every row
+    /// this process fanned out.
     pub(crate) fn load_catch_up(&mut self, name: &ServerName, fx: &mut Effects, config: &Config, up_to: u64) {
         let last_successful = self.last_successful;
         let after = self.queue().catch_up_rooms.position_from(last_successful);
@@ -117,17 +122,21 @@ impl Destination {
         self.queue().activity = Activity::LoadingCatchUp(request);
     }
 
-    /// Storage answered a catch-up query: send its rooms, or finish if there are none.
-    pub(crate) fn catch_up_loaded(&mut self, name: &ServerName, fx: &mut Effects, rooms: Vec<CatchUpRoom>) {
+    /// Storage answered a catch-up query up to `up_to`: send its rooms, or finish if there are
+    /// none and no row may still be on its way.
+    pub(crate) fn catch_up_loaded(&mut self, name: &ServerName, fx: &mut Effects, rooms: Vec<CatchUpRoom>, up_to: u64) {
         let Some(queue) = self.queue.as_mut() else { return };
         queue.activity = Activity::Idle;
         if rooms.is_empty() {
-            let position = queue.catch_up_rooms.position.unwrap_or(0);
-            if self.catch_up.scan_found_nothing(position) {
+            if self.catch_up.scan_found_nothing(up_to) {
                 queue.catch_up_rooms.position = None;
+                queue.catch_up_rooms.searched_to = None;
                 fx.report(Event::CatchUpFinished { destination: name.clone() });
+            } else {
+                queue.catch_up_rooms.searched_to = Some(up_to);
             }
         } else {
+            queue.catch_up_rooms.searched_to = None;
             queue.catch_up_rooms.rooms.extend(rooms);
         }
         fx.mark_dirty(name.clone());
@@ -225,9 +234,12 @@ impl Destination {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::destination::Driving;
     use crate::destination::tests::{config, drive_once, name, pdu};
     use crate::io::Extremity;
+    use crate::limiter::InFlightLimiter;
     use crate::time::Timestamp;
+    use alloc::collections::BTreeSet;
     use serde_json::json;
 
     fn room(event_id: &str, stream_ordering: u64, extremities: &[(&str, u64, bool)]) -> CatchUpRoom {
@@ -251,12 +263,14 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_scan_looks_again_once_for_a_skipped_pdu() {
+    fn an_empty_scan_ends_catch_up_only_past_the_last_skipped_pdu() {
         let mut catch_up = CatchUp { active: true, last_skipped: 9 };
-        assert!(!catch_up.scan_found_nothing(5), "a PDU above the position was skipped");
+        assert!(!catch_up.scan_found_nothing(5), "the skipped PDU's row may not be stored yet");
+        assert!(!catch_up.scan_found_nothing(5), "nor on a second look at the same rows");
         assert!(catch_up.active);
-        assert!(catch_up.scan_found_nothing(5), "only once");
+        assert!(catch_up.scan_found_nothing(9), "its row is stored and was not found: purged");
         assert!(!catch_up.active);
+        assert_eq!(catch_up.last_skipped, 0);
         let mut rooms = CatchUpRooms::default();
         assert_eq!(rooms.position_from(Some(3)), 3);
         rooms.room_done(2);
@@ -305,9 +319,25 @@ mod tests {
         assert_eq!(destination.catch_up.last_skipped, 4);
         let outputs = drive_once(&mut destination, &mut fx, &config);
         assert!(matches!(&outputs[..], [Output::Event { .. }, Output::LoadCatchUp { after: 0, .. }]));
-        destination.catch_up_loaded(&name("a.test"), &mut fx, Vec::new());
-        assert!(destination.catch_up.active, "the skipped PDU at 4 is above position 0");
-        destination.catch_up_loaded(&name("a.test"), &mut fx, Vec::new());
+        destination.catch_up_loaded(&name("a.test"), &mut fx, Vec::new(), 0);
+        assert!(destination.catch_up.active, "the skipped PDU at 4 is beyond the rows stored");
+        let mut builder = TransactionBuilder::new(1);
+        let mut limiter = InFlightLimiter::default();
+        let mut awaiting_rows = BTreeSet::new();
+        let mut ctx = Driving {
+            config: &config,
+            builder: &mut builder,
+            limiter: &mut limiter,
+            rows_stored_to: 0,
+            awaiting_rows: &mut awaiting_rows,
+        };
+        destination.drive(&name("a.test"), &mut fx, &mut ctx);
+        assert_eq!(fx.poll_output(), None, "no second query before more rows are stored");
+        assert!(ctx.awaiting_rows.contains(&name("a.test")));
+        ctx.rows_stored_to = 4;
+        destination.drive(&name("a.test"), &mut fx, &mut ctx);
+        assert!(matches!(fx.poll_output(), Some(Output::LoadCatchUp { after: 0, up_to: 4, .. })));
+        destination.catch_up_loaded(&name("a.test"), &mut fx, Vec::new(), 4);
         assert!(!destination.catch_up.active);
     }
 }

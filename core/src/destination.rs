@@ -9,7 +9,7 @@
 //! the queue, the driving loop and what the other parts share.
 
 use alloc::boxed::Box;
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeSet, VecDeque};
 use alloc::string::String;
 use alloc::sync::Arc;
 
@@ -77,14 +77,13 @@ pub(crate) struct Driving<'a> {
     pub(crate) config: &'a Config,
     pub(crate) builder: &'a mut TransactionBuilder,
     pub(crate) limiter: &'a mut InFlightLimiter,
-    /// Rows for this destination sit in a failed write not yet retried successfully: its
-    /// catch-up waits, or it could move the last successful position past a row storage does
-    /// not have yet.
-    pub(crate) rows_unapplied: bool,
-    /// How far this process has fanned out. Rows above it may exist from before a crash while
-    /// rows below it are still being rewritten: catch-up looks no further, so the last
-    /// successful position never skips a row.
-    pub(crate) fanned_out_to: u64,
+    /// Storage holds every row this process fanned out up to here; rows above may sit in a
+    /// write not yet stored (in flight, failed and awaiting its retry, or not yet emitted),
+    /// while others above exist from before a crash. Catch-up looks no further, so the last
+    /// successful position never passes a row storage does not have yet.
+    pub(crate) rows_stored_to: u64,
+    /// Destinations whose catch-up waits for more rows to be stored.
+    pub(crate) awaiting_rows: &'a mut BTreeSet<ServerName>,
 }
 
 impl Destination {
@@ -218,11 +217,12 @@ impl Destination {
                             return;
                         }
                     }
-                } else if ctx.rows_unapplied {
-                    // Driven again when the failed write finally lands.
+                } else if self.queue().catch_up_rooms.searched_to.is_some_and(|to| to >= ctx.rows_stored_to) {
+                    // Driven again when storage holds more rows.
+                    ctx.awaiting_rows.insert(name.clone());
                     return;
                 } else {
-                    self.load_catch_up(name, fx, config, ctx.fanned_out_to);
+                    self.load_catch_up(name, fx, config, ctx.rows_stored_to);
                     return;
                 }
             } else {
@@ -351,8 +351,14 @@ pub(crate) mod tests {
     pub(crate) fn drive_once(destination: &mut Destination, fx: &mut Effects, config: &Config) -> Vec<Output> {
         let mut builder = TransactionBuilder::new(1);
         let mut limiter = InFlightLimiter::default();
-        let mut ctx =
-            Driving { config, builder: &mut builder, limiter: &mut limiter, rows_unapplied: false, fanned_out_to: 0 };
+        let mut awaiting_rows = BTreeSet::new();
+        let mut ctx = Driving {
+            config,
+            builder: &mut builder,
+            limiter: &mut limiter,
+            rows_stored_to: 0,
+            awaiting_rows: &mut awaiting_rows,
+        };
         destination.drive(&name("a.test"), fx, &mut ctx);
         core::iter::from_fn(|| fx.poll_output()).collect()
     }

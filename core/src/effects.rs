@@ -4,11 +4,10 @@
 //! is what lets a destination's logic be methods on the destination.
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
-use alloc::vec::Vec;
 
 use crate::error::InputError;
 use crate::event::Event;
-use crate::io::{Changes, DestinationRoom, Output};
+use crate::io::{Changes, Output};
 use crate::rng::Prng;
 use crate::time::Timestamp;
 use crate::types::{RequestId, ServerName};
@@ -44,12 +43,9 @@ pub(crate) enum PendingRequest {
     Outstanding {
         after: Option<ServerName>,
     },
-    /// `reissued`: a retry of a failed batch, whose destinations wait for it (see
-    /// `FederationSender::unapplied_rows`).
     /// `fanout_from`: for a batch that advances `events_out_pos`, the position before it.
     Persist {
         changes: Changes,
-        reissued: bool,
         fanout_from: Option<u64>,
     },
     Transaction {
@@ -200,16 +196,10 @@ pub(crate) fn compact(changes: &mut Changes) {
     });
 }
 
-/// The destinations with `destination_rooms` rows in a batch, each once.
-pub(crate) fn destinations_with_rows(rows: &[DestinationRoom]) -> Vec<ServerName> {
-    let names: BTreeSet<&ServerName> = rows.iter().map(|row| &row.destination).collect();
-    names.into_iter().cloned().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::DestinationState;
+    use crate::io::{DestinationRoom, DestinationState};
 
     fn name(text: &str) -> ServerName {
         ServerName::parse(text).unwrap()
@@ -266,6 +256,5 @@ mod tests {
         compact(&mut changes);
         assert_eq!(changes.destination_rooms, alloc::vec![room("a.test", "!r", 3), room("b.test", "!r", 5)]);
         assert_eq!(changes.destinations, alloc::vec![state("a.test", 1), state("b.test", 2)], "the last write wins");
-        assert_eq!(destinations_with_rows(&changes.destination_rooms), alloc::vec![name("a.test"), name("b.test")]);
     }
 }

@@ -100,6 +100,13 @@ impl FanOut {
         self.unflushed.keys().next().map_or(self.position, |from| (*from).min(self.position))
     }
 
+    /// Storage holds every row of events up to here: none sits in a batch of the current
+    /// input (not yet emitted) or in an earlier batch not yet durable (in flight, or failed
+    /// and awaiting its retry). Never decreases.
+    pub(crate) fn rows_stored_to(&self) -> u64 {
+        self.batch_from.map_or(self.claimable(), |from| from.min(self.claimable()))
+    }
+
     /// Prepares a batch about to be emitted: caps the position it claims, and records it
     /// as unflushed if it carries rows. Returns the batch's fan-out start, if any.
     pub(crate) fn claim(&mut self, changes: &mut Changes) -> Option<u64> {

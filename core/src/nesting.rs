@@ -60,7 +60,9 @@ pub fn value_depth(value: &Value) -> usize {
 pub fn check_value_depth(what: &str, value: &Value) -> Result<(), String> {
     let depth = value_depth(value);
     if depth > VALUE_DEPTH_MAX {
-        return Err(format!("{what} nests {depth} levels of arrays and objects; at most {VALUE_DEPTH_MAX} are accepted"));
+        return Err(format!(
+            "{what} nests {depth} levels of arrays and objects; at most {VALUE_DEPTH_MAX} are accepted"
+        ));
     }
     Ok(())
 }
@@ -87,10 +89,9 @@ pub(crate) fn check_input(input: &Input) -> Result<(), InputError> {
             Ok(())
         }
         Input::DeviceListUpdate { keys, .. } => keys.iter().try_for_each(|keys| refuse("the device keys", keys)),
-        Input::SigningKeyUpdate { master_key, self_signing_key, .. } => master_key
-            .iter()
-            .chain(self_signing_key)
-            .try_for_each(|key| refuse("the cross-signing key", key)),
+        Input::SigningKeyUpdate { master_key, self_signing_key, .. } => {
+            master_key.iter().chain(self_signing_key).try_for_each(|key| refuse("the cross-signing key", key))
+        }
         Input::StoredToDevice { rows } => rows.iter().try_for_each(|row| refuse("a to-device row", &row.edu)),
         Input::StoredDeviceListPokes { pokes } => {
             pokes.iter().try_for_each(|poke| refuse("a device-list change", &poke.content))

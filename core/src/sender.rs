@@ -5,7 +5,7 @@
 //! input's writes as one batch. Commands that queue data (EDUs, to-device, device lists) are
 //! in `sender/commands.rs`.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
 use crate::catch_up::CatchUp;
@@ -13,7 +13,7 @@ use crate::catch_up_scan::{CatchUpScan, ScanAction};
 use crate::config::Config;
 use crate::destination::{Activity, Destination, Driving};
 use crate::edu::EduEntry;
-use crate::effects::{Effects, PendingRequest, Timer, compact, destinations_with_rows};
+use crate::effects::{Effects, PendingRequest, Timer, compact};
 use crate::error::{ConfigError, InputError};
 use crate::event::Event;
 use crate::fan_out::{FanOut, route};
@@ -52,9 +52,10 @@ pub struct FederationSender {
     limiter: InFlightLimiter,
     wake_up_queue: WakeUpQueue,
     catch_up_scan: CatchUpScan,
-    /// Destinations with `destination_rooms` rows in a failed write not yet retried
-    /// successfully (count of such writes); see [`Driving::rows_unapplied`].
-    unapplied_rows: BTreeMap<ServerName, u32>,
+    /// Destinations whose catch-up waits for more rows to be stored, and how far storage held
+    /// them when they began to wait; see [`Driving::rows_stored_to`].
+    awaiting_rows: BTreeSet<ServerName>,
+    awaiting_rows_stored_to: u64,
     storage_retries: Vec<PendingRequest>,
     /// Counter behind outbox ids (`incarnation << 32 | counter`).
     outbox_counter: u64,
@@ -87,7 +88,8 @@ impl FederationSender {
             limiter: InFlightLimiter::default(),
             wake_up_queue: WakeUpQueue::default(),
             catch_up_scan: CatchUpScan::default(),
-            unapplied_rows: BTreeMap::new(),
+            awaiting_rows: BTreeSet::new(),
+            awaiting_rows_stored_to: 0,
             storage_retries: Vec::new(),
             outbox_counter: 0,
         };
@@ -253,7 +255,7 @@ impl FederationSender {
             return Err(error);
         }
         if let Some(destination) = self.destinations.get_mut(&name) {
-            destination.catch_up_loaded(&name, &mut self.fx, rooms);
+            destination.catch_up_loaded(&name, &mut self.fx, rooms, up_to);
         }
         Ok(())
     }
@@ -276,21 +278,10 @@ impl FederationSender {
     }
 
     fn persisted(&mut self, request: RequestId) -> Result<(), InputError> {
-        let (changes, reissued, fanout_from) = match self.fx.take_request(request)? {
-            PendingRequest::Persist { changes, reissued, fanout_from } => (changes, reissued, fanout_from),
+        let (changes, fanout_from) = match self.fx.take_request(request)? {
+            PendingRequest::Persist { changes, fanout_from } => (changes, fanout_from),
             other => return Err(self.fx.wrong_answer(request, other)),
         };
-        if reissued {
-            for name in destinations_with_rows(&changes.destination_rooms) {
-                if let Some(count) = self.unapplied_rows.get_mut(&name) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.unapplied_rows.remove(&name);
-                        self.fx.mark_dirty(name);
-                    }
-                }
-            }
-        }
         // Positions held back behind this batch may be claimed now.
         if let Some(claimable) = fanout_from.and_then(|from| self.fan_out.batch_durable(from)) {
             self.fx.changes.events_out_pos = Some(claimable);
@@ -311,13 +302,6 @@ impl FederationSender {
         let pending = self.fx.take_request(request)?;
         if matches!(pending, PendingRequest::Transaction { .. }) {
             return Err(self.fx.wrong_answer(request, pending));
-        }
-        if let PendingRequest::Persist { changes, reissued: false, .. } = &pending {
-            // Until the retry lands, storage lacks these rows: catch-up must not conclude
-            // anything for their destinations meanwhile.
-            for name in destinations_with_rows(&changes.destination_rooms) {
-                *self.unapplied_rows.entry(name).or_insert(0) += 1;
-            }
         }
         let retry_at = self.fx.now.plus_ms(STORAGE_RETRY_DELAY_MS);
         self.fx.report(Event::StorageRetry { error, retry_at_ts: retry_at.as_ms() });
@@ -385,9 +369,8 @@ impl FederationSender {
         match pending {
             PendingRequest::FetchEvents { .. } => self.fan_out.fetch_again(&mut self.fx, &self.config),
             PendingRequest::CatchUp { destination, .. } => {
-                // The destination's loop asks again, under the guards of the first query: a
-                // failed write may still hold rows for it (`unapplied_rows`), and the query
-                // must not run ahead of them.
+                // The destination's loop asks again, up to where storage holds every row by
+                // then.
                 if let Some(queue) = self.destinations.get_mut(&destination).and_then(|d| d.queue.as_mut())
                     && matches!(queue.activity, Activity::LoadingCatchUp(_))
                 {
@@ -408,7 +391,7 @@ impl FederationSender {
                         *row = current.state(&row.destination);
                     }
                 }
-                let pending = PendingRequest::Persist { changes: changes.clone(), reissued: true, fanout_from };
+                let pending = PendingRequest::Persist { changes: changes.clone(), fanout_from };
                 let request = self.fx.request(pending);
                 self.fx.output(Output::Persist { request, changes });
             }
@@ -479,6 +462,13 @@ impl FederationSender {
     }
 
     fn drive_dirty(&mut self) {
+        let rows_stored_to = self.fan_out.rows_stored_to();
+        if rows_stored_to > self.awaiting_rows_stored_to {
+            self.awaiting_rows_stored_to = rows_stored_to;
+            for name in core::mem::take(&mut self.awaiting_rows) {
+                self.fx.mark_dirty(name);
+            }
+        }
         while let Some(name) = self.fx.pop_dirty() {
             let Some(destination) = self.destinations.get_mut(&name) else { continue };
             if !self.incarnation_durable {
@@ -490,8 +480,8 @@ impl FederationSender {
                 config: &self.config,
                 builder: &mut self.builder,
                 limiter: &mut self.limiter,
-                rows_unapplied: self.unapplied_rows.contains_key(&name),
-                fanned_out_to: self.fan_out.position,
+                rows_stored_to,
+                awaiting_rows: &mut self.awaiting_rows,
             };
             destination.drive(&name, &mut self.fx, &mut ctx);
         }
@@ -522,8 +512,7 @@ impl FederationSender {
             // of rows still stored (it would overwrite an undelivered message).
             changes.incarnation = Some(self.incarnation);
         }
-        let request =
-            self.fx.request(PendingRequest::Persist { changes: changes.clone(), reissued: false, fanout_from });
+        let request = self.fx.request(PendingRequest::Persist { changes: changes.clone(), fanout_from });
         self.fx.output(Output::Persist { request, changes });
     }
 }

@@ -2,9 +2,7 @@
 //! device-list pokes): sent like the same work handed in directly, never persisted again,
 //! and deleted under the homeserver's own ids once delivered.
 
-use fedsend_core::{
-    Changes, DeviceListPoke, FederationSender, Input, OutboxRow, Output, TransactionResult, Timestamp,
-};
+use fedsend_core::{Changes, DeviceListPoke, FederationSender, Input, OutboxRow, Output, Timestamp, TransactionResult};
 use serde_json::json;
 
 mod common;
@@ -28,7 +26,10 @@ fn run(sender: &mut FederationSender, until: Timestamp) -> (Vec<Changes>, Vec<se
                 Output::SendTransaction(txn) => {
                     let body: serde_json::Value = serde_json::from_str(&txn.body).unwrap();
                     edus.extend(body["edus"].as_array().cloned().unwrap_or_default());
-                    Input::TransactionDone { request: txn.request, result: TransactionResult::Ok { pdu_errors: Default::default() } }
+                    Input::TransactionDone {
+                        request: txn.request,
+                        result: TransactionResult::Ok { pdu_errors: Default::default() },
+                    }
                 }
                 _ => continue,
             };
@@ -65,7 +66,8 @@ fn stored_to_device_rows_are_sent_once_and_deleted_by_their_own_id() {
     let ids: Vec<&str> = edus.iter().map(|e| e["content"]["message_id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["m40", "m41"], "in id order, once each");
     assert!(persisted.iter().all(|c| c.to_device_outbox.is_empty()), "the homeserver's rows are not written again");
-    let mut deleted: Vec<u64> = persisted.iter().flat_map(|c| c.to_device_deleted.iter().map(|k| k.outbox_id)).collect();
+    let mut deleted: Vec<u64> =
+        persisted.iter().flat_map(|c| c.to_device_deleted.iter().map(|k| k.outbox_id)).collect();
     deleted.sort_unstable();
     assert_eq!(deleted, [40, 41]);
 }

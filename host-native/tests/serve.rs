@@ -83,7 +83,11 @@ async fn start_service() -> Service {
 
 /// The service on `engine`, with `transport_toml` as its `[transport]` section and the store
 /// prepared by `prepare` before it starts.
-async fn start_service_with(engine: EngineKind, transport_toml: &str, prepare: impl FnOnce(&mut SqliteStore)) -> Service {
+async fn start_service_with(
+    engine: EngineKind,
+    transport_toml: &str,
+    prepare: impl FnOnce(&mut SqliteStore),
+) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let config = ServeConfig::parse(&format!(
         r#"
@@ -514,10 +518,11 @@ async fn storage_failures_are_reported_and_survived() {
         "sender": "@a:us.example", "message_type": "m.test", "message_id": "td-1",
         "messages": {"@b:a.example": {"D": {}}},
     });
-    let answer = tokio::time::timeout(Duration::from_secs(10), c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)))
-        .await
-        .expect("a to-device submission is answered while storage fails")
-        .unwrap();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)))
+            .await
+            .expect("a to-device submission is answered while storage fails")
+            .unwrap();
     assert_eq!((answer.status, answer.body["errcode"].clone()), (503, json!("M_UNKNOWN")), "{answer:?}");
     let health = c.call("GET", "/health", None).await.unwrap();
     assert_eq!((health.status, health.body["status"].clone()), (503, json!("degraded")), "{health:?}");
@@ -583,7 +588,10 @@ async fn deeply_nested_submissions_are_refused_and_sending_goes_on() {
         for depth in 100..=124 {
             let to_device = json!({"sender": "@a:us.example", "message_type": "m.test", "message_id": "deep",
                                    "messages": {"@b:a.example": {"D": nested(depth)}}});
-            refused(&c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)).await.unwrap(), &format!("to-device {depth}"));
+            refused(
+                &c.call("POST", "/_fedsend/v1/to_device", Some(&to_device)).await.unwrap(),
+                &format!("to-device {depth}"),
+            );
         }
         for depth in 100..=126 {
             let edu = json!({"destination": "a.example", "edu_type": "m.x", "content": nested(depth)});
@@ -635,7 +643,11 @@ async fn deep_events_already_stored_are_skipped_in_fan_out_and_catch_up() {
                 out_of_band: false,
                 send_on_behalf_of: None,
                 received_ts: None,
-                pdu: { let mut p = pdu(id, room, "@a:us.example", depth, prev); p["content"] = content; p },
+                pdu: {
+                    let mut p = pdu(id, room, "@a:us.example", depth, prev);
+                    p["content"] = content;
+                    p
+                },
             },
             depth,
             prev_events: prev.iter().map(|p| (*p).to_owned()).collect(),
@@ -651,8 +663,16 @@ async fn deep_events_already_stored_are_skipped_in_fan_out_and_catch_up() {
             let late = ServerName::parse("late.example").unwrap();
             let changes = Changes {
                 events_out_pos: Some(4),
-                destination_rooms: vec![DestinationRoom { destination: late.clone(), room_id: room.into(), stream_ordering: 3 }],
-                destinations: vec![DestinationState { destination: late, last_successful_stream_ordering: Some(1), ..Default::default() }],
+                destination_rooms: vec![DestinationRoom {
+                    destination: late.clone(),
+                    room_id: room.into(),
+                    stream_ordering: 3,
+                }],
+                destinations: vec![DestinationState {
+                    destination: late,
+                    last_successful_stream_ordering: Some(1),
+                    ..Default::default()
+                }],
                 ..Changes::default()
             };
             store.apply(&changes).unwrap();
@@ -663,12 +683,16 @@ async fn deep_events_already_stored_are_skipped_in_fan_out_and_catch_up() {
         let news = event_with("$news", room, 5, &["$after"], json!({}), &["a.example", "late.example"]);
         assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&news)).await.unwrap().status, 200);
         eventually("the events around the deep ones, and catch-up past them", || {
-            t.pdus_to("late.example").contains(&"$news".to_owned()) && t.pdus_to("a.example").contains(&"$news".to_owned())
+            t.pdus_to("late.example").contains(&"$news".to_owned())
+                && t.pdus_to("a.example").contains(&"$news".to_owned())
         })
         .await;
         assert!(!t.pdus_to("late.example").iter().any(|id| id == "$deep" || id == "$unreadable"));
         let metrics = c.call("GET", "/metrics", None).await.unwrap();
-        assert!(metrics.body.as_str().unwrap().contains("fedsend_undeliverable_events_total 1"), "{engine:?}: {metrics:?}");
+        assert!(
+            metrics.body.as_str().unwrap().contains("fedsend_undeliverable_events_total 1"),
+            "{engine:?}: {metrics:?}"
+        );
         service.running.stop().await;
     }
 }
@@ -723,7 +747,8 @@ async fn silent_remotes_do_not_starve_a_healthy_one() {
     let room = "!r:us.example";
     let create = json!({"event_id": "$c", "pdu": pdu("$c", room, "@a:us.example", 1, &[])});
     assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&create)).await.unwrap().status, 200);
-    let to_silent = event_with("$1", room, 2, &["$c"], json!({}), &silent.iter().map(String::as_str).collect::<Vec<_>>());
+    let to_silent =
+        event_with("$1", room, 2, &["$c"], json!({}), &silent.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&to_silent)).await.unwrap().status, 200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();

@@ -260,11 +260,16 @@ fn a_group_of_events_is_stored_together_and_a_refused_one_leaves_the_others() {
         assert_eq!(results[0].as_ref().map(|a| (a.stream_ordering, a.new)), Ok((1, true)));
         assert!(matches!(results[1], Err(StoreError::UnknownRoom(_))), "{:?}", results[1]);
         assert_eq!(results[2].as_ref().map(|a| (a.stream_ordering, a.new)), Ok((2, true)));
-        assert_eq!(results[3].as_ref().map(|a| (a.stream_ordering, a.new)), Ok((1, false)), "idempotent within a batch");
+        assert_eq!(
+            results[3].as_ref().map(|a| (a.stream_ordering, a.new)),
+            Ok((1, false)),
+            "idempotent within a batch"
+        );
         let stored: Vec<String> = store.fetch_events(0, 10).unwrap().into_iter().map(|e| e.event_id).collect();
         assert_eq!(stored, ["$c", "$m"]);
         // Several batches of changes in one write, as the driver groups them.
-        let first = Changes { destination_rooms: vec![room_row("b.example", "!r:us.example", 2)], ..Changes::default() };
+        let first =
+            Changes { destination_rooms: vec![room_row("b.example", "!r:us.example", 2)], ..Changes::default() };
         let second = Changes { events_out_pos: Some(2), ..Changes::default() };
         store.apply_all(&[&first, &second]).unwrap();
         assert_eq!(store.recovered().unwrap().events_out_pos, Some(2));

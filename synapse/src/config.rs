@@ -292,7 +292,9 @@ fn read_sender_settings(root: &Section<'_>) -> Result<SenderSettings, ConfigErro
     let count = |key: &str, default: u64| -> Result<u64, ConfigError> {
         match federation.get(key) {
             None => Ok(default),
-            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| ConfigError::new(federation.key_path(key), "must be a non-negative integer")),
+            Some(Value::Number(n)) => {
+                n.as_u64().ok_or_else(|| ConfigError::new(federation.key_path(key), "must be a non-negative integer"))
+            }
             Some(_) => Err(ConfigError::new(federation.key_path(key), "must be a non-negative integer")),
         }
     };

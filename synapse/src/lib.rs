@@ -3,7 +3,7 @@
 //! storage boundary from Synapse's own tables.
 
 pub mod config;
-pub mod pg;
-pub mod replication;
-pub mod redis_link;
 pub mod http_gap;
+pub mod pg;
+pub mod redis_link;
+pub mod replication;

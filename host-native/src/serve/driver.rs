@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedsend_core::nesting::check_value_depth;
 use fedsend_core::{
-    CatchUpRoom, DestinationStats, Input, OutgoingTransaction, Output, PduInfo, RequestId, ServerName, TransactionResult,
+    CatchUpRoom, DestinationStats, Input, OutgoingTransaction, Output, PduInfo, RequestId, ServerName,
+    TransactionResult,
 };
 use fedsend_sim::Engine;
 use serde_json::Value;
@@ -433,10 +434,12 @@ impl Driver {
                     Err(e) => self.storage_failed(request, "loading catch-up rows", &e),
                 }
             }
-            Output::LoadOutstanding { request, after, limit } => match blocking(|| self.store.outstanding(after.as_ref(), limit)) {
-                Ok(destinations) => self.answer(Input::OutstandingLoaded { request, destinations }),
-                Err(e) => self.storage_failed(request, "loading outstanding destinations", &e),
-            },
+            Output::LoadOutstanding { request, after, limit } => {
+                match blocking(|| self.store.outstanding(after.as_ref(), limit)) {
+                    Ok(destinations) => self.answer(Input::OutstandingLoaded { request, destinations }),
+                    Err(e) => self.storage_failed(request, "loading outstanding destinations", &e),
+                }
+            }
             Output::Persist { request, changes } => self.persist_all(vec![(request, changes)]),
             Output::Event { event } => {
                 debug!(?event, "core event");
@@ -597,7 +600,8 @@ impl Driver {
             Command::Event { event, reply } => self.on_events(vec![(*event, reply)]),
             Command::PartialState { room_id, servers, reply } => {
                 let store = &mut self.store;
-                let result = blocking(|| store.set_partial_state(&room_id, servers.as_deref())).map_err(Rejection::from_store);
+                let result =
+                    blocking(|| store.set_partial_state(&room_id, servers.as_deref())).map_err(Rejection::from_store);
                 let _ = reply.send(result);
             }
             Command::Stats { reply } => {

@@ -180,8 +180,7 @@ pub async fn start_parts_with_limits(
 ) -> Result<Running, String> {
     let metrics = Arc::new(Metrics::new());
     let (driver, handle) = Driver::start(engine, store, transport, Arc::clone(&metrics), options)?;
-    let listener =
-        TcpListener::bind(api.listen).await.map_err(|e| format!("cannot listen on {}: {e}", api.listen))?;
+    let listener = TcpListener::bind(api.listen).await.map_err(|e| format!("cannot listen on {}: {e}", api.listen))?;
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let driver = tokio::spawn(driver.run(shutdown_rx.clone()));

@@ -66,7 +66,9 @@ impl SendSlots {
     fn host_semaphore(&self, host: &str) -> Arc<Semaphore> {
         // Plain data behind the lock: a panic elsewhere leaves it usable.
         let mut map = self.per_host.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(map.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_host_max.max(1)))))
+        Arc::clone(
+            map.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_host_max.max(1)))),
+        )
     }
 
     /// Forgets a host's semaphore once nobody holds or waits for it, so the map stays as

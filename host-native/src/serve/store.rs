@@ -461,10 +461,7 @@ fn insert_event(tx: &Connection, event: &NewEvent) -> Result<Added, StoreError> 
     for prev in &event.prev_events {
         tx.execute("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2", params![room_id, prev])?;
     }
-    tx.execute(
-        "INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)",
-        params![room_id, info.event_id],
-    )?;
+    tx.execute("INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)", params![room_id, info.event_id])?;
     Ok(Added { stream_ordering, new: true })
 }
 
@@ -742,7 +739,9 @@ impl Store for SqliteStore {
     }
 
     fn add_event(&mut self, event: &NewEvent) -> Result<Added, StoreError> {
-        self.add_events(std::slice::from_ref(event)).pop().unwrap_or_else(|| Err(StoreError::Backend("no result".into())))
+        self.add_events(std::slice::from_ref(event))
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Backend("no result".into())))
     }
 
     fn add_events(&mut self, events: &[NewEvent]) -> Vec<Result<Added, StoreError>> {

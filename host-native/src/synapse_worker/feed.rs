@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedsend_core::{Event, ServerName, server_of};
-use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgError, SynapseDb};
-use fedsend_synapse::redis_link::{LinkEvent, Publisher};
 use fedsend_synapse::config::InstanceLocation;
 use fedsend_synapse::http_gap::StreamUpdatesClient;
+use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgError, SynapseDb};
+use fedsend_synapse::redis_link::{LinkEvent, Publisher};
 use fedsend_synapse::replication::{
-    CachesRow, EventsRow, GapSource, PresenceFederationRow, PresenceRow, ReceiptRow, Stream, StreamRow, Token, TypingRow, Update,
+    CachesRow, EventsRow, GapSource, PresenceFederationRow, PresenceRow, ReceiptRow, Stream, StreamRow, Token,
+    TypingRow, Update,
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -294,7 +295,10 @@ impl Feeder {
 
     async fn read_device_lists(&mut self) {
         loop {
-            match self.db.device_list_pokes(&self.ownership, self.device_lists_after, ROWS_PER_READ, &self.devices).await
+            match self
+                .db
+                .device_list_pokes(&self.ownership, self.device_lists_after, ROWS_PER_READ, &self.devices)
+                .await
             {
                 Ok(batch) => {
                     self.device_lists_after = self.device_lists_after.max(batch.next_after);
@@ -359,7 +363,8 @@ impl Feeder {
             Ok(hosts) => hosts,
             Err(e) => return self.failed("reading who shares a room for presence", &e),
         };
-        let mut state = json!({"user_id": row.user_id, "presence": row.state, "currently_active": row.currently_active});
+        let mut state =
+            json!({"user_id": row.user_id, "presence": row.state, "currently_active": row.currently_active});
         if let Ok(ts) = u64::try_from(row.last_active_ts)
             && ts > 0
         {

@@ -120,7 +120,10 @@ fn make_transport(worker: &WorkerConfig) -> Result<HttpsTransport, String> {
 }
 
 /// Waits for PostgreSQL (it may start after us) and checks that we know its schema.
-async fn connect_database(worker: &WorkerConfig, server_name: ServerName) -> Result<(SynapseDb, SchemaVersion), String> {
+async fn connect_database(
+    worker: &WorkerConfig,
+    server_name: ServerName,
+) -> Result<(SynapseDb, SchemaVersion), String> {
     let db = SynapseDb::connect(&pg_args(&worker.database), server_name).map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
     loop {
@@ -147,8 +150,7 @@ async fn run_worker(args: SynapseArgs, worker: WorkerConfig) -> Result<(), Strin
     info!(version = schema.version, compat = ?schema.compat_version, "Synapse database schema accepted");
     let ownership =
         Ownership { instance: worker.instance_name.clone(), instances: worker.federation_sender_instances.clone() };
-    let devices =
-        DeviceListOptions { share_display_names: worker.sender.allow_device_name_lookup_over_federation };
+    let devices = DeviceListOptions { share_display_names: worker.sender.allow_device_name_lookup_over_federation };
     let link = RedisLink::spawn(RedisLinkConfig::new(&worker, 0), ReplicationState::new(&worker.instance_name))
         .map_err(|e| format!("redis: {e}"))?;
     let cache = ExternalCache::new(&worker.redis).map_err(|e| format!("redis: {e}"))?;
@@ -219,7 +221,8 @@ fn covered_by_denylist(range: &str) -> bool {
         return false;
     };
     DEFAULT_DENYLIST.iter().any(|deny| {
-        let wider = deny.split_once('/').and_then(|(_, len)| len.parse::<u8>().ok()).is_some_and(|len| len <= prefix_len);
+        let wider =
+            deny.split_once('/').and_then(|(_, len)| len.parse::<u8>().ok()).is_some_and(|len| len <= prefix_len);
         wider && deny.parse::<IpNet>().is_ok_and(|net| net.contains(address))
     })
 }
@@ -236,10 +239,14 @@ fn refuse_unsupported(worker: &WorkerConfig) -> Result<(), String> {
         ));
     }
     if federation.custom_ca_files.as_ref().is_some_and(|files| files.len() > 1) {
-        return Err("federation_custom_ca_list: fedsend takes one CA file; concatenate the certificates into one".into());
+        return Err(
+            "federation_custom_ca_list: fedsend takes one CA file; concatenate the certificates into one".into()
+        );
     }
     if federation.minimum_tls_version == TlsVersion::V1_3 {
-        return Err("federation_client_minimum_tls_version 1.3 is not supported yet (fedsend allows TLS 1.2 and 1.3)".into());
+        return Err(
+            "federation_client_minimum_tls_version 1.3 is not supported yet (fedsend allows TLS 1.2 and 1.3)".into()
+        );
     }
     if !federation.certificate_verification_whitelist.is_empty() {
         return Err("federation_certificate_verification_whitelist is not supported: fedsend verifies every \
@@ -312,7 +319,10 @@ mod tests {
             ("ip_range_blacklist: ['10.0.0.0/8', '8.8.8.0/24']", "ip_range_blacklist"),
             ("federation_custom_ca_list: [a.pem, b.pem]", "federation_custom_ca_list"),
             ("federation_client_minimum_tls_version: 1.3", "federation_client_minimum_tls_version"),
-            ("federation_certificate_verification_whitelist: ['*.example']", "federation_certificate_verification_whitelist"),
+            (
+                "federation_certificate_verification_whitelist: ['*.example']",
+                "federation_certificate_verification_whitelist",
+            ),
         ] {
             let error = refuse_unsupported(&load(extra).unwrap()).expect_err(extra);
             assert!(error.contains(key) && !error.contains('\n'), "{extra}: {error}");

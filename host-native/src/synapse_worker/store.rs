@@ -58,7 +58,10 @@ impl SynapseStore {
         tokio::task::block_in_place(|| {
             self.runtime.block_on(async {
                 tokio::time::timeout(STORE_CALL_TIMEOUT, future).await.unwrap_or_else(|_| {
-                    Err(StoreError::Backend(format!("no answer from PostgreSQL within {} s", STORE_CALL_TIMEOUT.as_secs())))
+                    Err(StoreError::Backend(format!(
+                        "no answer from PostgreSQL within {} s",
+                        STORE_CALL_TIMEOUT.as_secs()
+                    )))
                 })
             })
         })

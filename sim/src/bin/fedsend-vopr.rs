@@ -4,17 +4,21 @@
 //! fedsend-vopr --seed N [--trace]        one seed, with its banner (and trace)
 //! fedsend-vopr --seeds A..B              a range of seeds, with a progress line
 //! fedsend-vopr --sweep [--from N]        seeds from N on, until interrupted
+//!   [--jobs J]                           on J threads (ranges and sweeps)
+//!   [--keep-going]                       past failures, listing them all at the end
 //! ```
 //! Every failure prints the command that reproduces it, and the process exits 1.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use fedsend_sim::NativeEngine;
 use fedsend_sim::vopr::{Options, Report, Totals, reproduce_command, run};
 
 fn usage() -> ! {
-    eprintln!("usage: fedsend-vopr --seed N [--trace] | --seeds A..B | --sweep [--from N]");
+    eprintln!("usage: fedsend-vopr --seed N [--trace] | --seeds A..B | --sweep [--from N] [--jobs J] [--keep-going]");
     std::process::exit(2);
 }
 
@@ -30,10 +34,10 @@ fn one(seed: u64, trace: bool) -> Result<Report, String> {
     let mut options = Options::swarm(seed);
     options.trace_events = trace;
     let mut engine = NativeEngine::default();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    // Locked only when tracing: parallel workers would otherwise take turns.
+    let mut out = trace.then(|| std::io::stdout().lock());
     let mut emit = |line: &str| {
-        if trace {
+        if let Some(out) = out.as_mut() {
             let _ = writeln!(out, "{line}");
         }
     };
@@ -46,6 +50,8 @@ fn main() {
     let mut range = None;
     let mut sweep_from = None;
     let mut trace = false;
+    let mut jobs = 1u64;
+    let mut keep_going = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -65,6 +71,11 @@ fn main() {
                 sweep_from = Some(parse_seed(args.get(i).unwrap_or_else(|| usage())));
             }
             "--trace" => trace = true,
+            "--jobs" => {
+                i += 1;
+                jobs = args.get(i).and_then(|j| j.parse().ok()).filter(|j| *j > 0).unwrap_or_else(|| usage());
+            }
+            "--keep-going" => keep_going = true,
             _ => usage(),
         }
         i += 1;
@@ -86,28 +97,64 @@ fn main() {
         (None, None) => usage(),
     };
     let started = Instant::now();
+    // Workers take seeds in turn; results come back in completion order, and failures are
+    // listed sorted, so the summary does not depend on scheduling.
+    let next_seed = AtomicU64::new(from);
+    let stop = AtomicBool::new(false);
+    let (results, received) = mpsc::channel::<(u64, Result<Report, String>)>();
     let mut passed = 0u64;
     let mut totals = Totals::default();
-    for seed in from..to {
-        match one(seed, false) {
-            Ok(report) => totals.add(&report),
-            Err(reason) => {
-                eprintln!("\nseed {seed}: FAILED: {reason}\nreproduce: {}", reproduce_command(seed));
-                std::process::exit(1);
+    let mut failures: Vec<(u64, String)> = Vec::new();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let results = results.clone();
+            let (next_seed, stop) = (&next_seed, &stop);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let seed = next_seed.fetch_add(1, Ordering::Relaxed);
+                    if seed >= to || results.send((seed, one(seed, false))).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(results);
+        for (seed, result) in received {
+            match result {
+                Ok(report) => totals.add(&report),
+                Err(reason) => {
+                    eprintln!("\nseed {seed}: FAILED: {reason}\nreproduce: {}", reproduce_command(seed));
+                    failures.push((seed, reason));
+                    if !keep_going {
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    continue;
+                }
+            }
+            passed += 1;
+            if passed.is_multiple_of(100) {
+                let rate = passed as f64 / started.elapsed().as_secs_f64();
+                // One updating line on a terminal; whole lines in CI logs.
+                if std::io::stderr().is_terminal() {
+                    eprint!("\r{passed} seeds passed (latest {seed}), {rate:.0} seeds/s   ");
+                } else if passed.is_multiple_of(if to - from > 100_000 { 50_000 } else { 500 }) {
+                    eprintln!("{passed} seeds passed (latest {seed}), {rate:.0} seeds/s");
+                }
             }
         }
-        passed += 1;
-        if passed.is_multiple_of(100) {
-            let rate = passed as f64 / started.elapsed().as_secs_f64();
-            // One updating line on a terminal; whole lines in CI logs.
-            if std::io::stderr().is_terminal() {
-                eprint!("\r{passed} seeds passed (up to {seed}), {rate:.0} seeds/s   ");
-            } else if passed.is_multiple_of(500) {
-                eprintln!("{passed} seeds passed (up to {seed}), {rate:.0} seeds/s");
-            }
-        }
+    });
+    let elapsed_s = started.elapsed().as_secs();
+    if !failures.is_empty() {
+        failures.sort();
+        let seeds: Vec<String> = failures.iter().map(|(seed, _)| seed.to_string()).collect();
+        eprintln!("\n{} seeds failed: {}", failures.len(), seeds.join(" "));
+        std::process::exit(1);
     }
-    eprintln!("\n{passed} seeds passed ({from}..{to}), {} events simulated", totals.events);
+    eprintln!(
+        "\n{passed} seeds passed ({from}..{to}) in {elapsed_s} s on {jobs} thread(s), {} events simulated",
+        totals.events
+    );
     for (name, value) in totals.exercised() {
         eprintln!("  {name}: {value}");
     }

@@ -758,3 +758,105 @@ async fn silent_remotes_do_not_starve_a_healthy_one() {
     println!("healthy remote served {:?} after its event, beside 100 silent remotes", started.elapsed());
     service.running.stop().await;
 }
+
+/// A store whose event writes block while its gate is closed, as a slow disk would.
+struct GatedStore {
+    inner: MemoryStore,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Store for GatedStore {
+    fn recovered(&mut self) -> Result<fedsend_core::Recovered, StoreError> {
+        self.inner.recovered()
+    }
+    fn apply(&mut self, changes: &fedsend_core::Changes) -> Result<(), StoreError> {
+        self.inner.apply(changes)
+    }
+    fn add_event(&mut self, event: &NewEvent) -> Result<Added, StoreError> {
+        while self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.inner.add_event(event)
+    }
+    fn set_partial_state(
+        &mut self,
+        room_id: &str,
+        servers: Option<&[fedsend_core::ServerName]>,
+    ) -> Result<(), StoreError> {
+        self.inner.set_partial_state(room_id, servers)
+    }
+    fn max_stream_ordering(&mut self) -> Result<u64, StoreError> {
+        self.inner.max_stream_ordering()
+    }
+    fn fetch_events(&mut self, after: u64, limit: u32) -> Result<Vec<fedsend_core::PduInfo>, StoreError> {
+        self.inner.fetch_events(after, limit)
+    }
+    fn load_catch_up(
+        &mut self,
+        destination: &fedsend_core::ServerName,
+        after: u64,
+        up_to: u64,
+        limit: u32,
+    ) -> Result<Vec<fedsend_core::CatchUpRoom>, StoreError> {
+        self.inner.load_catch_up(destination, after, up_to, limit)
+    }
+    fn outstanding(
+        &mut self,
+        after: Option<&fedsend_core::ServerName>,
+        limit: u32,
+    ) -> Result<Vec<fedsend_core::ServerName>, StoreError> {
+        self.inner.outstanding(after, limit)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_while_the_driver_is_busy() {
+    let config = ServeConfig::parse(
+        "server_name = \"us.example\"\nsigning_key_file = \"unused\"\n[ingest]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = GatedStore { inner: MemoryStore::new(), closed: closed.clone(), blocked: blocked.clone() };
+    let transport = Arc::new(FakeTransport::default());
+    let engine = serve::make_engine(config.engine, None).unwrap();
+    let running = serve::start(&config, engine, Box::new(store), transport, TOKEN.into()).await.unwrap();
+    let c = IngestClient { addr: running.local_addr, token: Some(TOKEN.into()) };
+    let room = "!r:us.example";
+    let create = json!({"event_id": "$c", "pdu": pdu("$c", room, "@a:us.example", 1, &[])});
+    assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&create)).await.unwrap().status, 200);
+    let first =
+        json!({"event_id": "$m1", "pdu": pdu("$m1", room, "@a:us.example", 2, &["$c"]), "hosts": ["a.example"]});
+    assert_eq!(c.call("POST", "/_fedsend/v1/events", Some(&first)).await.unwrap().status, 200);
+    let a_example = "fedsend_destination_queued_pdus{destination=\"a.example\"}";
+    // The first scrape asks the driver; later ones see what it takes every second.
+    let mut scrapes = 0;
+    loop {
+        let text = c.call("GET", "/metrics", None).await.unwrap().body.as_str().unwrap().to_owned();
+        if text.contains(a_example) {
+            break;
+        }
+        scrapes += 1;
+        assert!(scrapes < 100, "a.example never showed up on /metrics: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The driver is stuck in a slow write for as long as the gate stays closed.
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let second =
+        json!({"event_id": "$m2", "pdu": pdu("$m2", room, "@a:us.example", 3, &["$m1"]), "hosts": ["a.example"]});
+    let submitter = IngestClient { addr: running.local_addr, token: Some(TOKEN.into()) };
+    let submission = tokio::spawn(async move { submitter.call("POST", "/_fedsend/v1/events", Some(&second)).await });
+    eventually("the driver is inside the slow write", || blocked.load(std::sync::atomic::Ordering::SeqCst)).await;
+
+    let scrape = tokio::time::timeout(Duration::from_secs(10), c.call("GET", "/metrics", None)).await;
+    closed.store(false, std::sync::atomic::Ordering::SeqCst);
+    let scrape = scrape.expect("/metrics answered while the driver was busy").unwrap();
+    assert_eq!(scrape.status, 200, "{scrape:?}");
+    let text = scrape.body.as_str().unwrap();
+    assert!(text.contains(a_example), "{text}");
+    assert_eq!(submission.await.unwrap().unwrap().status, 200, "the slow write completes");
+    running.stop().await;
+}

@@ -260,11 +260,15 @@ impl Driver {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
             self.drain();
-            let wait = match self.engine.poll_timeout() {
-                Some(deadline) => Duration::from_millis(deadline.saturating_sub(now_ms())),
-                // Nothing scheduled: wake now and then anyway, harmlessly.
-                None => Duration::from_secs(60),
-            };
+            let now = now_ms();
+            if self.metrics.stats_due_in_ms(now) == Some(0) {
+                let stats = self.destination_stats();
+                self.metrics.publish_stats(now, stats);
+            }
+            let engine_wait_ms = self.engine.poll_timeout().map(|deadline| deadline.saturating_sub(now));
+            // Nothing scheduled: wake now and then anyway, harmlessly.
+            let wait_ms = [engine_wait_ms, self.metrics.stats_due_in_ms(now)].into_iter().flatten().min();
+            let wait = Duration::from_millis(wait_ms.unwrap_or(60_000));
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -283,6 +287,10 @@ impl Driver {
             }
         }
         info!(in_flight = self.in_flight.len(), "driver stopped");
+    }
+
+    fn destination_stats(&mut self) -> Vec<DestinationStats> {
+        self.engine.destination_stats().and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default()
     }
 
     fn feed(&mut self, input: &Input) -> Result<(), Rejection> {
@@ -605,11 +613,8 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Command::Stats { reply } => {
-                let stats = self
-                    .engine
-                    .destination_stats()
-                    .and_then(|json| serde_json::from_str(&json).ok())
-                    .unwrap_or_default();
+                let stats = self.destination_stats();
+                self.metrics.publish_stats(now_ms(), stats.clone());
                 let _ = reply.send(stats);
             }
         }

@@ -2,7 +2,7 @@
 //! dashboards keep working; per-destination gauges are set from the core's figures (D12) at
 //! every scrape.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fedsend_core::{DestinationPhase, DestinationStats};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -23,6 +23,20 @@ pub struct DestinationLabel {
 /// retried, storage down) are reported again on every retry, so the state lasts as long as
 /// they do.
 pub const HEALTH_PROBLEM_WINDOW_MS: u64 = 60_000;
+
+/// How old the per-destination figures on `/metrics` may be.
+pub const STATS_REFRESH_MS: u64 = 1_000;
+/// How long after a scrape the driver keeps the figures fresh: taking them costs a pass over
+/// every destination, not worth paying when nobody scrapes.
+pub const STATS_WANTED_FOR_MS: u64 = 600_000;
+
+/// The per-destination figures last taken by the driver, for `/metrics`.
+#[derive(Debug, Default)]
+struct StatsSnapshot {
+    taken_at_ms: Option<u64>,
+    stats: Arc<Vec<DestinationStats>>,
+    wanted_at_ms: Option<u64>,
+}
 
 /// Something that went wrong and that an operator should see on `/health`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +70,9 @@ pub struct Metrics {
     pub undeliverable_events: Counter,
     /// The newest problem that makes `/health` report degraded.
     problem: Mutex<Option<Problem>>,
+    /// Taken by the driver between its other work, so a scrape never queues behind
+    /// submissions.
+    stats: Mutex<StatsSnapshot>,
     queued_pdus: Family<DestinationLabel, Gauge>,
     queued_edus: Family<DestinationLabel, Gauge>,
     oldest_pending_age_ms: Family<DestinationLabel, Gauge>,
@@ -160,6 +177,7 @@ impl Metrics {
             engine_refusals,
             undeliverable_events,
             problem: Mutex::new(None),
+            stats: Mutex::new(StatsSnapshot::default()),
             queued_pdus,
             queued_edus,
             oldest_pending_age_ms,
@@ -185,6 +203,33 @@ impl Metrics {
     pub fn recent_problem(&self, now_ms: u64) -> Option<Problem> {
         let problem = self.problem.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()?;
         (now_ms.saturating_sub(problem.at_ms) < HEALTH_PROBLEM_WINDOW_MS).then_some(problem)
+    }
+
+    /// A scrape at `now_ms` wants the per-destination figures: the latest the driver took, if
+    /// it took any yet. From now on the driver keeps them fresh.
+    pub fn want_stats(&self, now_ms: u64) -> Option<Arc<Vec<DestinationStats>>> {
+        let mut snapshot = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        snapshot.wanted_at_ms = Some(now_ms);
+        snapshot.taken_at_ms.map(|_| Arc::clone(&snapshot.stats))
+    }
+
+    /// When the driver should take the figures again: `None` while nobody scrapes, else in
+    /// how many milliseconds (0: now).
+    pub fn stats_due_in_ms(&self, now_ms: u64) -> Option<u64> {
+        let snapshot = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let wanted_at_ms = snapshot.wanted_at_ms?;
+        if now_ms.saturating_sub(wanted_at_ms) > STATS_WANTED_FOR_MS {
+            return None;
+        }
+        let age_ms = snapshot.taken_at_ms.map_or(u64::MAX, |taken| now_ms.saturating_sub(taken));
+        Some(STATS_REFRESH_MS.saturating_sub(age_ms))
+    }
+
+    /// The driver took the figures at `now_ms`.
+    pub fn publish_stats(&self, now_ms: u64, stats: Vec<DestinationStats>) {
+        let mut snapshot = self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        snapshot.taken_at_ms = Some(now_ms);
+        snapshot.stats = Arc::new(stats);
     }
 
     /// The text exposition, with gauges taken from `stats` at `now_ms`.

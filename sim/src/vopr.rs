@@ -7,16 +7,29 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use fedsend_core::nesting::DOCUMENT_DEPTH_MAX;
 use fedsend_core::{Config, Prng};
 use serde_json::{Value, json};
 
 use crate::Engine;
 use crate::checker::{Checker, Counts};
 use crate::faults::{FaultCounts, FaultRates, Faults};
+use crate::odd::OddInputs;
 use crate::scenario::{Respond, Scenario, Step, Visibility};
 use crate::world::World;
 
 const SERVER_NAME: &str = "origin.sim";
+
+/// Deepest event content drawn. Beyond the core's limit, so fan-out and catch-up must skip
+/// such events with a reason, but within what the world can hand the engine: a catch-up
+/// answer wraps the content in six levels (input, rooms, room, extremities, extremity, pdu)
+/// and the engine's parser stops at `DOCUMENT_DEPTH_MAX`. (The real hosts screen deeper
+/// events out before they reach the core.)
+const PDU_CONTENT_DEPTH_MAX: usize = DOCUMENT_DEPTH_MAX - 12;
+
+/// Deepest value drawn for a command: past the parser's limit, so some are refused as
+/// malformed rather than by the nesting check.
+const COMMAND_VALUE_DEPTH_MAX: usize = DOCUMENT_DEPTH_MAX + 20;
 
 /// Everything a seed decides about a run, printed in the banner.
 #[derive(Clone, Debug)]
@@ -37,8 +50,15 @@ pub struct Options {
     pub crash_permille: u64,
     /// Per-mille of local events a remote rejects as poison.
     pub poison_permille: u64,
+    /// Per-mille of actions (and of remotes and rooms at setup) drawn the way a fuzzer draws
+    /// inputs: nesting around the core's limit, sizes around the byte limits, unusual server
+    /// names, unicode ids, empty objects and nulls. Zero leaves the workload as it was.
+    pub odd_input_permille: u64,
     /// The sender's configuration overrides.
     pub config: serde_json::Map<String, Value>,
+    /// Also fail on EDUs (`Input::Edu`) lost without a `Dropped` report when their
+    /// destination starts catching up (see `Counts::edus_lost_unreported`).
+    pub strict_edus: bool,
     /// Put the core's events into the trace too (`x-event` lines).
     pub trace_events: bool,
 }
@@ -86,7 +106,13 @@ impl Options {
             outage_permille: pick(0, 120),
             crash_permille: pick(0, 40),
             poison_permille: pick(0, 40),
+            // A third of the seeds keep ordinary inputs, so odd ones never crowd out the rest.
+            odd_input_permille: match pick(0, 2) {
+                0 => 0,
+                _ => pick(1, 300),
+            },
             config,
+            strict_edus: false,
             trace_events: false,
         }
     }
@@ -94,7 +120,7 @@ impl Options {
     /// One line naming every option, so a failure can be understood from its output alone.
     pub fn banner(&self) -> String {
         format!(
-            "SEED={} remotes={} rooms={} actions={} outages={}‰ crashes={}‰ poison={}‰ rates={:?} config={}",
+            "SEED={} remotes={} rooms={} actions={} outages={}‰ crashes={}‰ poison={}‰ odd={}‰ rates={:?} config={}",
             self.seed,
             self.remotes,
             self.rooms,
@@ -102,6 +128,7 @@ impl Options {
             self.outage_permille,
             self.crash_permille,
             self.poison_permille,
+            self.odd_input_permille,
             self.rates,
             Value::Object(self.config.clone())
         )
@@ -151,6 +178,12 @@ impl Totals {
         c.edus += r.edus;
         c.to_device_repeats += r.to_device_repeats;
         c.device_list_edus += r.device_list_edus;
+        c.refused_inputs += r.refused_inputs;
+        c.events_skipped += r.events_skipped;
+        c.ephemeral_owed += r.ephemeral_owed;
+        c.ephemeral_lost_to_catch_up += r.ephemeral_lost_to_catch_up;
+        c.ephemeral_lost_to_crash += r.ephemeral_lost_to_crash;
+        c.edus_lost_unreported += r.edus_lost_unreported;
         let (f, r) = (&mut self.faults, &report.faults);
         f.drops += r.drops;
         f.errors += r.errors;
@@ -163,8 +196,25 @@ impl Totals {
         f.lost_writes += r.lost_writes;
     }
 
+    /// How accepted items that were not delivered were settled, for the summary: these may
+    /// be zero in a short sweep.
+    pub fn settled_otherwise(&self) -> [(&'static str, u64); 4] {
+        [
+            ("events skipped with a reason (nested too deeply to send)", self.counts.events_skipped),
+            (
+                "typing, receipts, presence lost when catch-up started (as designed)",
+                self.counts.ephemeral_lost_to_catch_up,
+            ),
+            ("ephemeral items lost in sender crashes (in memory only)", self.counts.ephemeral_lost_to_crash),
+            (
+                "EDUs lost unreported when catch-up started (core gap; --strict-edus fails on them)",
+                self.counts.edus_lost_unreported,
+            ),
+        ]
+    }
+
     /// Every fault kind and boundary behaviour with how often the sweep exercised it.
-    pub fn exercised(&self) -> [(&'static str, u64); 16] {
+    pub fn exercised(&self) -> [(&'static str, u64); 18] {
         [
             ("lost answers", self.faults.drops),
             ("5xx", self.faults.errors),
@@ -182,6 +232,8 @@ impl Totals {
             ("EDUs delivered", self.counts.edus),
             ("device-list EDUs delivered (chains checked)", self.counts.device_list_edus),
             ("to-device repeats after crashes (dropped by receivers by message id)", self.counts.to_device_repeats),
+            ("odd inputs refused at the edge (each changing nothing)", self.counts.refused_inputs),
+            ("ephemeral items owed once accepted (typing, receipts, presence, EDUs)", self.counts.ephemeral_owed),
         ]
     }
 }
@@ -206,6 +258,7 @@ struct Sim {
     gone: Vec<String>,
     /// The local user's devices.
     devices: BTreeSet<String>,
+    odd: OddInputs,
     steps: u64,
     events: u64,
 }
@@ -229,17 +282,24 @@ pub fn run(options: &Options, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str
     };
     let mut world = World::start(&scenario, engine, emit).map_err(|e| fail(format!("{e}")))?;
     world.faults = Some(Faults::new(options.rates.clone(), options.seed.wrapping_mul(31).wrapping_add(7)));
-    world.checker = Some(Checker::new(config.clone()));
+    let mut checker = Checker::new(config.clone());
+    checker.strict_edus = options.strict_edus;
+    world.checker = Some(checker);
     world.trace_events = options.trace_events;
+    world.refusals_allowed = true;
+    let mut odd = OddInputs::new(options.seed, options.odd_input_permille, config.transaction_bytes_max);
+    let remotes =
+        (0..options.remotes).map(|i| if odd.strike() { odd.server_name(i) } else { format!("r{i}.sim") }).collect();
     let mut sim = Sim {
         world,
         prng: Prng::from_seed(options.seed),
         options: options.clone(),
-        remotes: (0..options.remotes).map(|i| format!("r{i}.sim")).collect(),
+        remotes,
         rooms: Vec::new(),
         members: BTreeMap::new(),
         gone: Vec::new(),
         devices: BTreeSet::new(),
+        odd,
         steps: 0,
         events: 0,
     };
@@ -314,7 +374,11 @@ impl Sim {
 
     fn setup(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> Result<(), String> {
         for index in 0..self.options.rooms {
-            let room = format!("!room{index}:{SERVER_NAME}");
+            let room = if self.odd.strike() {
+                format!("!{}:{SERVER_NAME}", self.odd.localpart(u64::from(index)))
+            } else {
+                format!("!room{index}:{SERVER_NAME}")
+            };
             let visibility = match self.pick(4) {
                 0 => Visibility::Joined,
                 1 => Visibility::Invited,
@@ -394,7 +458,11 @@ impl Sim {
             let user = {
                 let n = self.pick(3);
                 let remote = self.random_remote();
-                format!("@user{n}:{remote}")
+                if self.odd.strike() {
+                    format!("@{}:{remote}", self.odd.localpart(n as u64))
+                } else {
+                    format!("@user{n}:{remote}")
+                }
             };
             let room = self.random_room();
             return self.join(engine, emit, &user, &room);
@@ -424,7 +492,12 @@ impl Sim {
             // plain EDUs.
             let room = self.random_room();
             let local = format!("@local:{SERVER_NAME}");
-            match self.pick(7) {
+            let kind = self.pick(7);
+            if self.odd.strike() {
+                let Some(step) = self.odd_ephemeral(kind, room) else { return Ok(()) };
+                return self.run(engine, emit, &step).map_err(|f| f.reason);
+            }
+            match kind {
                 0 => Step::Typing { room, user: local, typing: self.chance(500), timeout_ms: None },
                 1 => {
                     let Some(event) = self.world.latest_event_in(&room) else { return Ok(()) };
@@ -513,13 +586,22 @@ impl Sim {
             let room = self.random_room();
             let size = if self.chance(30) { self.pick(70_000) } else { self.pick(200) };
             let body: String = core::iter::repeat_n('x', size).collect();
-            let id = format!("$e{}", self.steps);
+            let (id, content) = if self.odd.strike() {
+                let id = if self.odd.sometimes(500) {
+                    format!("${}{}", self.odd.text(), self.steps)
+                } else {
+                    format!("$e{}", self.steps)
+                };
+                (id, self.odd.object(PDU_CONTENT_DEPTH_MAX))
+            } else {
+                (format!("$e{}", self.steps), json!({ "body": body }))
+            };
             let poison = self.chance(self.options.poison_permille);
             let step = Step::Send {
                 room,
                 sender: format!("@local:{SERVER_NAME}"),
                 event_type: String::from("m.room.message"),
-                content: json!({ "body": body }),
+                content,
                 state_key: None,
                 id: Some(id.clone()),
                 flags: None,
@@ -546,6 +628,123 @@ impl Sim {
             return Ok(());
         };
         self.run(engine, emit, &step).map_err(|f| f.reason)
+    }
+
+    /// The odd variant of ephemeral action `kind` (see [`OddInputs`]): some the core accepts,
+    /// some it must refuse (a user of another server where a local one is required, a
+    /// private receipt, a signing-key update without keys, an EDU to ourselves, an invalid
+    /// recipient, nesting past the limit, a to-device message over 64 KiB on its own).
+    fn odd_ephemeral(&mut self, kind: usize, room: String) -> Option<Step> {
+        let local = format!("@{}:{SERVER_NAME}", self.odd.localpart(self.steps));
+        let user = if self.odd.sometimes(150) { format!("@user:{}", self.random_remote()) } else { local.clone() };
+        let step = match kind {
+            0 => Step::Typing { room, user, typing: self.odd.sometimes(500), timeout_ms: None },
+            1 => {
+                let event = self.world.latest_event_in(&room)?;
+                let receipt_type = match self.odd.pick(4) {
+                    0 => None,
+                    1 => Some(String::from("m.read.private")),
+                    2 => Some(self.odd.text()),
+                    _ => Some(String::from("m.read")),
+                };
+                let thread = self.odd.sometimes(500).then(|| self.odd.text());
+                Step::Receipt { room, user, event, receipt_type, thread, ts: self.world_now() }
+            }
+            2 => {
+                let count = self.odd.pick(4) + 1;
+                let destinations = (0..count)
+                    .map(|_| {
+                        if self.odd.sometimes(300) {
+                            let index = self.odd.pick(254) as u32;
+                            self.odd.server_name(index)
+                        } else {
+                            self.random_remote()
+                        }
+                    })
+                    .collect();
+                let status_msg = match self.odd.pick(4) {
+                    0 => None,
+                    1 => Some(String::new()),
+                    2 => Some(self.odd.huge_string()),
+                    _ => Some(self.odd.text()),
+                };
+                let presence = if self.odd.sometimes(500) { self.odd.text() } else { String::from("online") };
+                let last_active_ts = self.odd.sometimes(500).then(|| self.world_now());
+                let currently_active = self.odd.sometimes(500).then(|| self.odd.sometimes(500));
+                Step::Presence { user, presence, status_msg, last_active_ts, currently_active, destinations }
+            }
+            3 => {
+                let server =
+                    if self.odd.sometimes(150) { self.odd.invalid_server_name() } else { self.random_remote() };
+                let recipient = format!("@{}:{server}", self.odd.localpart(self.steps));
+                let device = match self.odd.pick(3) {
+                    0 => String::from("*"),
+                    1 => self.odd.text(),
+                    _ => String::from("DEVICE"),
+                };
+                let mut devices = BTreeMap::new();
+                if !self.odd.sometimes(100) {
+                    devices.insert(device, self.odd.value(COMMAND_VALUE_DEPTH_MAX));
+                }
+                let mut messages = BTreeMap::new();
+                if !self.odd.sometimes(50) {
+                    messages.insert(recipient, devices);
+                }
+                // Without an id the core makes one up; the checker reads ids from the outbox.
+                let message_id = (!self.odd.sometimes(300)).then(|| format!("td{}{}", self.steps, self.odd.text()));
+                let event_type = if self.odd.sometimes(500) { self.odd.text() } else { String::from("m.room_key") };
+                Step::ToDevice { sender: user, event_type, messages, message_id }
+            }
+            4 => {
+                // Always the same local user: the world refuses to delete a device it never had.
+                let device = if self.odd.sometimes(300) { self.odd.text() } else { format!("D{}", self.odd.pick(4)) };
+                let deleted = self.devices.contains(&device) && self.odd.sometimes(250);
+                if deleted {
+                    self.devices.remove(&device);
+                } else {
+                    self.devices.insert(device.clone());
+                }
+                let keys = (!deleted && !self.odd.sometimes(200)).then(|| self.odd.object(COMMAND_VALUE_DEPTH_MAX));
+                let display_name = match self.odd.pick(3) {
+                    0 => None,
+                    1 => Some(self.odd.text()),
+                    _ => Some(self.odd.huge_string()),
+                };
+                Step::DeviceUpdate {
+                    user: format!("@local:{SERVER_NAME}"),
+                    device,
+                    deleted: Some(deleted),
+                    keys,
+                    display_name,
+                }
+            }
+            5 => {
+                let (master_key, self_signing_key) = match self.odd.pick(3) {
+                    0 => (None, None),
+                    1 => (Some(self.odd.object(COMMAND_VALUE_DEPTH_MAX)), None),
+                    _ => (None, Some(self.odd.object(COMMAND_VALUE_DEPTH_MAX))),
+                };
+                Step::SigningKeyUpdate { user: local, master_key, self_signing_key }
+            }
+            _ => {
+                let destination = match self.odd.pick(4) {
+                    0 => String::from(SERVER_NAME),
+                    1 => {
+                        let index = self.odd.pick(254) as u32;
+                        self.odd.server_name(index)
+                    }
+                    _ => self.random_remote(),
+                };
+                let key = self.odd.sometimes(400).then(|| self.odd.text());
+                let edu_type = if self.odd.sometimes(500) {
+                    String::from("org.example.test")
+                } else {
+                    format!("org.example.{}", self.odd.text())
+                };
+                Step::Edu { destination, edu_type, content: self.odd.value(COMMAND_VALUE_DEPTH_MAX), key }
+            }
+        };
+        Some(step)
     }
 
     /// Ends the fault phase: every remote answers, links are quick, storage is reliable,
@@ -589,7 +788,10 @@ impl Sim {
                 return Some(format!("{dest} lacks device-list update {owed} of {user} (it has {seen:?})"));
             }
         }
-        for (dest, room, event, stream) in self.world.owed() {
+        if let Some(unsettled) = checker.ephemeral_unsettled() {
+            return Some(unsettled);
+        }
+        for (dest, room, event, stream) in self.world.owed(&checker.skipped_events) {
             if checker.dropped.contains(&(dest.clone(), event.clone())) {
                 continue;
             }

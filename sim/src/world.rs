@@ -279,6 +279,9 @@ fn line<T: Serialize>(value: &T) -> String {
 pub(crate) struct World {
     /// Also write the core's events into the trace (`x-event`), for debugging simulations.
     pub(crate) trace_events: bool,
+    /// Commands the engine refuses are counted and checked to change nothing, instead of
+    /// failing the step (the simulator feeds odd inputs on purpose; scenarios never do).
+    pub(crate) refusals_allowed: bool,
     pub(crate) faults: Option<Faults>,
     pub(crate) checker: Option<Checker>,
     server_name: String,
@@ -338,6 +341,7 @@ impl World {
         parsed.validate().map_err(|e| ScenarioError::new(format!("config: {e}")))?;
         let mut world = Self {
             trace_events: false,
+            refusals_allowed: false,
             faults: None,
             checker: None,
             server_name: scenario.server_name.clone(),
@@ -938,10 +942,14 @@ impl World {
     }
 
     /// For every (destination, room): the newest event fan-out owed that destination, as
-    /// (destination, room, event id, stream ordering).
-    pub(crate) fn owed(&self) -> Vec<(String, String, String, u64)> {
+    /// (destination, room, event id, stream ordering). Events fan-out `skipped` with a
+    /// reason (nested too deeply for any parser on the way) are owed to nobody.
+    pub(crate) fn owed(&self, skipped: &BTreeSet<String>) -> Vec<(String, String, String, u64)> {
         let mut owed: BTreeMap<(String, String), (String, u64)> = BTreeMap::new();
         for event in &self.events {
+            if skipped.contains(&event.id) {
+                continue;
+            }
             let info = &event.info;
             let sendable = (self.is_local(&info.sender) || info.send_on_behalf_of.is_some())
                 && info.has_prev_events
@@ -1033,13 +1041,52 @@ impl World {
             checker.on_delivery(self.now);
         }
         let text = serde_json::to_string(&input).map_err(|e| e.to_string())?;
-        engine.handle_input(self.now, &text).map_err(|e| {
+        let refusable = self.refusals_allowed && is_command(&input);
+        let before = refusable.then(|| (engine.destination_stats(), engine.poll_timeout()));
+        if let Err(e) = engine.handle_input(self.now, &text) {
             // Name the input by its type only: a whole input can be megabytes.
-            let kind =
-                serde_json::to_value(&input).ok().and_then(|v| v.get("type").and_then(Value::as_str).map(String::from));
-            format!("engine refused a {} input: {e}", kind.unwrap_or_default())
-        })?;
+            let kind = input_kind(&input);
+            let Some((stats_before, deadline_before)) = before else {
+                return Err(format!("engine refused a {kind} input: {e}"));
+            };
+            return self.check_refusal(engine, &kind, &e, stats_before, deadline_before);
+        }
+        if let Some(checker) = self.checker.as_mut() {
+            checker.on_input_accepted(self.now, &input);
+        }
         self.drain(engine, emit)
+    }
+
+    /// A refused command must leave the machine as it was: no output, the same deadline, the
+    /// same queues and destination records.
+    fn check_refusal(
+        &mut self,
+        engine: &mut dyn Engine,
+        kind: &str,
+        error: &str,
+        stats_before: Option<String>,
+        deadline_before: Option<u64>,
+    ) -> StepResult {
+        if error.trim().is_empty() {
+            return Err(format!("engine refused a {kind} input without saying why"));
+        }
+        if let Some(output) = engine.poll_output() {
+            let head: String = output.chars().take(300).collect();
+            return Err(format!("a refused {kind} input ({error}) still produced output {head}"));
+        }
+        if engine.poll_timeout() != deadline_before {
+            return Err(format!("a refused {kind} input ({error}) moved the engine's deadline"));
+        }
+        let stats_after = engine.destination_stats();
+        if let (Some(before), Some(after)) = (stats_before, stats_after)
+            && stats_without_clock(&before)? != stats_without_clock(&after)?
+        {
+            return Err(format!("a refused {kind} input ({error}) changed the destinations: {before} -> {after}"));
+        }
+        if let Some(checker) = self.checker.as_mut() {
+            checker.on_input_refused();
+        }
+        Ok(())
     }
 
     fn schedule(&mut self, at: u64, delivery: Delivery) {
@@ -1141,7 +1188,7 @@ impl World {
             }
             Output::Event { event } => {
                 if let Some(checker) = self.checker.as_mut() {
-                    checker.on_event(&event);
+                    checker.on_event(&event)?;
                 }
                 if self.trace_events {
                     #[derive(Serialize)]
@@ -1334,6 +1381,41 @@ impl World {
             }
         }
     }
+}
+
+/// Commands from the homeserver, which the engine may refuse; answers and timeouts are
+/// never refused when the world is consistent.
+fn is_command(input: &Input) -> bool {
+    matches!(
+        input,
+        Input::Edu { .. }
+            | Input::Typing { .. }
+            | Input::Receipt { .. }
+            | Input::Presence { .. }
+            | Input::ToDevice { .. }
+            | Input::DeviceListUpdate { .. }
+            | Input::SigningKeyUpdate { .. }
+    )
+}
+
+fn input_kind(input: &Input) -> String {
+    serde_json::to_value(input)
+        .ok()
+        .and_then(|v| v.get("type").and_then(Value::as_str).map(String::from))
+        .unwrap_or_default()
+}
+
+/// Destination figures without those the clock alone changes (a refused input still moves
+/// the engine's clock to its `now`, so a backoff may have ended in the meantime).
+fn stats_without_clock(stats_json: &str) -> Result<Vec<fedsend_core::DestinationStats>, String> {
+    let mut stats: Vec<fedsend_core::DestinationStats> =
+        serde_json::from_str(stats_json).map_err(|e| format!("engine stats are not decodable: {e}"))?;
+    for stat in &mut stats {
+        stat.state = fedsend_core::DestinationPhase::Idle;
+        stat.backoff_until_ts = None;
+        stat.oldest_pending_age_ms = None;
+    }
+    Ok(stats)
 }
 
 /// A device-list input addressed to `servers`.

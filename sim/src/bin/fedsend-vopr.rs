@@ -6,6 +6,8 @@
 //! fedsend-vopr --sweep [--from N]        seeds from N on, until interrupted
 //!   [--jobs J]                           on J threads (ranges and sweeps)
 //!   [--keep-going]                       past failures, listing them all at the end
+//!   [--strict-edus]                      fail on EDUs lost unreported when catch-up starts
+//!   [--odd PERMILLE]                     odd inputs at this rate instead of the seed's own
 //! ```
 //! Every failure prints the command that reproduces it, and the process exits 1.
 
@@ -18,7 +20,9 @@ use fedsend_sim::NativeEngine;
 use fedsend_sim::vopr::{Options, Report, Totals, reproduce_command, run};
 
 fn usage() -> ! {
-    eprintln!("usage: fedsend-vopr --seed N [--trace] | --seeds A..B | --sweep [--from N] [--jobs J] [--keep-going]");
+    eprintln!(
+        "usage: fedsend-vopr --seed N [--trace] | --seeds A..B | --sweep [--from N] [--jobs J] [--keep-going] [--strict-edus] [--odd PERMILLE]"
+    );
     std::process::exit(2);
 }
 
@@ -30,8 +34,24 @@ fn parse_seed(text: &str) -> u64 {
     text.parse().unwrap_or_else(|_| usage())
 }
 
-fn one(seed: u64, trace: bool) -> Result<Report, String> {
+/// What the command line changes in every seed's options.
+#[derive(Clone, Copy)]
+struct Overrides {
+    strict_edus: bool,
+    odd_input_permille: Option<u64>,
+}
+
+fn options(seed: u64, overrides: Overrides) -> Options {
     let mut options = Options::swarm(seed);
+    options.strict_edus = overrides.strict_edus;
+    if let Some(permille) = overrides.odd_input_permille {
+        options.odd_input_permille = permille;
+    }
+    options
+}
+
+fn one(seed: u64, trace: bool, overrides: Overrides) -> Result<Report, String> {
+    let mut options = options(seed, overrides);
     options.trace_events = trace;
     let mut engine = NativeEngine::default();
     // Locked only when tracing: parallel workers would otherwise take turns.
@@ -52,6 +72,7 @@ fn main() {
     let mut trace = false;
     let mut jobs = 1u64;
     let mut keep_going = false;
+    let mut overrides = Overrides { strict_edus: false, odd_input_permille: None };
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -76,13 +97,19 @@ fn main() {
                 jobs = args.get(i).and_then(|j| j.parse().ok()).filter(|j| *j > 0).unwrap_or_else(|| usage());
             }
             "--keep-going" => keep_going = true,
+            "--strict-edus" => overrides.strict_edus = true,
+            "--odd" => {
+                i += 1;
+                let permille = args.get(i).and_then(|p| p.parse().ok()).filter(|p| *p <= 1000);
+                overrides.odd_input_permille = Some(permille.unwrap_or_else(|| usage()));
+            }
             _ => usage(),
         }
         i += 1;
     }
     if let Some(seed) = seed {
-        eprintln!("{}", Options::swarm(seed).banner());
-        match one(seed, trace) {
+        eprintln!("{}", options(seed, overrides).banner());
+        match one(seed, trace, overrides) {
             Ok(report) => eprintln!("seed {seed}: ok {report:?}"),
             Err(reason) => {
                 eprintln!("seed {seed}: FAILED: {reason}\nreproduce: {}", reproduce_command(seed));
@@ -112,7 +139,7 @@ fn main() {
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let seed = next_seed.fetch_add(1, Ordering::Relaxed);
-                    if seed >= to || results.send((seed, one(seed, false))).is_err() {
+                    if seed >= to || results.send((seed, one(seed, false, overrides))).is_err() {
                         break;
                     }
                 }
@@ -157,5 +184,9 @@ fn main() {
     );
     for (name, value) in totals.exercised() {
         eprintln!("  {name}: {value}");
+    }
+    eprintln!("  accepted items neither delivered nor superseded, by how they were settled:");
+    for (name, value) in totals.settled_otherwise() {
+        eprintln!("    {name}: {value}");
     }
 }

@@ -20,7 +20,8 @@
 #   simulate      target/release/fedsend-vopr --seeds 1000..3000 (prints what the faults exercised)
 #   bench         target/release/fedsend-bench at a tiny size on every engine (native, wasmtime,
 #                 Node): checks that it runs, that all engines agree on every count and that the
-#                 numbers are sane; no timing thresholds (BENCHMARKS.md has the real run)
+#                 numbers are sane; no timing thresholds (BENCHMARKS.md has the real run); then
+#                 Synapse's own sender beside fedsend on a 120-event x 20-server burst (bench/synapse/)
 #   fuzz          fuzz/fuzz.sh ci: builds the libFuzzer targets of fuzz/ (stable rustc, no nightly)
 #                 and runs each for 10 s from the committed corpus; one line per target (time,
 #                 executions, exec/s, coverage); fails on any crash (fuzz/README.md)
@@ -81,7 +82,13 @@ stage_native-build() { cargo build --release --workspace; }
 stage_native-test() { cargo test --release --workspace; }
 # A further 2 000 simulator seeds beyond the 1 000 of `cargo test`, with the fault summary.
 stage_simulate() { target/release/fedsend-vopr --seeds 1000..3000; }
-stage_bench() { target/release/fedsend-bench --scale 0.01 --runs 1 --warmup 0 --check; }
+stage_bench() {
+  target/release/fedsend-bench --scale 0.01 --runs 1 --warmup 0 --check
+  # Synapse's own sender (the setup stage's venv) on a small WS burst: same deliveries, documented
+  # transaction counts, bodies PDU for PDU (bench/synapse/side_by_side.py; ~3 s).
+  tools/python/synapse-venv/bin/python bench/synapse/side_by_side.py --events 120 --destinations 20 \
+    --runs 1 --warmup 0 --engines native --check
+}
 # Its own workspace and target dir (fuzz/target): the instrumented build shares nothing with
 # target/release.
 stage_fuzz() { fuzz/fuzz.sh ci 10; }

@@ -4,7 +4,7 @@
 // (host-wasm/pkg/node, built by scripts/build-wasm.sh). `target/release/fedsend-bench` spawns it;
 // it prints JSON on stdout:
 //
-//   node bench/node/bench.mjs --sizes JSON --workload W1|W2|W3|W4|W5 --runs N --warmup N
+//   node bench/node/bench.mjs --sizes JSON --workload W1|W2|W3|W4|W5|WS --runs N --warmup N
 //       → {"runs":[RunResult, …]}  (the fields of fedsend_bench::RunResult)
 //   node bench/node/bench.mjs --sizes JSON --probe idle|queued-a|queued-b
 //       → one number: bytes per idle destination, or bytes per queued event (slope) with the
@@ -214,15 +214,18 @@ class Host {
     this.failing = new Set();
     this.hold = false;
     this.eduKinds = new Map(); // destination → bits of EDU_KINDS received (W4)
+    this.deliveries = null; // WS: destination → { txns, nextEvent, outOfOrder }
     this.queue = [];
     this.head = 0;
     this.samples = [];
     this.sender = null;
     this.result = {
-      core_ns: 0, fanout_ns: 0, wall_ns: 0, inputs: 0, txns: 0, attempts: 0, pairs: 0, enqueued: 0, bytes: 0,
+      core_ns: 0, fanout_ns: 0, wall_ns: 0, cpu_ns: 0, inputs: 0, txns: 0, attempts: 0, pairs: 0, enqueued: 0, bytes: 0,
       median_ns: 0, p99_ns: 0, peak_memory: 0, catch_ups_finished: 0, rows_owed: 0, incomplete: 0,
+      txns_per_destination_min: 0, txns_per_destination_max: 0,
     };
     this.started = performance.now();
+    this.cpuStarted = process.cpuUsage();
   }
 
   start(recovered) {
@@ -304,6 +307,18 @@ class Host {
             if (out.body.includes(kind)) kinds |= 1 << i;
           });
           if (kinds !== 0) this.eduKinds.set(out.destination, (this.eduKinds.get(out.destination) ?? 0) | kinds);
+          if (this.deliveries !== null) {
+            let d = this.deliveries.get(out.destination);
+            if (d === undefined) {
+              d = { txns: 0, nextEvent: 1, outOfOrder: false };
+              this.deliveries.set(out.destination, d);
+            }
+            d.txns += 1;
+            for (const id of out.pdu_ids) {
+              if (id === eventId(d.nextEvent)) d.nextEvent += 1;
+              else d.outOfOrder = true;
+            }
+          }
         }
         if (this.hold) return;
         const outcome = this.failing.has(out.destination) ? 'unreachable' : 'ok';
@@ -341,6 +356,9 @@ class Host {
 
   finish() {
     this.result.wall_ns = Math.round((performance.now() - this.started) * 1e6);
+    // The whole process (V8's helper threads included), in µs.
+    const cpu = process.cpuUsage(this.cpuStarted);
+    this.result.cpu_ns = (cpu.user + cpu.system) * 1000;
     const s = Float64Array.from(this.samples).sort();
     const at = (q) => (s.length === 0 ? 0 : s[Math.round((s.length - 1) * q)]);
     this.result.median_ns = at(0.5);
@@ -459,6 +477,25 @@ function runWorkload(name, sizes) {
       }
       host.advanceTo(host.now + 60_000);
       host.result.incomplete = host.store.outbox.size;
+      return host.finish();
+    }
+    case 'WS': {
+      // bench/src/lib.rs `Workload::WS`: the whole burst in one notification, drained to the end.
+      const hosts = range(0, sizes.ws_destinations).map(destination);
+      const host = new Host({ rooms: [hosts], eventRooms: new Array(sizes.ws_events).fill(0), produced: 0 });
+      host.deliveries = new Map();
+      host.start(fresh());
+      host.advanceTo(T0);
+      host.produce(sizes.ws_events);
+      const complete = (h) => {
+        const d = host.deliveries.get(h);
+        return d !== undefined && !d.outOfOrder && d.nextEvent === sizes.ws_events + 1;
+      };
+      host.result.incomplete = hosts.filter((h) => !complete(h)).length;
+      const txns = hosts.map((h) => host.deliveries.get(h)?.txns ?? 0);
+      host.result.txns_per_destination_min = Math.min(...txns);
+      host.result.txns_per_destination_max = Math.max(...txns);
+      host.deliveries = null;
       return host.finish();
     }
     default:

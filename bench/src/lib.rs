@@ -3,7 +3,9 @@
 //! An *instant host* ([`Host`]) drives a core through its run-loop contract and answers every
 //! output at once: `FetchEvents` from a generated event list, `Persist` acknowledged (and applied
 //! to an in-memory store), `LoadCatchUp`/`LoadOutstanding` from that store, `SendTransaction`
-//! answered `ok` (or `unreachable` for the failing destinations of W2). W4 and W5 hand in
+//! answered `ok` (or `unreachable` for the failing destinations of W2). WS, the Synapse-shaped
+//! burst, hands in every event at once and checks per destination that each event arrived
+//! exactly once and in order (`bench/synapse/` runs Synapse's sender on the same burst). W4 and W5 hand in
 //! receipts, presence, typing and to-device messages directly; the store keeps the to-device
 //! outbox so a run can prove it was emptied. Inputs wait in one FIFO queue, so every engine sees
 //! exactly the same inputs in the same order, and the counts (transactions, pairs, bytes) must
@@ -60,11 +62,14 @@ pub enum Workload {
     W4,
     /// To-device messages, some large enough to be split into several EDUs.
     W5,
+    /// Synapse-shaped burst: N events in one room shared with D servers, all handed in at once,
+    /// every transaction answered at the next turn, drained to the end.
+    WS,
 }
 
 impl Workload {
     /// All of them, in table order.
-    pub const ALL: [Self; 5] = [Self::W1, Self::W2, Self::W3, Self::W4, Self::W5];
+    pub const ALL: [Self; 6] = [Self::W1, Self::W2, Self::W3, Self::W4, Self::W5, Self::WS];
 
     /// Short name.
     pub fn name(self) -> &'static str {
@@ -74,6 +79,7 @@ impl Workload {
             Self::W3 => "W3",
             Self::W4 => "W4",
             Self::W5 => "W5",
+            Self::WS => "WS",
         }
     }
 
@@ -97,6 +103,10 @@ impl Workload {
                 s.w5_messages,
                 s.w5_destinations,
                 W5_LARGE_DEVICES * W5_LARGE_CIPHERTEXT_BYTES / 1024
+            ),
+            Self::WS => format!(
+                "Synapse-shaped burst: {} events in one room shared with {} servers, all handed in at once",
+                s.ws_events, s.ws_destinations
             ),
         }
     }
@@ -143,6 +153,10 @@ pub struct Sizes {
     pub w5_messages: u64,
     /// W5: destination servers.
     pub w5_destinations: u64,
+    /// WS: events of the burst.
+    pub ws_events: u64,
+    /// WS: remote servers in the room.
+    pub ws_destinations: u64,
 }
 
 impl Sizes {
@@ -170,6 +184,10 @@ impl Sizes {
             w4_rounds: s(5, 2),
             w5_messages: (s(100_000, 1_000)).div_ceil(W5_BATCH) * W5_BATCH,
             w5_destinations: s(100, 20),
+            // The floors keep several fetch batches (100 events) and full transactions (50 PDUs)
+            // in the tiny CI run.
+            ws_events: s(1_000, 120),
+            ws_destinations: s(1_000, 20),
         }
     }
 }
@@ -597,6 +615,10 @@ pub struct RunResult {
     pub fanout_ns: u64,
     /// Wall time of the run, host included (ns).
     pub wall_ns: u64,
+    /// CPU time of the run, host included (ns): what the thread ran for, so time the machine
+    /// gave to other processes is left out. 0 where it cannot be read.
+    #[serde(default)]
+    pub cpu_ns: u64,
     /// Inputs fed.
     pub inputs: u64,
     /// Transactions built (first attempts).
@@ -624,8 +646,37 @@ pub struct RunResult {
     /// (destination, room) rows owed at the start of W3.
     pub rows_owed: u64,
     /// What was not delivered at the end: W4 — servers of the room that did not receive all
-    /// three kinds of EDU (receipt, presence, typing); W5 — to-device rows left in the outbox.
+    /// three kinds of EDU (receipt, presence, typing); W5 — to-device rows left in the outbox;
+    /// WS — destinations that did not receive every event exactly once, in stream order.
     pub incomplete: u64,
+    /// WS: the fewest transactions any destination of the room received (0 in other workloads).
+    #[serde(default)]
+    pub txns_per_destination_min: u64,
+    /// WS: the most transactions any destination of the room received (0 in other workloads).
+    #[serde(default)]
+    pub txns_per_destination_max: u64,
+}
+
+/// WS: what one destination has received so far.
+#[derive(Clone, Debug, Default)]
+pub struct Delivery {
+    /// Transactions (first attempts).
+    pub txns: u64,
+    /// Stream ordering of the event it must receive next (events go out in stream order).
+    pub next_event: u64,
+    /// An event arrived twice, too early or out of order.
+    pub out_of_order: bool,
+}
+
+/// One transaction as sent (first attempt), for comparing bodies with Synapse's sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentTransaction {
+    /// Where it went.
+    pub destination: String,
+    /// Event ids of its PDUs, in body order.
+    pub pdu_ids: Vec<String>,
+    /// The body, exactly as built.
+    pub body: String,
 }
 
 /// The instant host around one core.
@@ -645,6 +696,11 @@ pub struct Host {
     pub hold_transactions: bool,
     /// Kinds of EDU each destination received (bits: receipt, presence, typing), for W4.
     pub edu_kinds: HashMap<ServerName, u8>,
+    /// WS: per destination, transactions and the order of events received; `None` elsewhere
+    /// (host work the other workloads need not pay).
+    pub deliveries: Option<HashMap<ServerName, Delivery>>,
+    /// Every transaction's first attempt, when recording.
+    pub transcript: Option<Vec<SentTransaction>>,
     queue: VecDeque<Input>,
     out: Vec<Output>,
     samples: Vec<u32>,
@@ -663,6 +719,8 @@ impl Host {
             failing: HashSet::new(),
             hold_transactions: false,
             edu_kinds: HashMap::new(),
+            deliveries: None,
+            transcript: None,
             queue: VecDeque::new(),
             out: Vec::with_capacity(1 << 16),
             samples: Vec::new(),
@@ -749,6 +807,26 @@ impl Host {
                     if kinds != 0 {
                         *self.edu_kinds.entry(t.destination.clone()).or_default() |= kinds;
                     }
+                    if let Some(deliveries) = &mut self.deliveries {
+                        let d = deliveries
+                            .entry(t.destination.clone())
+                            .or_insert_with(|| Delivery { next_event: 1, ..Delivery::default() });
+                        d.txns += 1;
+                        for id in &t.pdu_ids {
+                            if stream_ordering_of(id) == Some(d.next_event) {
+                                d.next_event += 1;
+                            } else {
+                                d.out_of_order = true;
+                            }
+                        }
+                    }
+                    if let Some(transcript) = &mut self.transcript {
+                        transcript.push(SentTransaction {
+                            destination: t.destination.to_string(),
+                            pdu_ids: t.pdu_ids.clone(),
+                            body: t.body.to_string(),
+                        });
+                    }
                 }
                 if self.hold_transactions {
                     return;
@@ -796,8 +874,8 @@ impl Host {
         self.queue.push_back(input);
     }
 
-    /// Closes the run: percentiles, memory and wall time.
-    pub fn finish(mut self, core: &mut dyn Core, started: Instant) -> RunResult {
+    /// Closes the run: percentiles, memory and wall time; hands back the transcript if one was kept.
+    pub fn finish(mut self, core: &mut dyn Core, started: Instant) -> (RunResult, Option<Vec<SentTransaction>>) {
         self.result.wall_ns = elapsed_ns(started);
         self.samples.sort_unstable();
         let at = |q: f64| -> u64 {
@@ -810,8 +888,36 @@ impl Host {
         self.result.median_ns = at(0.5);
         self.result.p99_ns = at(0.99);
         self.result.peak_memory = core.peak_memory();
-        self.result
+        (self.result, self.transcript)
     }
+}
+
+/// CPU time this thread has run for (ns), from `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`, which
+/// is exact at any moment (`/proc`'s counters move only at scheduler ticks); 0 off 64-bit Linux.
+pub fn thread_cpu_ns() -> u64 {
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    {
+        #[repr(C)]
+        struct Timespec {
+            seconds: i64,
+            nanoseconds: i64,
+        }
+        unsafe extern "C" {
+            fn clock_gettime(clock: i32, time: *mut Timespec) -> i32;
+        }
+        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+        let mut t = Timespec { seconds: 0, nanoseconds: 0 };
+        // SAFETY: `t` is a valid, writable timespec for the duration of the call.
+        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0 {
+            return (t.seconds as u64) * 1_000_000_000 + t.nanoseconds as u64;
+        }
+    }
+    0
+}
+
+/// The stream ordering in an event id made by [`event_id`].
+pub fn stream_ordering_of(event_id: &str) -> Option<u64> {
+    event_id.strip_prefix("$ev")?.parse().ok()
 }
 
 /// The EDU kinds W4 expects every server of the room to receive, as they appear in a body.
@@ -844,15 +950,39 @@ fn fresh() -> Recovered {
 
 /// Runs one workload once on `core`.
 pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> RunResult {
+    run(workload, sizes, core, false).0
+}
+
+/// Runs one workload once on `core` and returns every transaction it sent (first attempts),
+/// in the order the core emitted them.
+pub fn run_recorded(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> (RunResult, Vec<SentTransaction>) {
+    let (result, transcript) = run(workload, sizes, core, true);
+    (result, transcript.unwrap_or_default())
+}
+
+fn run(
+    workload: Workload,
+    sizes: &Sizes,
+    core: &mut dyn Core,
+    record: bool,
+) -> (RunResult, Option<Vec<SentTransaction>>) {
     let started = Instant::now();
-    match workload {
+    let cpu_started = thread_cpu_ns();
+    let new_host = |world: World| {
+        let mut host = Host::new(world);
+        if record {
+            host.transcript = Some(Vec::new());
+        }
+        host
+    };
+    let (mut result, transcript) = match workload {
         Workload::W1 => {
             let world = World {
                 rooms: vec![(0..sizes.w1_destinations).map(destination).collect()],
                 event_rooms: vec![0; sizes.w1_repeats as usize],
                 produced: 0,
             };
-            let mut host = Host::new(world);
+            let mut host = new_host(world);
             host.start(core, &fresh());
             host.advance_to(core, T0);
             for _ in 0..sizes.w1_repeats {
@@ -875,7 +1005,7 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
                 event_rooms: (0..sizes.w2_events).map(|k| (k % sizes.w2_rooms) as u32).collect(),
                 produced: 0,
             };
-            let mut host = Host::new(world);
+            let mut host = new_host(world);
             host.failing = (0..d).filter(|i| i % 50 == 7).map(destination).collect();
             host.start(core, &fresh());
             host.advance_to(core, T0);
@@ -888,6 +1018,9 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
         }
         Workload::W3 => {
             let (mut host, recovered) = w3_setup(sizes);
+            if record {
+                host.transcript = Some(Vec::new());
+            }
             host.start(core, &recovered);
             host.advance_to(core, T0);
             for i in 0..sizes.w3_destinations {
@@ -900,7 +1033,7 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
             let hosts: Vec<ServerName> = (0..sizes.w4_destinations).map(destination).collect();
             let d = hosts.len() as u64;
             let users = sizes.w4_users;
-            let mut host = Host::new(World::default());
+            let mut host = new_host(World::default());
             host.start(core, &fresh());
             host.advance_to(core, T0);
             let with_hosts = |input: Input, hosts: &[ServerName]| match input {
@@ -947,7 +1080,7 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
             host.finish(core, started)
         }
         Workload::W5 => {
-            let mut host = Host::new(World::default());
+            let mut host = new_host(World::default());
             host.start(core, &fresh());
             host.advance_to(core, T0);
             let mut k = 0;
@@ -966,7 +1099,30 @@ pub fn run_workload(workload: Workload, sizes: &Sizes, core: &mut dyn Core) -> R
             host.result.incomplete = host.store.outbox.len() as u64;
             host.finish(core, started)
         }
-    }
+        Workload::WS => {
+            let hosts: Vec<ServerName> = (0..sizes.ws_destinations).map(destination).collect();
+            let world =
+                World { rooms: vec![hosts.clone()], event_rooms: vec![0; sizes.ws_events as usize], produced: 0 };
+            let mut host = new_host(world);
+            host.deliveries = Some(HashMap::with_capacity(hosts.len()));
+            host.start(core, &fresh());
+            host.advance_to(core, T0);
+            // The whole burst in one notification; answers join the back of the input queue, so
+            // each transaction completes at the next turn and the run drains to the end.
+            host.produce(core, sizes.ws_events);
+            let deliveries = host.deliveries.take().unwrap_or_default();
+            let complete = |h: &ServerName| {
+                deliveries.get(h).is_some_and(|d| !d.out_of_order && d.next_event == sizes.ws_events + 1)
+            };
+            host.result.incomplete = hosts.iter().filter(|h| !complete(h)).count() as u64;
+            let txns = hosts.iter().map(|h| deliveries.get(h).map_or(0, |d| d.txns));
+            host.result.txns_per_destination_min = txns.clone().min().unwrap_or(0);
+            host.result.txns_per_destination_max = txns.max().unwrap_or(0);
+            host.finish(core, started)
+        }
+    };
+    result.cpu_ns = thread_cpu_ns().saturating_sub(cpu_started);
+    (result, transcript)
 }
 
 /// W2 room sizes: 4 to 36 servers, 20 on average (so about 20 (event, destination) pairs per event).
@@ -1098,6 +1254,7 @@ pub fn median_run(runs: &[RunResult]) -> RunResult {
         core_ns: med(&|r| r.core_ns),
         fanout_ns: med(&|r| r.fanout_ns),
         wall_ns: med(&|r| r.wall_ns),
+        cpu_ns: med(&|r| r.cpu_ns),
         inputs: med(&|r| r.inputs),
         txns: med(&|r| r.txns),
         attempts: med(&|r| r.attempts),
@@ -1110,6 +1267,8 @@ pub fn median_run(runs: &[RunResult]) -> RunResult {
         catch_ups_finished: med(&|r| r.catch_ups_finished),
         rows_owed: med(&|r| r.rows_owed),
         incomplete: med(&|r| r.incomplete),
+        txns_per_destination_min: med(&|r| r.txns_per_destination_min),
+        txns_per_destination_max: med(&|r| r.txns_per_destination_max),
     }
 }
 
@@ -1151,6 +1310,54 @@ mod tests {
         let w5 = run_workload(Workload::W5, &sizes, &mut TypedCore::default());
         let large = sizes.w5_messages / W5_LARGE_EVERY;
         assert!(large > 0 && w5.pairs >= w5.enqueued + large, "{w5:?}");
+    }
+
+    /// WS hands the whole burst in at once: every destination gets every event once, in stream
+    /// order, never more than 50 PDUs a transaction, and the transcript is what was counted.
+    #[test]
+    fn synapse_shaped_burst_delivers_every_pair_in_order() {
+        let sizes = Sizes { ws_events: 130, ws_destinations: 7, ..Sizes::at_scale(0.005) };
+        let (r, transcript) = run_recorded(Workload::WS, &sizes, &mut TypedCore::default());
+        assert_eq!((r.pairs, r.enqueued, r.incomplete), (130 * 7, 130 * 7, 0), "{r:?}");
+        assert_eq!(transcript.len() as u64, r.txns);
+        assert!(r.txns_per_destination_min >= 3, "{r:?}");
+        let mut by_destination: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for t in &transcript {
+            assert!(t.pdu_ids.len() <= 50 && t.body.starts_with("{\"origin\":\"origin.test\""), "{t:?}");
+            let sent = by_destination.entry(t.destination.clone()).or_default();
+            sent.extend(t.pdu_ids.iter().map(|id| stream_ordering_of(id).expect("bench event id")));
+        }
+        assert_eq!(by_destination.len(), 7);
+        for (d, sent) in &by_destination {
+            assert_eq!(*sent, (1..=130).collect::<Vec<u64>>(), "{d}");
+        }
+    }
+
+    /// The WS tally notices an event that arrives twice or skips ahead.
+    #[test]
+    fn ws_tally_flags_out_of_order_events() {
+        let mut host = Host::new(World::default());
+        host.deliveries = Some(HashMap::new());
+        let send = |host: &mut Host, request: u64, destination: &str, ids: &[&str]| {
+            host.answer(&Output::SendTransaction(fedsend_core::OutgoingTransaction {
+                request: fedsend_core::RequestId(request),
+                destination: ServerName::parse(destination).expect("valid"),
+                txn_id: request.to_string(),
+                attempt: 1,
+                pdu_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+                body: "{}".into(),
+            }));
+        };
+        send(&mut host, 1, "a.test", &["$ev1", "$ev2"]);
+        send(&mut host, 2, "a.test", &["$ev3"]);
+        send(&mut host, 3, "b.test", &["$ev1", "$ev1"]);
+        send(&mut host, 4, "c.test", &["$ev2"]);
+        let deliveries = host.deliveries.as_ref().expect("kept");
+        let flagged = |d: &str| deliveries[&ServerName::parse(d).expect("valid")].out_of_order;
+        assert!(!flagged("a.test") && flagged("b.test") && flagged("c.test"));
+        assert_eq!(deliveries[&ServerName::parse("a.test").expect("valid")].next_event, 4);
+        assert_eq!(stream_ordering_of("$ev12"), Some(12));
+        assert_eq!(stream_ordering_of("$other"), None);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! fedsend-bench [--scale F] [--runs N] [--warmup N] [--engines typed,native,wasm,node]
-//!               [--workloads W1,W2,W3,W4,W5] [--wasm PATH] [--node-script PATH] [--check] [--no-probes]
-//!               [--w2-events N]
+//!               [--workloads W1,W2,W3,W4,W5,WS] [--wasm PATH] [--node-script PATH] [--check] [--no-probes]
+//!               [--w2-events N] [--ws-events N] [--ws-destinations N] [--json FILE] [--transcript FILE]
 //! ```
 //!
 //! `--scale 1` (the default) is the issue's sizes, except that W2 runs 10 000 of its 100 000
@@ -11,6 +11,12 @@
 //! `--check` exits non-zero unless the numbers are sane (all engines agree on every count, W3
 //! sends at most one transaction per (destination, room), W4 and W5 deliver everything,
 //! memory figures are plausible).
+//!
+//! WS is the Synapse-shaped burst (`--ws-events` × `--ws-destinations`, default 1 000 × 1 000 at
+//! scale 1). `--json FILE` writes every cell's median result as JSON, and `--transcript FILE`
+//! runs WS once more on the native JSON engine and writes each transaction it sent (destination,
+//! PDU ids, body) as JSON lines: `bench/synapse/side_by_side.py` reads both to compare with
+//! Synapse's sender on the same burst.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -18,7 +24,7 @@ use std::time::Instant;
 
 use fedsend_bench::{
     Core, JsonCore, JsonMemory, ProbeResult, RunResult, Sizes, TypedCore, Workload, counting::CountingAlloc,
-    median_run, probes, repeat,
+    median_run, probes, repeat, run_recorded,
 };
 use fedsend_host_native::wasm_engine::{WasmEngine, locate_guest};
 use fedsend_sim::NativeEngine;
@@ -66,6 +72,10 @@ struct Args {
     check: bool,
     probes: bool,
     w2_events: Option<u64>,
+    ws_events: Option<u64>,
+    ws_destinations: Option<u64>,
+    json: Option<PathBuf>,
+    transcript: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -80,6 +90,10 @@ fn parse_args() -> Result<Args, String> {
         check: false,
         probes: true,
         w2_events: None,
+        ws_events: None,
+        ws_destinations: None,
+        json: None,
+        transcript: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -103,7 +117,7 @@ fn parse_args() -> Result<Args, String> {
                         Workload::ALL
                             .into_iter()
                             .find(|w| w.name().eq_ignore_ascii_case(s))
-                            .ok_or_else(|| format!("unknown workload {s:?} (W1, W2, W3, W4, W5)"))
+                            .ok_or_else(|| format!("unknown workload {s:?} (W1, W2, W3, W4, W5, WS)"))
                     })
                     .collect::<Result<_, _>>()?;
             }
@@ -112,10 +126,17 @@ fn parse_args() -> Result<Args, String> {
             "--check" => args.check = true,
             "--no-probes" => args.probes = false,
             "--w2-events" => args.w2_events = Some(value()?.parse().map_err(|e| format!("--w2-events: {e}"))?),
+            "--ws-events" => args.ws_events = Some(value()?.parse().map_err(|e| format!("--ws-events: {e}"))?),
+            "--ws-destinations" => {
+                args.ws_destinations = Some(value()?.parse().map_err(|e| format!("--ws-destinations: {e}"))?);
+            }
+            "--json" => args.json = Some(PathBuf::from(value()?)),
+            "--transcript" => args.transcript = Some(PathBuf::from(value()?)),
             "-h" | "--help" => {
                 println!(
                     "fedsend-bench [--scale F] [--runs N] [--warmup N] [--engines typed,native,wasm,node] \
-                     [--workloads W1,W2,W3,W4,W5] [--wasm PATH] [--node-script PATH] [--check] [--no-probes] [--w2-events N]"
+                     [--workloads W1,W2,W3,W4,W5,WS] [--wasm PATH] [--node-script PATH] [--check] [--no-probes] [--w2-events N] \
+                     [--ws-events N] [--ws-destinations N] [--json FILE] [--transcript FILE]"
                 );
                 std::process::exit(0);
             }
@@ -124,6 +145,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.scale <= 0.0 || args.runs == 0 {
         return Err("--scale must be positive and --runs at least 1".into());
+    }
+    if args.ws_events == Some(0) || args.ws_destinations == Some(0) {
+        return Err("--ws-events and --ws-destinations must be at least 1".into());
     }
     Ok(args)
 }
@@ -283,6 +307,12 @@ fn run(args: &Args) -> Result<bool, String> {
     if let Some(events) = args.w2_events {
         sizes.w2_events = events.div_ceil(100).max(1) * 100;
     }
+    if let Some(events) = args.ws_events {
+        sizes.ws_events = events;
+    }
+    if let Some(destinations) = args.ws_destinations {
+        sizes.ws_destinations = destinations;
+    }
     let started = Instant::now();
     println!(
         "fedsend-bench: scale {}, {} warm-up + {} measured runs per cell (medians)",
@@ -317,7 +347,14 @@ fn run(args: &Args) -> Result<bool, String> {
         probe_rows.push((engine, probe));
     }
 
+    let transcript_counts = match &args.transcript {
+        Some(path) => Some(write_transcript(args, &sizes, path)?),
+        None => None,
+    };
     print_tables(args, &sizes, &rows, &probe_rows);
+    if let Some(path) = &args.json {
+        write_json(path, &sizes, &rows)?;
+    }
     let ok = targets(&sizes, &rows, &probe_rows);
     println!("\ntotal bench time {:.0} s", started.elapsed().as_secs_f64());
     if args.check {
@@ -332,7 +369,65 @@ fn run(args: &Args) -> Result<bool, String> {
         }
     }
     let _ = ok;
+    if let Some(transcribed) = transcript_counts {
+        let measured = rows.iter().find(|r| r.workload == Workload::WS).map(|r| &r.result);
+        if let Some(m) = measured.filter(|m| (m.txns, m.pairs) != transcribed) {
+            println!(
+                "check FAILED: the transcribed WS run sent (transactions, pairs) = {transcribed:?}, the measured ones ({}, {})",
+                m.txns, m.pairs
+            );
+            return Ok(false);
+        }
+    }
     Ok(true)
+}
+
+/// Runs WS once more on the native JSON engine, writes its transactions as JSON lines, and
+/// returns (transactions, pairs) of that run.
+fn write_transcript(args: &Args, sizes: &Sizes, path: &std::path::Path) -> Result<(u64, u64), String> {
+    let mut core = make_core(EngineKind::Native, args)?;
+    let (result, transcript) = run_recorded(Workload::WS, sizes, &mut *core);
+    let mut text = String::new();
+    for t in &transcript {
+        text.push_str(&serde_json::to_string(t).expect("transactions serialize"));
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok((result.txns, result.pairs))
+}
+
+/// Every cell's median result with the sizes and this process's peak RSS, for other tools.
+fn write_json(path: &std::path::Path, sizes: &Sizes, rows: &[Row]) -> Result<(), String> {
+    let cells: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "workload": r.workload.name(),
+                "engine": r.engine.label(),
+                "result": r.result,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "sizes": sizes,
+        "machine": machine(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "cells": cells,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json"))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// This process's peak resident set size (VmHWM), 0 without `/proc`.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
 
 fn native_of(rows: &[Row], workload: Workload) -> Option<&RunResult> {
@@ -395,6 +490,10 @@ fn print_tables(args: &Args, sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineK
                     Workload::W3 => format!(", {} (destination, room) rows owed", r.rows_owed),
                     Workload::W4 => format!(", {} servers missing a kind of EDU", r.incomplete),
                     Workload::W5 => format!(", {} outbox rows left undelivered", r.incomplete),
+                    Workload::WS => format!(
+                        ", {}–{} transactions per destination, {} destinations missing an event or out of order",
+                        r.txns_per_destination_min, r.txns_per_destination_max, r.incomplete
+                    ),
                     _ => String::new(),
                 }
             );
@@ -497,12 +596,15 @@ fn sanity(sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineKind, ProbeResult)])
         let cells: Vec<&Row> = rows.iter().filter(|r| r.workload == workload).collect();
         let Some(first) = cells.first() else { continue };
         let key = |r: &RunResult| {
-            (r.txns, r.attempts, r.pairs, r.enqueued, r.bytes, r.inputs, r.catch_ups_finished, r.incomplete)
+            (
+                (r.txns, r.attempts, r.pairs, r.enqueued, r.bytes, r.inputs, r.catch_ups_finished, r.incomplete),
+                (r.txns_per_destination_min, r.txns_per_destination_max),
+            )
         };
         for row in &cells {
             if key(&row.result) != key(&first.result) {
                 problems.push(format!(
-                    "{}: {} counted (txns, attempts, pairs, enqueued, bytes, inputs, catch-ups, incomplete) = {:?} but {} counted {:?}",
+                    "{}: {} counted ((txns, attempts, pairs, enqueued, bytes, inputs, catch-ups, incomplete), (txns per destination min, max)) = {:?} but {} counted {:?}",
                     workload.name(),
                     row.engine.label(),
                     key(&row.result),
@@ -554,6 +656,22 @@ fn sanity(sizes: &Sizes, rows: &[Row], probe_rows: &[(EngineKind, ProbeResult)])
                     "W5: {} of {} messages handed in, {} EDUs sent (large messages must add chunks), {} outbox rows left",
                     r.enqueued, sizes.w5_messages, r.pairs, r.incomplete
                 ));
+            }
+            Workload::WS => {
+                let pairs = sizes.ws_events * sizes.ws_destinations;
+                // A transaction carries at most 50 PDUs, so no destination can do with fewer.
+                let fewest = sizes.ws_events.div_ceil(50);
+                if r.pairs != pairs
+                    || r.enqueued != pairs
+                    || r.incomplete != 0
+                    || r.txns_per_destination_min < fewest
+                    || r.txns_per_destination_max > sizes.ws_events
+                {
+                    problems.push(format!(
+                        "WS: {} of {pairs} pairs sent ({} enqueued), {} destinations incomplete, {}–{} transactions per destination (at least {fewest})",
+                        r.pairs, r.enqueued, r.incomplete, r.txns_per_destination_min, r.txns_per_destination_max
+                    ));
+                }
             }
             _ => {}
         }

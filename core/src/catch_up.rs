@@ -94,21 +94,28 @@ impl Destination {
                 .max()
                 .unwrap_or(0);
             self.catch_up.last_skipped = self.catch_up.last_skipped.max(newest_dropped);
-            if drop_ephemeral {
-                queue.edus.clear_ephemeral();
-            }
+            let mut stale = if drop_ephemeral { queue.edus.clear_ephemeral() } else { Vec::new() };
             queue.pending_pdus.clear();
             queue.isolation = Default::default();
-            // The abandoned transaction's PDUs are covered by storage and its to-device
-            // messages by the outbox, so those go back to the queue. Its receipts, presence and
-            // typing go with it: requeued as opaque EDUs they could overtake newer ones.
+            // The abandoned transaction's PDUs are covered by storage, its to-device messages by
+            // the outbox and its device-list changes by their pokes. Its plain and keyed EDUs
+            // go back to the queue, to go first, unless stale. Its receipts, presence and typing
+            // go with it: requeued as opaque EDUs they could overtake newer ones.
             if let Some(frozen) = queue.frozen.take() {
-                for edu in frozen.edus.into_iter().rev().filter(|edu| edu.outbox_id.is_some()) {
-                    queue.edus.push_front(edu);
+                for edu in frozen.edus.into_iter().rev() {
+                    if edu.outbox_id.is_some() || (!drop_ephemeral && !edu.is_state()) {
+                        queue.edus.push_front(edu);
+                    } else if drop_ephemeral && edu.device_list.is_none() && !edu.is_state() {
+                        stale.push(edu);
+                    }
                 }
             }
             queue.catch_up_rooms = CatchUpRooms::default();
             queue.http_failures = 0;
+            // Accepted and never to be sent: reported, as every given-up item is.
+            for edu in stale {
+                self.give_up_edu(name, fx, &edu, String::from("stale: the destination was unreachable for long"));
+            }
         }
         fx.report(Event::CatchUpStarted { destination: name.clone() });
     }
@@ -339,5 +346,42 @@ mod tests {
         assert!(matches!(fx.poll_output(), Some(Output::LoadCatchUp { after: 0, up_to: 4, .. })));
         destination.catch_up_loaded(&name("a.test"), &mut fx, Vec::new(), 4);
         assert!(!destination.catch_up.active);
+    }
+
+    #[test]
+    fn an_abandoned_transaction_requeues_its_edus_or_reports_them_when_stale() {
+        for drop_ephemeral in [false, true] {
+            let mut fx = Effects::new(0);
+            let mut destination = Destination::default();
+            let plain = crate::edu::EduEntry::new("org.example.test", &json!({"n": 1}));
+            let typing = crate::edu::EduEntry::new("m.typing", &json!({"n": 2}));
+            destination.queue().frozen = Some(FrozenTransaction {
+                txn_id: "1.1".into(),
+                body: Arc::from("{}"),
+                items: Vec::new(),
+                edus: alloc::vec![plain, typing],
+                pdu_ids: Vec::new(),
+                attempts: 3,
+                rejections: 0,
+                delivered_up_to: None,
+                catch_up: None,
+            });
+            destination.start_catching_up(&name("a.test"), &mut fx, drop_ephemeral);
+            let outputs: Vec<Output> = core::iter::from_fn(|| fx.poll_output()).collect();
+            let dropped: Vec<&str> = outputs
+                .iter()
+                .filter_map(|output| match output {
+                    Output::Event { event: Event::Dropped { item, .. } } => Some(item.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let queued = destination.queue().edus.len();
+            if drop_ephemeral {
+                assert_eq!((dropped, queued), (alloc::vec!["org.example.test"], 0), "stale: reported");
+                assert_eq!(destination.dropped_items, 1);
+            } else {
+                assert_eq!((dropped.len(), queued), (0, 1), "the plain EDU goes back, the typing notice goes");
+            }
+        }
     }
 }

@@ -152,6 +152,14 @@ pub(crate) struct EduQueue {
     keyed: VecDeque<((String, String), EduEntry)>,
 }
 
+impl EduEntry {
+    /// Presence, receipts and typing carry state that a newer update supersedes: stale after
+    /// a long outage, and unsafe to requeue behind newer ones.
+    pub(crate) fn is_state(&self) -> bool {
+        matches!(self.edu_type.as_str(), "m.presence" | "m.receipt" | "m.typing")
+    }
+}
+
 impl EduQueue {
     pub(crate) fn is_empty(&self) -> bool {
         self.presence.is_empty()
@@ -295,12 +303,19 @@ impl EduQueue {
         }
     }
 
-    /// Drops the ephemeral data (presence, receipts, plain and keyed EDUs); durable
-    /// to-device messages and device-list changes stay.
-    pub(crate) fn clear_ephemeral(&mut self) {
+    /// Drops the ephemeral data (presence, receipts, typing, plain and keyed EDUs); durable
+    /// to-device messages and device-list changes stay. Returns the dropped EDUs that carry
+    /// no superseded state (plain and keyed, other than typing), to be reported.
+    pub(crate) fn clear_ephemeral(&mut self) -> Vec<EduEntry> {
         let to_device = core::mem::take(&mut self.to_device);
         let device_lists = core::mem::take(&mut self.device_lists);
-        *self = Self { to_device, device_lists, ..Self::default() };
+        let old = core::mem::replace(self, Self { to_device, device_lists, ..Self::default() });
+        old.requeued
+            .into_iter()
+            .chain(old.plain)
+            .chain(old.keyed.into_iter().map(|(_, edu)| edu))
+            .filter(|edu| !edu.is_state())
+            .collect()
     }
 
     /// Takes EDUs for one transaction: those of a split poison transaction first, then

@@ -29,8 +29,19 @@ impl InFlightLimiter {
 
     /// Frees a slot and hands it to the first in line that still waits (`claim` returns
     /// whether the destination was still waiting, and takes the slot for it if so).
-    pub(crate) fn release(&mut self, mut claim: impl FnMut(&ServerName) -> bool) -> Option<ServerName> {
+    pub(crate) fn release(&mut self, claim: impl FnMut(&ServerName) -> bool) -> Option<ServerName> {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.wake_next(claim)
+    }
+
+    /// Whether a slot is free while destinations wait in line: one woken for a freed slot
+    /// found nothing left to send (its transaction was abandoned for catch-up meanwhile).
+    pub(crate) fn slot_idle(&self, max: u32) -> bool {
+        self.in_flight < max && !self.waiters.is_empty()
+    }
+
+    /// Wakes the first in line that still waits, without freeing a slot.
+    pub(crate) fn wake_next(&mut self, mut claim: impl FnMut(&ServerName) -> bool) -> Option<ServerName> {
         while let Some(name) = self.waiters.pop_front() {
             if claim(&name) {
                 return Some(name);

@@ -316,14 +316,7 @@ impl FederationSender {
             other => return Err(self.fx.wrong_answer(request, other)),
         };
         let destinations = &mut self.destinations;
-        let next = self.limiter.release(|waiting| {
-            let queue = destinations.get_mut(waiting).and_then(|d| d.queue.as_mut());
-            let claimed = queue.as_ref().is_some_and(|q| q.activity == Activity::AwaitingSlot);
-            if let (true, Some(queue)) = (claimed, queue) {
-                queue.activity = Activity::Idle;
-            }
-            claimed
-        });
+        let next = self.limiter.release(|waiting| claim_slot(destinations, waiting));
         if let Some(next) = next {
             self.fx.mark_dirty(next);
         }
@@ -469,6 +462,18 @@ impl FederationSender {
                 self.fx.mark_dirty(name);
             }
         }
+        self.drive_dirty_once(rows_stored_to);
+        // A slot handed to a destination that then had nothing to send (its transaction was
+        // abandoned for catch-up) would otherwise stay free while others wait in line forever.
+        while self.limiter.slot_idle(self.config.transactions_in_flight_max) {
+            let destinations = &mut self.destinations;
+            let Some(next) = self.limiter.wake_next(|waiting| claim_slot(destinations, waiting)) else { break };
+            self.fx.mark_dirty(next);
+            self.drive_dirty_once(rows_stored_to);
+        }
+    }
+
+    fn drive_dirty_once(&mut self, rows_stored_to: u64) {
         while let Some(name) = self.fx.pop_dirty() {
             let Some(destination) = self.destinations.get_mut(&name) else { continue };
             if !self.incarnation_durable {
@@ -554,4 +559,14 @@ fn check_catch_up(after: u64, up_to: u64, rooms: &[CatchUpRoom]) -> Result<(), I
         previous = room.stream_ordering;
     }
     Ok(())
+}
+
+/// Hands a freed slot to `waiting` if it still waits for one.
+fn claim_slot(destinations: &mut BTreeMap<ServerName, Destination>, waiting: &ServerName) -> bool {
+    let queue = destinations.get_mut(waiting).and_then(|d| d.queue.as_mut());
+    let claimed = queue.as_ref().is_some_and(|q| q.activity == Activity::AwaitingSlot);
+    if let (true, Some(queue)) = (claimed, queue) {
+        queue.activity = Activity::Idle;
+    }
+    claimed
 }

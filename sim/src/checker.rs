@@ -45,10 +45,6 @@ pub struct Counts {
     /// Of those, items lost with the memory of a crashed sender (only to-device messages and
     /// device lists are durable).
     pub ephemeral_lost_to_crash: u64,
-    /// Of those, EDUs the homeserver addressed to one destination (`Input::Edu`, plain or
-    /// keyed) that vanished without a `Dropped` report when the destination started catching
-    /// up. Nothing in docs/design.md allows it; see [`Checker::strict_edus`].
-    pub edus_lost_unreported: u64,
 }
 
 /// Identity of an ephemeral item for one destination: a newer accepted item with the same
@@ -163,11 +159,6 @@ pub(crate) struct Checker {
     dropped_edus: BTreeMap<(String, String), u64>,
     /// Orders acceptances against later reports.
     sequence: u64,
-    /// Fail on an `Input::Edu` lost without a report when its destination starts catching up.
-    /// Off by default while the core does that (reported with simulator seed 317: the EDUs
-    /// of the abandoned transaction and `EduQueue::clear_ephemeral` go silently); the
-    /// losses are counted in [`Counts::edus_lost_unreported`] either way.
-    pub(crate) strict_edus: bool,
     pub(crate) counts: Counts,
 }
 
@@ -197,7 +188,6 @@ impl Checker {
             ephemeral: BTreeMap::new(),
             dropped_edus: BTreeMap::new(),
             sequence: 0,
-            strict_edus: false,
             counts: Counts::default(),
         }
     }
@@ -652,20 +642,9 @@ impl Checker {
             }
             Event::CatchUpStarted { destination } => {
                 if let Some(owed) = self.ephemeral.get_mut(destination.as_str()) {
-                    let (mut allowed, mut unreported) = (0, 0);
-                    owed.retain(|key, _| {
-                        if key.lost_to_catch_up() {
-                            allowed += 1;
-                            false
-                        } else if !self.strict_edus {
-                            unreported += 1;
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                    self.counts.ephemeral_lost_to_catch_up += allowed;
-                    self.counts.edus_lost_unreported += unreported;
+                    let before = owed.len();
+                    owed.retain(|key, _| !key.lost_to_catch_up());
+                    self.counts.ephemeral_lost_to_catch_up += (before - owed.len()) as u64;
                 }
                 self.counts.catch_ups += 1;
                 self.unstaggered.insert(String::from(destination.as_str()));
@@ -814,7 +793,7 @@ mod tests {
     }
 
     #[test]
-    fn catch_up_forgives_typing_but_only_counts_an_edu_lost_unreported() {
+    fn catch_up_forgives_typing_but_not_an_edu() {
         let typing = Input::Typing {
             room_id: "!r:origin.sim".into(),
             user_id: "@u:origin.sim".into(),
@@ -822,19 +801,13 @@ mod tests {
             hosts: vec![name("r0.sim"), name("origin.sim")],
         };
         let started = Event::CatchUpStarted { destination: name("r0.sim") };
-        let mut lenient = checker();
-        lenient.on_input_accepted(0, &typing);
-        lenient.on_input_accepted(0, &edu("org.example.test", json!(null), None));
-        assert_eq!(lenient.counts.ephemeral_owed, 2, "nothing is owed to ourselves");
-        lenient.on_event(&started).unwrap();
-        assert_eq!(lenient.ephemeral_unsettled(), None);
-        assert_eq!((lenient.counts.ephemeral_lost_to_catch_up, lenient.counts.edus_lost_unreported), (1, 1));
-        let mut strict = checker();
-        strict.strict_edus = true;
-        strict.on_input_accepted(0, &typing);
-        strict.on_input_accepted(0, &edu("org.example.test", json!(null), None));
-        strict.on_event(&started).unwrap();
-        let unsettled = strict.ephemeral_unsettled().expect("the EDU was promised");
+        let mut checker = checker();
+        checker.on_input_accepted(0, &typing);
+        checker.on_input_accepted(0, &edu("org.example.test", json!(null), None));
+        assert_eq!(checker.counts.ephemeral_owed, 2, "nothing is owed to ourselves");
+        checker.on_event(&started).unwrap();
+        assert_eq!(checker.counts.ephemeral_lost_to_catch_up, 1, "the typing notice");
+        let unsettled = checker.ephemeral_unsettled().expect("the EDU was promised");
         assert!(unsettled.contains("org.example.test"), "{unsettled}");
     }
 

@@ -56,9 +56,6 @@ pub struct Options {
     pub odd_input_permille: u64,
     /// The sender's configuration overrides.
     pub config: serde_json::Map<String, Value>,
-    /// Also fail on EDUs (`Input::Edu`) lost without a `Dropped` report when their
-    /// destination starts catching up (see `Counts::edus_lost_unreported`).
-    pub strict_edus: bool,
     /// Put the core's events into the trace too (`x-event` lines).
     pub trace_events: bool,
 }
@@ -112,7 +109,6 @@ impl Options {
                 _ => pick(1, 300),
             },
             config,
-            strict_edus: false,
             trace_events: false,
         }
     }
@@ -183,7 +179,6 @@ impl Totals {
         c.ephemeral_owed += r.ephemeral_owed;
         c.ephemeral_lost_to_catch_up += r.ephemeral_lost_to_catch_up;
         c.ephemeral_lost_to_crash += r.ephemeral_lost_to_crash;
-        c.edus_lost_unreported += r.edus_lost_unreported;
         let (f, r) = (&mut self.faults, &report.faults);
         f.drops += r.drops;
         f.errors += r.errors;
@@ -198,7 +193,7 @@ impl Totals {
 
     /// How accepted items that were not delivered were settled, for the summary: these may
     /// be zero in a short sweep.
-    pub fn settled_otherwise(&self) -> [(&'static str, u64); 4] {
+    pub fn settled_otherwise(&self) -> [(&'static str, u64); 3] {
         [
             ("events skipped with a reason (nested too deeply to send)", self.counts.events_skipped),
             (
@@ -206,10 +201,6 @@ impl Totals {
                 self.counts.ephemeral_lost_to_catch_up,
             ),
             ("ephemeral items lost in sender crashes (in memory only)", self.counts.ephemeral_lost_to_crash),
-            (
-                "EDUs lost unreported when catch-up started (core gap; --strict-edus fails on them)",
-                self.counts.edus_lost_unreported,
-            ),
         ]
     }
 
@@ -282,9 +273,7 @@ pub fn run(options: &Options, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str
     };
     let mut world = World::start(&scenario, engine, emit).map_err(|e| fail(format!("{e}")))?;
     world.faults = Some(Faults::new(options.rates.clone(), options.seed.wrapping_mul(31).wrapping_add(7)));
-    let mut checker = Checker::new(config.clone());
-    checker.strict_edus = options.strict_edus;
-    world.checker = Some(checker);
+    world.checker = Some(Checker::new(config.clone()));
     world.trace_events = options.trace_events;
     world.refusals_allowed = true;
     let mut odd = OddInputs::new(options.seed, options.odd_input_permille, config.transaction_bytes_max);

@@ -6,7 +6,6 @@
 //! fedsend-vopr --sweep [--from N]        seeds from N on, until interrupted
 //!   [--jobs J]                           on J threads (ranges and sweeps)
 //!   [--keep-going]                       past failures, listing them all at the end
-//!   [--strict-edus]                      fail on EDUs lost unreported when catch-up starts
 //!   [--odd PERMILLE]                     odd inputs at this rate instead of the seed's own
 //! ```
 //! Every failure prints the command that reproduces it, and the process exits 1.
@@ -21,7 +20,7 @@ use fedsend_sim::vopr::{Options, Report, Totals, reproduce_command, run};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: fedsend-vopr --seed N [--trace] | --seeds A..B | --sweep [--from N] [--jobs J] [--keep-going] [--strict-edus] [--odd PERMILLE]"
+        "usage: fedsend-vopr --seed N [--trace] | --seeds A..B | --sweep [--from N] [--jobs J] [--keep-going] [--odd PERMILLE]"
     );
     std::process::exit(2);
 }
@@ -37,13 +36,11 @@ fn parse_seed(text: &str) -> u64 {
 /// What the command line changes in every seed's options.
 #[derive(Clone, Copy)]
 struct Overrides {
-    strict_edus: bool,
     odd_input_permille: Option<u64>,
 }
 
 fn options(seed: u64, overrides: Overrides) -> Options {
     let mut options = Options::swarm(seed);
-    options.strict_edus = overrides.strict_edus;
     if let Some(permille) = overrides.odd_input_permille {
         options.odd_input_permille = permille;
     }
@@ -72,7 +69,7 @@ fn main() {
     let mut trace = false;
     let mut jobs = 1u64;
     let mut keep_going = false;
-    let mut overrides = Overrides { strict_edus: false, odd_input_permille: None };
+    let mut overrides = Overrides { odd_input_permille: None };
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -97,7 +94,6 @@ fn main() {
                 jobs = args.get(i).and_then(|j| j.parse().ok()).filter(|j| *j > 0).unwrap_or_else(|| usage());
             }
             "--keep-going" => keep_going = true,
-            "--strict-edus" => overrides.strict_edus = true,
             "--odd" => {
                 i += 1;
                 let permille = args.get(i).and_then(|p| p.parse().ok()).filter(|p| *p <= 1000);

@@ -8,13 +8,16 @@
 // and a result line; exit status 0 = pass. Needs www/pkg (scripts/build-wasm.sh).
 //
 // Checks (all by default, or the named ones): live, mix, backoff, restart, faults, determinism,
-// replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×.
+// traces, replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×.
+// `traces` is the exception to asserting from the DOM: it runs every shipped scenario through
+// runScenario in the page (test/traces.html) and compares the whole trace texts, byte for byte,
+// with the committed .trace.jsonl files that native, wasmtime and Node are held to.
 //
 // It lives in www/test/ but is not a `node --test` file: Node 20's runner runs every .mjs under
 // a test/ directory, so when it does, this file only registers a skipped test.
 
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
@@ -240,6 +243,63 @@ const CHECKS = {
     return `seed 11 twice: ${a} = ${b}; seed 12: ${c}; replayed from the URL's action log: ${d}`;
   },
 
+  async traces(page) {
+    const onDisk = readdirSync(SCENARIOS).filter((f) => f.endsWith('.json')).sort();
+    await page.goto(new URL('test/traces.html', base).href);
+    const t0 = Date.now();
+    // In the page: the web build (core and simulated world both in wasm), driven exactly as the
+    // Node runner drives it, over every scenario the server lists as shipped.
+    const runs = await page.evaluate(async () => {
+      const wasm = await import(new URL('../pkg/fedsend_wasm.js', location.href).href);
+      const { senderEngine } = await import(new URL('../lib/engine.mjs', location.href).href);
+      await wasm.default();
+      const shipped = new URL('../scenarios/shipped/', location.href);
+      const names = await (await fetch(new URL('index.json', shipped))).json();
+      // Strict UTF-8 with the BOM kept, as the other runners read a scenario file.
+      const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+      const out = [];
+      for (const name of names) {
+        const res = await fetch(new URL(encodeURIComponent(name), shipped));
+        if (!res.ok) {
+          out.push({ name, error: `GET ${res.url}: HTTP ${res.status}` });
+          continue;
+        }
+        const lines = [];
+        const engine = senderEngine(wasm.FederationSender);
+        try {
+          wasm.runScenario(utf8.decode(await res.arrayBuffer()), engine, (line) => lines.push(line, '\n'));
+          out.push({ name, trace: lines.join('') });
+        } catch (e) {
+          out.push({ name, error: String(e?.message ?? e), trace: lines.join('') });
+        } finally {
+          engine.free();
+        }
+      }
+      return out;
+    });
+    const ms = Date.now() - t0;
+    const ran = runs.map((r) => r.name);
+    expect(JSON.stringify(ran) === JSON.stringify(onDisk),
+      `the page ran ${ran.length} scenarios, tests/scenarios/ has ${onDisk.length}: ${diffNames(ran, onDisk)}`);
+    expect(onDisk.length >= 10, `only ${onDisk.length} scenarios in tests/scenarios/`);
+    const wrong = [];
+    let bytes = 0;
+    for (const { name, trace = '', error } of runs) {
+      const golden = name.replace(/\.json$/, '.trace.jsonl');
+      if (!existsSync(join(SCENARIOS, golden))) {
+        wrong.push(`${name}: no committed ${golden}`);
+        continue;
+      }
+      const want = readFileSync(join(SCENARIOS, golden));
+      const got = Buffer.from(trace, 'utf8');
+      bytes += got.length;
+      if (error !== undefined) wrong.push(`${name}: failed in the page: ${error}`);
+      else if (!got.equals(want)) wrong.push(`${name}: ${firstDifference(trace, want.toString('utf8'))}`);
+    }
+    expect(wrong.length === 0, `${wrong.length} of ${runs.length} traces differ from the committed ones: ${wrong.join('; ')}`);
+    return `${runs.length} of ${onDisk.length} shipped scenarios run in the page (${ms} ms): every trace byte-identical to its .trace.jsonl (${bytes} B)`;
+  },
+
   async replay(page) {
     const results = [];
     for (const name of ['restart.json', 'long-outage-catch-up.json', 'd7-poison-transaction.json']) {
@@ -307,6 +367,31 @@ const CHECKS = {
     return `${lines.join('; ')}; ${file}`;
   },
 };
+
+/** What is in one list of scenario names and not the other. */
+function diffNames(got, want) {
+  const missing = want.filter((n) => !got.includes(n));
+  const extra = got.filter((n) => !want.includes(n));
+  return `not run: ${missing.join(', ') || '–'}; not on disk: ${extra.join(', ') || '–'}`;
+}
+
+/** The first line where two trace texts differ, both versions, cut around the first differing
+ * character (a to-device line can be 64 KiB long). */
+function firstDifference(got, want) {
+  const a = got.split('\n');
+  const b = want.split('\n');
+  let i = 0;
+  while (i < a.length && i < b.length && a[i] === b[i]) i += 1;
+  let col = 0;
+  while (col < (a[i]?.length ?? 0) && a[i][col] === b[i]?.[col]) col += 1;
+  const cut = (line) => {
+    if (line === undefined) return '(no such line)';
+    if (line === '') return '(empty line)';
+    const from = Math.max(0, col - 80);
+    return `${from ? '…' : ''}${line.slice(from, col + 120)}${col + 120 < line.length ? '…' : ''}`;
+  };
+  return `line ${i + 1} (column ${col + 1}) differs; page: ${cut(a[i])} | committed: ${cut(b[i])}`;
+}
 
 /** Where `nativeTrace` takes the native engine's traces from. */
 function nativeSource() {

@@ -18,7 +18,7 @@ mod checker;
 mod faults;
 mod odd;
 mod scenario;
-mod store;
+
 pub mod vopr;
 mod world;
 
@@ -27,27 +27,13 @@ use core::fmt;
 
 pub use checker::Counts;
 pub use faults::{FaultCounts, FaultRates};
+pub use fedsend_driver::MemoryStore;
 pub use scenario::{Respond, Scenario, Step, Visibility};
-pub use store::MemoryStore;
 pub use world::{LiveRun, ScenarioRun};
 
-/// A sender engine seen through its JSON boundary.
-pub trait Engine {
-    /// (Re)creates the machine from config and recovered state (both JSON); called at the
-    /// start and on every simulated restart.
-    fn start(&mut self, config_json: &str, recovered_json: &str) -> Result<(), String>;
-    /// Feeds one input (JSON) at `now_ms`.
-    fn handle_input(&mut self, now_ms: u64, input_json: &str) -> Result<(), String>;
-    /// Next output (JSON), if any.
-    fn poll_output(&mut self) -> Option<String>;
-    /// Next deadline (Unix ms), if any.
-    fn poll_timeout(&mut self) -> Option<u64>;
-    /// Per-destination figures as JSON (`DestinationStats` array), if the engine offers them;
-    /// the simulator checks memory bounds with them.
-    fn destination_stats(&mut self) -> Option<String> {
-        None
-    }
-}
+/// A sender engine seen through its JSON boundary (defined beside the driver, which runs the
+/// same engines for real).
+pub use fedsend_driver::JsonEngine as Engine;
 
 /// The core linked natively, through the same JSON facade every other engine uses.
 #[derive(Debug, Default)]

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use crate::checker::Checker;
 use crate::faults::{Faults, Mishap};
 use crate::scenario::{Flags, Respond, Scenario, Step, Visibility};
-use crate::store::MemoryStore;
 use crate::{Engine, ScenarioError};
+use fedsend_driver::MemoryStore;
 
 /// How many deliveries one `settle`/`advance` may make before the world calls it a livelock.
 const DELIVERIES_PER_STEP_MAX: u64 = 5_000_000;

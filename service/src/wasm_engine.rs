@@ -1,14 +1,14 @@
 //! [`WasmEngine`]: the core compiled to wasm (`fedsend-guest`, ABI v1) running inside wasmtime,
-//! behind the same [`fedsend_sim::Engine`] boundary as the natively linked core.
+//! behind the same [`JsonEngine`] boundary as the natively linked core.
 //!
-//! The module is compiled once; every [`Engine::start`] (the first one and each simulated
+//! The module is compiled once; every [`JsonEngine::start`] (the first one and each simulated
 //! restart) instantiates it afresh, so a restart loses all guest memory exactly as a process
 //! restart would.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use fedsend_sim::Engine;
+use fedsend_driver::JsonEngine;
 use wasmtime::{Instance, Memory, Module, Store, Trap, TypedFunc};
 
 /// The guest ABI version this host speaks (`fs_abi_version`).
@@ -106,7 +106,7 @@ impl WasmEngine {
     }
 }
 
-impl Engine for WasmEngine {
+impl JsonEngine for WasmEngine {
     fn start(&mut self, config_json: &str, recovered_json: &str) -> Result<(), String> {
         let mut guest = Guest::instantiate(&self.engine, &self.module).map_err(|e| one_line(&e))?;
         guest.start(config_json, recovered_json)?;

@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fedsend_core::ServerName;
-use fedsend_sim::{Engine, NativeEngine};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -31,7 +30,7 @@ use tracing::{error, info, warn};
 use crate::transport::{HttpsTransport, TransportConfig};
 use crate::wasm_engine::{WasmEngine, locate_guest};
 use config::{EngineKind, ServeConfig};
-use driver::{Driver, DriverOptions, Transport};
+use driver::{DriverOptions, EngineChoice, Transport};
 use ingest_server::IngestLimits;
 use metrics::Metrics;
 use store::SqliteStore;
@@ -48,12 +47,12 @@ pub struct ServeArgs {
 }
 
 /// Builds the engine of `kind`.
-pub fn make_engine(kind: EngineKind, wasm_path: Option<&Path>) -> Result<Box<dyn Engine + Send>, String> {
+pub fn make_engine(kind: EngineKind, wasm_path: Option<&Path>) -> Result<EngineChoice, String> {
     Ok(match kind {
-        EngineKind::Native => Box::new(NativeEngine::default()),
+        EngineKind::Native => EngineChoice::Native,
         EngineKind::Wasm => {
             let path = locate_guest(wasm_path).map_err(|e| e.to_string())?;
-            Box::new(WasmEngine::from_file(&path).map_err(|e| format!("wasm engine: {e}"))?)
+            EngineChoice::Wasm(Box::new(WasmEngine::from_file(&path).map_err(|e| format!("wasm engine: {e}"))?))
         }
     })
 }
@@ -111,7 +110,7 @@ impl Running {
 /// Starts the driver and the API with explicit parts (the demo and tests use this).
 pub async fn start(
     config: &ServeConfig,
-    engine: Box<dyn Engine + Send>,
+    engine: EngineChoice,
     store: Box<dyn store::Store>,
     transport: Arc<dyn Transport>,
     token: String,
@@ -162,7 +161,7 @@ pub struct ApiSettings {
 pub async fn start_parts(
     options: &DriverOptions,
     api: ApiSettings,
-    engine: Box<dyn Engine + Send>,
+    engine: EngineChoice,
     store: Box<dyn store::Store>,
     transport: Arc<dyn Transport>,
 ) -> Result<Running, String> {
@@ -174,16 +173,16 @@ pub async fn start_parts_with_limits(
     options: &DriverOptions,
     api: ApiSettings,
     limits: IngestLimits,
-    engine: Box<dyn Engine + Send>,
+    engine: EngineChoice,
     store: Box<dyn store::Store>,
     transport: Arc<dyn Transport>,
 ) -> Result<Running, String> {
     let metrics = Arc::new(Metrics::new());
-    let (driver, handle) = Driver::start(engine, store, transport, Arc::clone(&metrics), options)?;
     let listener = TcpListener::bind(api.listen).await.map_err(|e| format!("cannot listen on {}: {e}", api.listen))?;
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let driver = tokio::spawn(driver.run(shutdown_rx.clone()));
+    let (driver, handle) =
+        driver::start(engine, store, transport, Arc::clone(&metrics), options, shutdown_rx.clone()).await?;
     let state = Arc::new(api::ApiState {
         driver: handle.clone(),
         metrics: Arc::clone(&metrics),

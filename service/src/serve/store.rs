@@ -150,7 +150,7 @@ struct RoomFacts {
 /// The in-memory store: the simulator's sender-owned reference plus homeserver facts.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    sender: fedsend_sim::MemoryStore,
+    sender: fedsend_driver::MemoryStore,
     /// By stream ordering.
     events: BTreeMap<u64, StoredEvent>,
     by_id: BTreeMap<String, u64>,

@@ -1,366 +1,71 @@
-// Type declarations of the `fedsend` package. The wire types mirror core/src/io.rs,
-// core/src/event.rs, core/src/edu.rs and core/src/config.rs exactly: snake_case fields,
-// tagged by `type` (inputs, outputs), `outcome` (transaction results) or `event` (events).
-// Times are whole Unix milliseconds (numbers, exact up to 2^53 - 1).
+// Type declarations of the `fedsend` package: the hand-written JavaScript API. The wire types
+// (inputs, outputs, transaction results, events, config, changes, stored records) are generated
+// from the core's Rust types into types.d.ts and re-exported from here; see that file's header.
+
+import type {
+  CatchUpRoom,
+  Changes,
+  Config,
+  DestinationState,
+  DestinationStats,
+  Event,
+  Input,
+  Json,
+  JsonObject,
+  Output,
+  PduInfo,
+  Recovered,
+  ServerName,
+  TransactionResult,
+} from './types.js';
+
+export * from './types.js';
 
 // ---------------------------------------------------------------------------------------
-// Identifiers and records
+// Names for the variants of the generated unions. The constraint on the tag makes tsc reject an
+// alias whose variant the core no longer has.
 
-/** A Matrix server name, `host[:port]` (validated by the core). */
-export type ServerName = string;
-/** Correlates an output with the input that answers it. */
-export type RequestId = number;
-/** Any JSON value. */
-export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
-export type JsonObject = { [key: string]: Json };
+type InputOf<T extends Input['type']> = Extract<Input, { type: T }>;
+type OutputOf<T extends Output['type']> = Extract<Output, { type: T }>;
 
-/** A read receipt (one per room, type, user and thread). */
-export interface Receipt {
-  room_id: string;
-  /** `m.read` */
-  receipt_type: string;
-  user_id: string;
-  event_id: string;
-  thread_id?: string;
-  /** The receipt's `data` (holds `ts`). */
-  data: JsonObject;
-}
-
-/** One local user's presence. */
-export interface PresenceState {
-  user_id: string;
-  /** `online`, `unavailable` or `offline`. */
-  presence: string;
-  status_msg?: string;
-  last_active_ts?: number;
-  currently_active?: boolean;
-}
-
-/** The receipted event's sender and arrival (Unix ms). */
-export interface ReceiptedEvent {
-  sender: string;
-  received_ts: number;
-}
-
-/** What fan-out needs to know about one persisted event. */
-export interface PduInfo {
-  event_id: string;
-  room_id: string;
-  stream_ordering: number;
-  sender: string;
-  /** Default true; false for a room's create event. */
-  has_prev_events?: boolean;
-  /** Servers with a member joined before this event. */
-  hosts?: ServerName[];
-  partial_state_servers?: ServerName[] | null;
-  invitee_server?: ServerName | null;
-  /** Default true. */
-  proactively_send?: boolean;
-  out_of_band?: boolean;
-  send_on_behalf_of?: ServerName | null;
-  received_ts?: number | null;
-  /** The event in federation format. */
-  pdu: Json;
-}
-
-/** A forward extremity offered for catch-up. */
-export interface Extremity {
-  event_id: string;
-  stream_ordering: number;
-  visible: boolean;
-  pdu: Json;
-}
-
-/** One room owed to a destination, as a catch-up query finds it. */
-export interface CatchUpRoom {
-  room_id: string;
-  stream_ordering: number;
-  event_id: string;
-  pdu: Json;
-  partial_state?: boolean;
-  extremities?: Extremity[];
-  /** Set when the host cannot hand over the event (`pdu` is then `{}`): the core gives it up with this reason. */
-  undeliverable?: string;
-}
-
-/** Stored state of one destination. */
-export interface DestinationState {
-  destination: ServerName;
-  retry_last_ts?: number;
-  retry_interval?: number;
-  failure_ts?: number | null;
-  last_successful_stream_ordering?: number | null;
-}
-
-/** A `destination_rooms` row. */
-export interface DestinationRoom {
-  destination: ServerName;
-  room_id: string;
-  stream_ordering: number;
-}
-
-/** A to-device EDU in the durable outbox. */
-export interface OutboxRow {
-  destination: ServerName;
-  outbox_id: number;
-  queued_ts: number;
-  /** `{"content":…,"edu_type":"m.direct_to_device"}` */
-  edu: Json;
-}
-
-/** A device-list change owed to one destination, durable until delivered. */
-export interface DeviceListPoke {
-  destination: ServerName;
-  user_id: string;
-  /** null for the user's cross-signing keys. */
-  device_id: string | null;
-  stream_id: number;
-  queued_ts: number;
-  /** The EDU content without `prev_id`. */
-  content: Json;
-}
-
-/** A poke delivered or given up: delete the row if its stream id is at most this one. */
-export interface DeviceListPokeKey {
-  destination: ServerName;
-  user_id: string;
-  device_id: string | null;
-  stream_id: number;
-}
-
-/** Per (destination, user): the newest device-list stream id acknowledged; null deletes. */
-export interface DeviceListPosition {
-  destination: ServerName;
-  user_id: string;
-  stream_id: number | null;
-}
-
-export interface OutboxKey {
-  destination: ServerName;
-  outbox_id: number;
-}
+export type NewEventsInput = InputOf<'new_events'>;
+export type WakeDestinationInput = InputOf<'wake_destination'>;
+export type RemoteUpInput = InputOf<'remote_up'>;
+export type EduInput = InputOf<'edu'>;
+export type TypingInput = InputOf<'typing'>;
+export type ReceiptInput = InputOf<'receipt'>;
+export type ToDeviceInput = InputOf<'to_device'>;
+export type DeviceListUpdateInput = InputOf<'device_list_update'>;
+export type SigningKeyUpdateInput = InputOf<'signing_key_update'>;
+export type PresenceInput = InputOf<'presence'>;
+export type SetDestinationStateInput = InputOf<'set_destination_state'>;
+/** To-device EDUs already durable in the homeserver's own outbox: sent, never persisted again. */
+export type StoredToDeviceInput = InputOf<'stored_to_device'>;
+/** Device-list changes already durable in the homeserver's own tables: sent, never persisted again. */
+export type StoredDeviceListPokesInput = InputOf<'stored_device_list_pokes'>;
+export type EventsFetchedInput = InputOf<'events_fetched'>;
+export type CatchUpLoadedInput = InputOf<'catch_up_loaded'>;
+export type OutstandingLoadedInput = InputOf<'outstanding_loaded'>;
+export type PersistedInput = InputOf<'persisted'>;
+export type StorageFailedInput = InputOf<'storage_failed'>;
+export type TransactionDoneInput = InputOf<'transaction_done'>;
+export type TimeoutInput = InputOf<'timeout'>;
 
 /**
- * One atomic batch of writes to sender-owned storage: `incarnation`, `events_out_pos` and
- * `destination_rooms` are max-upserts; `destinations` whole-row upserts.
+ * The inputs that are host commands (what `FederationSender.handle` accepts): every input but
+ * the completions of the machine's own requests and the timer, which the driven sender feeds.
  */
-export interface Changes {
-  incarnation?: number;
-  events_out_pos?: number;
-  destination_rooms?: DestinationRoom[];
-  destinations?: DestinationState[];
-  to_device_outbox?: OutboxRow[];
-  to_device_deleted?: OutboxKey[];
-  /** Upsert by (destination, user, device), keeping the higher stream id. */
-  device_list_pokes?: DeviceListPoke[];
-  device_list_pokes_deleted?: DeviceListPokeKey[];
-  /** Upserts or deletions, in order. */
-  device_list_positions?: DeviceListPosition[];
-}
+export type CommandInput = Exclude<
+  Input,
+  InputOf<'events_fetched' | 'catch_up_loaded' | 'outstanding_loaded' | 'persisted' | 'storage_failed' | 'transaction_done' | 'timeout'>
+>;
 
-/** What a store loads at start-up. */
-export interface Recovered {
-  incarnation?: number;
-  /** null on a fresh install (fan-out then starts from 0). */
-  events_out_pos?: number | null;
-  destinations?: DestinationState[];
-  to_device_outbox?: OutboxRow[];
-  device_list_pokes?: DeviceListPoke[];
-  device_list_positions?: DeviceListPosition[];
-}
-
-/** One HTTP attempt of a transaction. */
-export interface OutgoingTransaction {
-  request: RequestId;
-  destination: ServerName;
-  txn_id: string;
-  attempt: number;
-  pdu_ids: string[];
-  /** The JSON body, canonical key order: send these bytes as they are. */
-  body: string;
-}
-
-export type DestinationPhase = 'idle' | 'sending' | 'retrying' | 'backing_off' | 'catching_up' | 'gone';
-
-/** Per-destination figures. */
-export interface DestinationStats {
-  destination: ServerName;
-  state: DestinationPhase;
-  queued_pdus: number;
-  queued_edus: number;
-  oldest_pending_age_ms: number | null;
-  in_flight: boolean;
-  backoff_until_ts: number | null;
-  catching_up: boolean;
-  last_success_ts: number | null;
-  dropped_items: number;
-  retry_interval_ms: number;
-  failure_ts: number | null;
-  last_successful_stream_ordering: number | null;
-}
-
-// ---------------------------------------------------------------------------------------
-// Transaction results, events, inputs, outputs
-
-/** The outcome of one HTTP attempt of a transaction. */
-export type TransactionResult =
-  | { outcome: 'ok'; pdu_errors?: { [eventId: string]: string } }
-  | { outcome: 'status'; status: number; retry_after_ms?: number; errcode?: string }
-  | { outcome: 'unreachable' }
-  | { outcome: 'timeout' };
-
-/** Something that happened (logs, metrics). */
-export type Event =
-  | { event: 'dropped'; destination: ServerName; item: string; reason: string }
-  | { event: 'pdu_errors'; destination: ServerName; txn_id: string; errors: { [eventId: string]: string } }
-  | { event: 'backing_off'; destination: ServerName; retry_interval_ms: number; until_ts: number }
-  | { event: 'destination_up'; destination: ServerName }
-  | { event: 'catch_up_started'; destination: ServerName }
-  | { event: 'catch_up_finished'; destination: ServerName }
-  | { event: 'event_skipped'; event_id: string; reason: string }
-  | { event: 'storage_retry'; error: string; retry_at_ts: number };
-
-export interface NewEventsInput { type: 'new_events'; up_to: number }
-export interface WakeDestinationInput { type: 'wake_destination'; destination: ServerName }
-export interface RemoteUpInput { type: 'remote_up'; destination: ServerName }
-export interface EduInput { type: 'edu'; destination: ServerName; edu_type: string; content: Json; key?: string }
-export interface TypingInput { type: 'typing'; room_id: string; user_id: string; typing: boolean; hosts: ServerName[] }
-export interface ReceiptInput { type: 'receipt'; receipt: Receipt; hosts: ServerName[]; event?: ReceiptedEvent }
-export interface ToDeviceInput {
-  type: 'to_device';
-  sender: string;
-  message_type: string;
-  message_id?: string;
-  /** Recipient user → device id (or `*`) → content. */
-  messages: { [userId: string]: { [deviceId: string]: Json } };
-}
-export interface DeviceListUpdateInput {
-  type: 'device_list_update';
-  user_id: string;
-  device_id: string;
-  /** The homeserver's device-list stream position; increases per user. */
-  stream_id: number;
-  deleted?: boolean;
-  keys?: Json;
-  device_display_name?: string;
-  /** Every server sharing a room with the user. */
-  destinations: ServerName[];
-}
-export interface SigningKeyUpdateInput {
-  type: 'signing_key_update';
-  user_id: string;
-  stream_id: number;
-  master_key?: Json;
-  self_signing_key?: Json;
-  destinations: ServerName[];
-}
-export interface PresenceInput { type: 'presence'; states: PresenceState[]; destinations: ServerName[] }
-export interface SetDestinationStateInput { type: 'set_destination_state'; state: DestinationState }
-/** To-device EDUs already durable in the homeserver's own outbox: sent, never persisted again. */
-export interface StoredToDeviceInput { type: 'stored_to_device'; rows: OutboxRow[] }
-/** Device-list changes already durable in the homeserver's own tables: sent, never persisted again. */
-export interface StoredDeviceListPokesInput { type: 'stored_device_list_pokes'; pokes: DeviceListPoke[] }
-export interface EventsFetchedInput { type: 'events_fetched'; request: RequestId; events: PduInfo[] }
-export interface CatchUpLoadedInput { type: 'catch_up_loaded'; request: RequestId; rooms: CatchUpRoom[] }
-export interface OutstandingLoadedInput { type: 'outstanding_loaded'; request: RequestId; destinations: ServerName[] }
-export interface PersistedInput { type: 'persisted'; request: RequestId }
-export interface StorageFailedInput { type: 'storage_failed'; request: RequestId; error: string }
-export interface TransactionDoneInput { type: 'transaction_done'; request: RequestId; result: TransactionResult }
-export interface TimeoutInput { type: 'timeout' }
-
-/** Everything the host tells the machine (core/src/io.rs `Input`). */
-export type Input =
-  | NewEventsInput
-  | WakeDestinationInput
-  | RemoteUpInput
-  | EduInput
-  | TypingInput
-  | ReceiptInput
-  | ToDeviceInput
-  | DeviceListUpdateInput
-  | SigningKeyUpdateInput
-  | PresenceInput
-  | SetDestinationStateInput
-  | StoredToDeviceInput
-  | StoredDeviceListPokesInput
-  | EventsFetchedInput
-  | CatchUpLoadedInput
-  | OutstandingLoadedInput
-  | PersistedInput
-  | StorageFailedInput
-  | TransactionDoneInput
-  | TimeoutInput;
-
-/** The inputs that are host commands (what `FederationSender.handle` accepts). */
-export type CommandInput =
-  | NewEventsInput
-  | WakeDestinationInput
-  | RemoteUpInput
-  | EduInput
-  | TypingInput
-  | ReceiptInput
-  | ToDeviceInput
-  | DeviceListUpdateInput
-  | SigningKeyUpdateInput
-  | PresenceInput
-  | SetDestinationStateInput
-  | StoredToDeviceInput
-  | StoredDeviceListPokesInput;
-
-export type SendTransactionOutput = { type: 'send_transaction' } & OutgoingTransaction;
-export interface FetchEventsOutput { type: 'fetch_events'; request: RequestId; after: number; limit: number }
-export interface LoadCatchUpOutput {
-  type: 'load_catch_up';
-  request: RequestId;
-  destination: ServerName;
-  after: number;
-  up_to: number;
-  limit: number;
-}
-export interface LoadOutstandingOutput { type: 'load_outstanding'; request: RequestId; after: ServerName | null; limit: number }
-export interface PersistOutput { type: 'persist'; request: RequestId; changes: Changes }
-export interface EventOutput { type: 'event'; event: Event }
-
-/** Everything the machine asks the host to do (core/src/io.rs `Output`). */
-export type Output =
-  | SendTransactionOutput
-  | FetchEventsOutput
-  | LoadCatchUpOutput
-  | LoadOutstandingOutput
-  | PersistOutput
-  | EventOutput;
-
-/** The sender's configuration (core/src/config.rs; every key but `server_name` has a default). */
-export interface Config {
-  server_name: ServerName;
-  instance_name?: string;
-  instances?: string[];
-  seed?: number;
-  retry_interval_min_ms?: number;
-  retry_multiplier?: number;
-  retry_interval_max_ms?: number;
-  catch_up_threshold_ms?: number;
-  rr_transactions_per_room_per_second?: number;
-  domain_whitelist?: ServerName[] | null;
-  presence_enabled?: boolean;
-  transactions_in_flight_max?: number;
-  transaction_bytes_max?: number;
-  pdus_per_transaction_max?: number;
-  edus_per_transaction_max?: number;
-  http_retries_max?: number;
-  http_retry_delay_max_ms?: number;
-  /** Also the driven sender's deadline for one transport call. */
-  request_timeout_ms?: number;
-  poison_rejections_max?: number;
-  pending_pdus_max?: number;
-  to_device_prune_after_ms?: number | null;
-  device_list_prune_after_ms?: number | null;
-  events_batch_max?: number;
-  catch_up_batch_max?: number;
-  catch_up_waker_period_ms?: number;
-  catch_up_waker_page_max?: number;
-  catch_up_waker_interval_ms?: number;
-}
+export type SendTransactionOutput = OutputOf<'send_transaction'>;
+export type FetchEventsOutput = OutputOf<'fetch_events'>;
+export type LoadCatchUpOutput = OutputOf<'load_catch_up'>;
+export type LoadOutstandingOutput = OutputOf<'load_outstanding'>;
+export type PersistOutput = OutputOf<'persist'>;
+export type EventOutput = OutputOf<'event'>;
 
 // ---------------------------------------------------------------------------------------
 // Errors
@@ -515,6 +220,7 @@ export interface Clock {
 // The driven sender
 
 export interface FederationSenderOptions {
+  /** `request_timeout_ms` is also the deadline of one transport call. */
   config: Config;
   transport: Transport;
   homeserver: Homeserver;

@@ -16,7 +16,8 @@
 #   wasm          scripts/build-wasm.sh (Node + web bindings, target/fedsend_guest.wasm)
 #   native-build  cargo build --release --workspace
 #   native-test   cargo test --release --workspace (same selection as the build, so the test step
-#                 only compiles test harnesses; see docs/toolchain.md, 'Same package selection for build and test')
+#                 only compiles test harnesses; see docs/toolchain.md, 'Same package selection for build and test');
+#                 then npm/types.d.ts regenerated from the core's Rust types and compared with the committed file
 #   simulate      target/release/fedsend-vopr --seeds 1000..3000 (prints what the faults exercised)
 #   bench         target/release/fedsend-bench at a tiny size on every engine (native, wasmtime,
 #                 Node): checks that it runs, that all engines agree on every count and that the
@@ -79,7 +80,12 @@ stage_services() {
 }
 stage_wasm() { scripts/build-wasm.sh; }
 stage_native-build() { cargo build --release --workspace; }
-stage_native-test() { cargo test --release --workspace; }
+stage_native-test() {
+  cargo test --release --workspace
+  # The generator needs fedsend-core's `ts` feature. Asked for on its own, that builds a second
+  # copy of the core beside the first and leaves the workspace's binaries as they were built.
+  cargo test --release -p fedsend-core --features ts --test typescript
+}
 # A further 2 000 simulator seeds beyond the 1 000 of `cargo test`, with the fault summary.
 stage_simulate() { target/release/fedsend-vopr --seeds 1000..3000; }
 stage_bench() {

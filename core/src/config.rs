@@ -51,59 +51,86 @@ pub(crate) const EDUS_PER_TRANSACTION_LIMIT: u32 = 100;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)] // each key is documented in the table above, with its default
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct Config {
     pub server_name: ServerName,
     #[serde(default = "d::instance_name")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub instance_name: String,
     #[serde(default = "d::instances")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub instances: Vec<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub seed: u64,
     #[serde(default = "d::retry_interval_min_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub retry_interval_min_ms: u64,
     #[serde(default = "d::retry_multiplier")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub retry_multiplier: u64,
     #[serde(default = "d::retry_interval_max_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub retry_interval_max_ms: u64,
     #[serde(default = "d::catch_up_threshold_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub catch_up_threshold_ms: u64,
     #[serde(default = "d::rr_transactions_per_room_per_second")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub rr_transactions_per_room_per_second: u64,
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub domain_whitelist: Option<Vec<ServerName>>,
     #[serde(default = "d::yes")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub presence_enabled: bool,
     #[serde(default = "d::transactions_in_flight_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub transactions_in_flight_max: u32,
     #[serde(default = "d::transaction_bytes_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub transaction_bytes_max: u64,
     #[serde(default = "d::pdus_per_transaction_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub pdus_per_transaction_max: u32,
     #[serde(default = "d::edus_per_transaction_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub edus_per_transaction_max: u32,
     #[serde(default = "d::http_retries_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub http_retries_max: u32,
     #[serde(default = "d::http_retry_delay_max_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub http_retry_delay_max_ms: u64,
     #[serde(default = "d::request_timeout_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub request_timeout_ms: u64,
     #[serde(default = "d::poison_rejections_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub poison_rejections_max: u32,
     #[serde(default = "d::pending_pdus_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub pending_pdus_max: u32,
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub to_device_prune_after_ms: Option<u64>,
     #[serde(default = "d::device_list_prune_after_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub device_list_prune_after_ms: Option<u64>,
     #[serde(default = "d::events_batch_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub events_batch_max: u32,
     #[serde(default = "d::catch_up_batch_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub catch_up_batch_max: u32,
     #[serde(default = "d::catch_up_waker_period_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub catch_up_waker_period_ms: u64,
     #[serde(default = "d::catch_up_waker_page_max")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub catch_up_waker_page_max: u32,
     #[serde(default = "d::catch_up_waker_interval_ms")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub catch_up_waker_interval_ms: u64,
 }
 

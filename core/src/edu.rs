@@ -22,6 +22,7 @@ pub const RECEIPT_EDUS_PER_TRANSACTION_MAX: usize = 5;
 /// A local user's read receipt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct Receipt {
     /// The room.
     pub room_id: String,
@@ -35,12 +36,14 @@ pub struct Receipt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
     /// The receipt's `data` (holds `ts`).
+    #[cfg_attr(feature = "ts", ts(type = "JsonObject"))]
     pub data: Map<String, Value>,
 }
 
 /// One local user's presence, as sent in `m.presence`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct PresenceState {
     /// The local user.
     pub user_id: String,

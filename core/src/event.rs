@@ -15,6 +15,7 @@ use crate::types::ServerName;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub enum Event {
     // ----- delivery -----
     /// An item was given up for `destination` (a poison item, or one too large to send).

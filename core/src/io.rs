@@ -3,6 +3,10 @@
 //! Every type here has one serde encoding, tagged JSON, shared by the wasmtime plugin ABI,
 //! the JavaScript bindings and scenario traces. Unknown fields are refused, so a typo in a
 //! host is an error rather than a silently ignored value.
+//!
+//! With the `ts` feature these types, and those of event.rs, edu.rs, config.rs and types.rs,
+//! also derive their TypeScript declarations for the npm package (npm/types.d.ts); the `ts(…)`
+//! attributes follow the conventions listed in core/tests/typescript.rs.
 
 use alloc::collections::BTreeMap;
 use alloc::string::String;
@@ -27,6 +31,7 @@ fn is_false(value: &bool) -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub enum Input {
     // ----- commands -----
     /// The homeserver persisted events up to this stream ordering (inclusive). The machine
@@ -55,6 +60,7 @@ pub enum Input {
         /// The EDU type.
         edu_type: String,
         /// The EDU content.
+        #[cfg_attr(feature = "ts", ts(type = "Json"))]
         content: Value,
         /// Replacement key, for keyed EDUs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +104,7 @@ pub enum Input {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message_id: Option<String>,
         /// Recipient user → device id (or `*`) → content.
+        #[cfg_attr(feature = "ts", ts(type = "{ [userId: string]: { [deviceId: string]: Json } }"))]
         messages: BTreeMap<String, BTreeMap<String, Value>>,
     },
     /// Presence of local users for the given servers (staggered; ignored when presence is
@@ -127,6 +134,7 @@ pub enum Input {
         deleted: bool,
         /// The device's current keys (omitted for a deleted device).
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(feature = "ts", ts(type = "Json"))]
         keys: Option<Value>,
         /// The device's display name, if the homeserver shares it over federation.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,9 +152,11 @@ pub enum Input {
         stream_id: u64,
         /// The new master key.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(feature = "ts", ts(type = "Json"))]
         master_key: Option<Value>,
         /// The new self-signing key.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(feature = "ts", ts(type = "Json"))]
         self_signing_key: Option<Value>,
         /// The servers to tell.
         destinations: Vec<ServerName>,
@@ -224,6 +234,7 @@ pub enum Input {
 /// What the receipt rules need to know about the event a receipt points at.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct ReceiptedEvent {
     /// The event's sender.
     pub sender: String,
@@ -235,6 +246,7 @@ pub struct ReceiptedEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub enum TransactionResult {
     /// 2xx. Per-PDU errors are logged and reported but cause no retry (the spec's contract).
     Ok {
@@ -262,6 +274,7 @@ pub enum TransactionResult {
 /// What fan-out needs to know about one persisted event (homeserver-owned facts).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct PduInfo {
     /// The event id.
     pub event_id: String,
@@ -273,10 +286,12 @@ pub struct PduInfo {
     pub sender: String,
     /// False for a room's create event, which goes nowhere.
     #[serde(default = "yes")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub has_prev_events: bool,
     /// Servers with a member joined in the room state *before* this event, so that a server
     /// whose last member is kicked still receives the kick.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub hosts: Vec<ServerName>,
     /// For a partial-state room: the servers recorded at join time, used instead of `hosts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +301,7 @@ pub struct PduInfo {
     pub invitee_server: Option<ServerName>,
     /// Synapse's `proactively_send` internal flag.
     #[serde(default = "yes")]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub proactively_send: bool,
     /// An out-of-band membership (outlier invite, rejection, knock): never sent.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -297,6 +313,7 @@ pub struct PduInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_ts: Option<u64>,
     /// The event in federation format, exactly as it goes into a transaction.
+    #[cfg_attr(feature = "ts", ts(type = "Json"))]
     pub pdu: Value,
 }
 
@@ -304,6 +321,7 @@ pub struct PduInfo {
 /// `destination_rooms` joined with homeserver-owned event data).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct CatchUpRoom {
     /// The room.
     pub room_id: String,
@@ -312,12 +330,15 @@ pub struct CatchUpRoom {
     /// The event at that stream ordering.
     pub event_id: String,
     /// That event in federation format (redactions applied).
+    #[cfg_attr(feature = "ts", ts(type = "Json"))]
     pub pdu: Value,
     /// The room is partial-state on our side: extremities cannot be judged.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub partial_state: bool,
     /// Up to 10 current forward extremities of the room, highest depth first.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub extremities: Vec<Extremity>,
     /// Set by a host that cannot hand over the event (unreadable, or nested deeper than any
     /// parser on the way accepts; `pdu` is then `{}`): the machine gives it up with this
@@ -329,6 +350,7 @@ pub struct CatchUpRoom {
 /// A forward extremity offered for catch-up.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct Extremity {
     /// The event id.
     pub event_id: String,
@@ -338,27 +360,33 @@ pub struct Extremity {
     /// erased senders and for remote events in partial-state rooms).
     pub visible: bool,
     /// The event in federation format.
+    #[cfg_attr(feature = "ts", ts(type = "Json"))]
     pub pdu: Value,
 }
 
 /// Stored state of one destination (the `destinations` table).
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct DestinationState {
     /// The destination.
     pub destination: ServerName,
     /// Time of the last failed attempt (Unix ms), 0 when healthy.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub retry_last_ts: u64,
     /// Current backoff interval (ms), 0 when healthy.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub retry_interval: u64,
     /// First failure of the current outage, null when healthy.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub failure_ts: Option<u64>,
     /// Highest stream ordering known delivered: every `destination_rooms` row at or below it
     /// has been sent. Null when nothing was ever delivered.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub last_successful_stream_ordering: Option<u64>,
 }
 
@@ -373,6 +401,7 @@ impl Default for ServerName {
 /// A `destination_rooms` row: the newest local event in `room` owed to `destination`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct DestinationRoom {
     /// The destination.
     pub destination: ServerName,
@@ -392,13 +421,16 @@ pub struct DestinationRoom {
 /// its current state (docs/design.md, "The storage boundary").
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct Changes {
     /// The sender's incarnation counter (transaction ids and outbox ids embed it). Every
     /// batch carries it until one carrying it is durable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "ts", ts(optional))]
     pub incarnation: Option<u64>,
     /// Position in the events stream up to which fan-out is durable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "ts", ts(optional))]
     pub events_out_pos: Option<u64>,
     /// `destination_rooms` upserts. A row for an unknown destination creates a bare
     /// `destinations` row for it.
@@ -431,6 +463,7 @@ pub struct Changes {
 /// `device_lists_outbound_pokes`, collapsed: one row per (destination, user, device)).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct DeviceListPoke {
     /// Where it goes.
     pub destination: ServerName,
@@ -445,12 +478,14 @@ pub struct DeviceListPoke {
     /// The EDU content without `prev_id` (added when the EDU is built): for a device
     /// `{user_id, device_id, stream_id, deleted?, keys?, device_display_name?}`, for
     /// cross-signing keys `{user_id, master_key?, self_signing_key?}`.
+    #[cfg_attr(feature = "ts", ts(type = "Json"))]
     pub content: Value,
 }
 
 /// Identifies the version of a [`DeviceListPoke`] that was delivered or given up.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct DeviceListPokeKey {
     /// The destination.
     pub destination: ServerName,
@@ -467,6 +502,7 @@ pub struct DeviceListPokeKey {
 /// the next `m.device_list_update` EDU for that user.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct DeviceListPosition {
     /// The destination.
     pub destination: ServerName,
@@ -480,6 +516,7 @@ pub struct DeviceListPosition {
 /// A to-device EDU waiting in the durable outbox for its destination.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct OutboxRow {
     /// Where it goes.
     pub destination: ServerName,
@@ -488,12 +525,14 @@ pub struct OutboxRow {
     /// When it was queued (Unix ms), for pruning (D14).
     pub queued_ts: u64,
     /// The whole EDU, `{"content":…,"edu_type":"m.direct_to_device"}`.
+    #[cfg_attr(feature = "ts", ts(type = "Json"))]
     pub edu: Value,
 }
 
 /// Identifies an outbox row.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct OutboxKey {
     /// The destination.
     pub destination: ServerName,
@@ -519,27 +558,34 @@ impl Changes {
 /// What the host loaded from sender-owned storage at start-up.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct Recovered {
     /// The last persisted incarnation (0 if none). The machine persists `incarnation + 1`
     /// before it sends anything, so transaction ids never repeat across restarts.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub incarnation: u64,
     /// Events-stream position up to which fan-out is durable; fan-out resumes after it.
     /// None on a fresh install: the host should then set it to its current stream position
     /// unless it wants all history sent.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub events_out_pos: Option<u64>,
     /// Every stored `destinations` row.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub destinations: Vec<DestinationState>,
     /// Every row of the to-device outbox, in any order.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub to_device_outbox: Vec<OutboxRow>,
     /// Every device-list poke not yet delivered, in any order.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub device_list_pokes: Vec<DeviceListPoke>,
     /// Every stored (destination, user) device-list position, in any order.
     #[serde(default)]
+    #[cfg_attr(feature = "ts", ts(optional = nullable))]
     pub device_list_positions: Vec<DeviceListPosition>,
 }
 
@@ -547,6 +593,7 @@ pub struct Recovered {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub enum Output {
     /// Make one HTTP attempt: `PUT /_matrix/federation/v1/send/{txn_id}` with `body`.
     /// Answer with [`Input::TransactionDone`].
@@ -606,6 +653,7 @@ pub enum Output {
 /// `txn_id` and a byte-identical `body`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct OutgoingTransaction {
     /// Correlates the answer.
     pub request: RequestId,
@@ -624,6 +672,7 @@ pub struct OutgoingTransaction {
 /// What a destination is doing, at a glance (D12).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub enum DestinationPhase {
     /// Nothing to send.
     Idle,
@@ -641,6 +690,7 @@ pub enum DestinationPhase {
 
 /// Per-destination figures for operators (D12).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct DestinationStats {
     /// The destination.
     pub destination: ServerName,

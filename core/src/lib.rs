@@ -96,13 +96,17 @@
 //!
 //! [`Config`] documents every key with its default.
 
-#![no_std]
+// The `ts` feature (only the TypeScript declaration generator enables it) links std, because
+// ts-rs's derive expands to code that relies on std's prelude.
+#![cfg_attr(not(feature = "ts"), no_std)]
+// With std's prelude in scope, the `alloc::` paths the crate spells out look redundant.
+#![cfg_attr(feature = "ts", allow(unused_qualifications))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
 extern crate alloc;
-// libtest needs std; the crate itself never uses it.
-#[cfg(test)]
+// libtest needs std; the crate itself never uses it (with `ts`, std is linked already).
+#[cfg(all(test, not(feature = "ts")))]
 extern crate std;
 
 mod backoff;

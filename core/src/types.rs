@@ -18,6 +18,7 @@ use crate::error::InputError;
 /// driven set, rows, requests, timers), so a clone is a reference-count bump, not a copy.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct ServerName(Arc<str>);
 
 impl ServerName {
@@ -118,6 +119,7 @@ pub fn server_of(id: &str) -> Option<&str> {
 /// meaningful across restarts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct RequestId(pub u64);
 
 impl fmt::Display for RequestId {

@@ -1,5 +1,5 @@
 // The raw machine: the core's sans-IO state machine with JavaScript values at its boundary.
-// Inputs and outputs are the core's tagged JSON (index.d.ts mirrors core/src/io.rs), so a new
+// Inputs and outputs are the core's tagged JSON (types.d.ts is generated from core/src/io.rs), so a new
 // variant added to the core passes through here without a change.
 
 import { SenderMachine } from '../dist/fedsend_wasm.js';

@@ -40,7 +40,7 @@ console.log(JSON.stringify({
 `;
 
 const CONSUMER_TS = `
-import { FederationSender, Machine, MemoryStore, type Output, type Input, type TransactionResult, type Event, type DestinationStats, type Config, type DeviceListPoke, type DeviceListPosition } from 'fedsend';
+import { FederationSender, Machine, MemoryStore, type Output, type Input, type TransactionResult, type Event, type DestinationStats, type Config, type DeviceListPoke, type DeviceListPosition, type CommandInput, type SendTransactionOutput, type Json } from 'fedsend';
 import { SqliteStore } from 'fedsend/sqlite';
 
 function describeOutput(o: Output): string {
@@ -68,7 +68,9 @@ m.handleInput(Date.now(), { type: 'timeout' });
 const out: Output | undefined = m.pollOutput();
 if (out) describeOutput(out);
 const stats: DestinationStats[] = m.destinationStats();
-void stats; void input;
+const command: CommandInput = { type: 'edu', destination: 'remote.test', edu_type: 'm.x', content: [1, { a: null }] satisfies Json };
+const sent: SendTransactionOutput | undefined = out?.type === 'send_transaction' ? out : undefined;
+void stats; void input; void command; void sent;
 async function main(): Promise<void> {
   const sender = await FederationSender.start({
     config,
@@ -102,7 +104,7 @@ test('npm pack → install into an empty directory → plain ESM, the README qui
   const dir = tempDir(t, 'fedsend-pack-');
   const packed = JSON.parse(execFileSync('npm', ['pack', '--json', '--pack-destination', dir], { cwd: PACKAGE, encoding: 'utf8' }));
   const files = packed[0].files.map((f) => f.path).sort();
-  for (const f of ['dist/fedsend_wasm.js', 'dist/fedsend_wasm_bg.wasm', 'index.d.ts', 'sqlite.d.ts', 'src/node.js', 'src/browser.js', 'src/sqlite.js', 'package.json', 'README.md']) {
+  for (const f of ['dist/fedsend_wasm.js', 'dist/fedsend_wasm_bg.wasm', 'index.d.ts', 'types.d.ts', 'sqlite.d.ts', 'src/node.js', 'src/browser.js', 'src/sqlite.js', 'package.json', 'README.md']) {
     assert.ok(files.includes(f), `the tarball has ${f}: ${files}`);
   }
   assert.ok(!files.some((f) => f.startsWith('test/')), 'tests are not shipped');

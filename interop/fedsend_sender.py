@@ -117,7 +117,7 @@ class Fedsend:
             [self.binary, "serve", "--config", self.config_path, "--engine", self.engine],
             cwd=self.workdir,
             # The driver logs each transaction attempt with its txn id at debug level (check 5).
-            env=dict(os.environ, RUST_LOG="info,fedsend_host_native::serve::driver=debug", NO_COLOR="1"),
+            env=dict(os.environ, RUST_LOG="info,fedsend_service::serve::driver=debug", NO_COLOR="1"),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

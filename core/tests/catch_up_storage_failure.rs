@@ -11,9 +11,10 @@
 use std::collections::BTreeMap;
 
 use fedsend_core::{
-    CatchUpRoom, Changes, Config, DestinationState, Extremity, FederationSender, Input, Output, PduInfo, Recovered,
-    Timestamp, TransactionResult,
+    CatchUpRoom, Changes, Config, DestinationState, Extremity, FederationSender, Input, Output, PduInfo, Timestamp,
+    TransactionResult,
 };
+use fedsend_driver::MemoryStore;
 use serde_json::Value;
 
 mod common;
@@ -22,53 +23,58 @@ use common::{name, pdu};
 
 const NOW: Timestamp = Timestamp(1_000_000);
 
-/// The homeserver's events and the sender-owned tables this test needs, with the store
-/// semantics of the crate docs: `destination_rooms` a max-upsert, destination rows upserts.
-#[derive(Default)]
+/// The homeserver's events beside the reference store of the sender-owned tables.
 struct Store {
     events: Vec<PduInfo>,
-    destination_rooms: BTreeMap<(String, String), u64>,
-    last_successful: BTreeMap<String, u64>,
+    tables: MemoryStore,
 }
 
 impl Store {
+    /// Two events for `remote`, in rooms A and B, and the state of a sender that stopped
+    /// before fanning either out (incarnation 1, nothing delivered).
+    fn two_rooms() -> Self {
+        let mut tables = MemoryStore::default();
+        tables.apply(&Changes {
+            incarnation: Some(1),
+            events_out_pos: Some(0),
+            destinations: vec![DestinationState {
+                destination: name("remote"),
+                last_successful_stream_ordering: Some(0),
+                ..DestinationState::default()
+            }],
+            ..Changes::default()
+        });
+        let events = vec![pdu("$a", "!a:test", 1, &["remote"]), pdu("$b", "!b:test", 2, &["remote"])];
+        Self { events, tables }
+    }
+
+    fn start_sender(&self) -> FederationSender {
+        FederationSender::new(Config::new(name("test")), self.tables.recovered()).unwrap()
+    }
+
     fn apply(&mut self, changes: &Changes) {
-        for row in &changes.destination_rooms {
-            let slot =
-                self.destination_rooms.entry((row.destination.as_str().into(), row.room_id.clone())).or_insert(0);
-            *slot = (*slot).max(row.stream_ordering);
-        }
-        for row in &changes.destinations {
-            if let Some(position) = row.last_successful_stream_ordering {
-                self.last_successful.insert(row.destination.as_str().into(), position);
-            }
-        }
+        self.tables.apply(changes);
     }
 
     /// `LoadCatchUp`: the rows in (`after`, `up_to`], each room's only event its extremity.
     fn catch_up(&self, destination: &str, after: u64, up_to: u64) -> Vec<CatchUpRoom> {
-        let mut rows: Vec<(&String, u64)> = self
-            .destination_rooms
-            .iter()
-            .filter(|((d, _), s)| d == destination && **s > after && **s <= up_to)
-            .map(|((_, room), s)| (room, *s))
-            .collect();
-        rows.sort_by_key(|(_, s)| *s);
+        let rows = self.tables.catch_up_rows(&name(destination), after, up_to, u32::MAX);
         rows.into_iter()
-            .map(|(room, stream)| {
+            .map(|(room_id, stream)| {
                 let event = &self.events[stream as usize - 1];
+                let extremity = Extremity {
+                    event_id: event.event_id.clone(),
+                    stream_ordering: stream,
+                    visible: true,
+                    pdu: event.pdu.clone(),
+                };
                 CatchUpRoom {
-                    room_id: room.clone(),
+                    room_id,
                     stream_ordering: stream,
                     event_id: event.event_id.clone(),
                     pdu: event.pdu.clone(),
                     partial_state: false,
-                    extremities: vec![Extremity {
-                        event_id: event.event_id.clone(),
-                        stream_ordering: stream,
-                        visible: true,
-                        pdu: event.pdu.clone(),
-                    }],
+                    extremities: vec![extremity],
                     undeliverable: None,
                 }
             })
@@ -77,14 +83,7 @@ impl Store {
 
     /// `LoadOutstanding`: destinations with a row above their last successful position.
     fn outstanding(&self) -> Vec<fedsend_core::ServerName> {
-        let mut names: Vec<_> = self
-            .destination_rooms
-            .iter()
-            .filter(|((d, _), s)| **s > self.last_successful.get(d).copied().unwrap_or(0))
-            .map(|((d, _), _)| name(d))
-            .collect();
-        names.dedup();
-        names
+        self.tables.outstanding(None, u32::MAX)
     }
 }
 
@@ -94,19 +93,8 @@ fn drain(sender: &mut FederationSender) -> Vec<Output> {
 
 #[test]
 fn a_failed_catch_up_query_waits_for_the_failed_write_holding_its_rows() {
-    let mut store = Store::default();
-    store.events = vec![pdu("$a", "!a:test", 1, &["remote"]), pdu("$b", "!b:test", 2, &["remote"])];
-    let recovered = Recovered {
-        incarnation: 1,
-        events_out_pos: Some(0),
-        destinations: vec![DestinationState {
-            destination: name("remote"),
-            last_successful_stream_ordering: Some(0),
-            ..DestinationState::default()
-        }],
-        ..Recovered::default()
-    };
-    let mut sender = FederationSender::new(Config::new(name("test")), recovered).unwrap();
+    let mut store = Store::two_rooms();
+    let mut sender = store.start_sender();
 
     // Start-up: the incarnation lands; the fetch is answered with the first event only.
     let mut fetch = None;
@@ -161,21 +149,10 @@ fn a_failed_catch_up_query_waits_for_the_failed_write_holding_its_rows() {
 
 #[test]
 fn catch_up_after_a_restart_waits_for_the_rows_of_the_events_fanned_out_again() {
-    let mut store = Store::default();
-    store.events = vec![pdu("$a", "!a:test", 1, &["remote"]), pdu("$b", "!b:test", 2, &["remote"])];
+    let mut store = Store::two_rooms();
     // Before the crash, the row for room B landed but the stored events position did not.
-    store.destination_rooms.insert(("remote".into(), "!b:test".into()), 2);
-    let recovered = Recovered {
-        incarnation: 1,
-        events_out_pos: Some(0),
-        destinations: vec![DestinationState {
-            destination: name("remote"),
-            last_successful_stream_ordering: Some(0),
-            ..DestinationState::default()
-        }],
-        ..Recovered::default()
-    };
-    let mut sender = FederationSender::new(Config::new(name("test")), recovered).unwrap();
+    store.tables.destination_rooms.insert((name("remote"), "!b:test".into()), 2);
+    let mut sender = store.start_sender();
     let sent = run_until_quiet(&mut sender, &mut store);
     assert!(sent.contains(&String::from("$b")), "room B is caught up: {sent:?}");
     assert!(sent.contains(&String::from("$a")), "room A's row was in the batch after the query: {sent:?}");

@@ -7,28 +7,28 @@ use std::collections::BTreeMap;
 
 use common::name;
 use fedsend_core::{
-    Changes, Config, DeviceListPosition, FederationSender, Input, InputError, Output, Recovered, Timestamp,
-    TransactionResult,
+    Config, DeviceListPosition, FederationSender, Input, InputError, Output, Recovered, Timestamp, TransactionResult,
 };
+use fedsend_driver::MemoryStore;
 use serde_json::{Value, json};
 
-/// A host with a tiny store: applies every batch, answers transactions with `answer`.
+/// A host with the reference store: applies every batch, answers transactions with `answer`.
 struct Host {
     sender: FederationSender,
     now: Timestamp,
-    stored: Recovered,
+    store: MemoryStore,
     answer: TransactionResult,
     /// Every EDU sent, in order, with the transaction id.
     sent: Vec<(String, Value)>,
 }
 
 impl Host {
-    fn start(stored: Recovered) -> Self {
-        let sender = FederationSender::new(Config::new(name("test")), stored.clone()).unwrap();
+    fn start(store: MemoryStore) -> Self {
+        let sender = FederationSender::new(Config::new(name("test")), store.recovered()).unwrap();
         let mut host = Self {
             sender,
             now: Timestamp(1_000_000),
-            stored,
+            store,
             answer: TransactionResult::Ok { pdu_errors: BTreeMap::new() },
             sent: Vec::new(),
         };
@@ -37,9 +37,14 @@ impl Host {
     }
 
     fn restart(self) -> Self {
-        let mut host = Self::start(self.stored);
+        let mut host = Self::start(self.store);
         host.now = self.now;
         host
+    }
+
+    /// What a restart would load.
+    fn stored(&self) -> Recovered {
+        self.store.recovered()
     }
 
     fn input(&mut self, input: Input) -> Result<(), InputError> {
@@ -53,7 +58,7 @@ impl Host {
             while let Some(output) = self.sender.poll_output() {
                 match output {
                     Output::Persist { request, changes } => {
-                        apply(&mut self.stored, &changes);
+                        self.store.apply(&changes);
                         pending.push(Input::Persisted { request });
                     }
                     Output::SendTransaction(txn) => {
@@ -112,42 +117,9 @@ impl Host {
     }
 }
 
-/// The reference store semantics of the crate docs, for the rows this test needs.
-fn apply(stored: &mut Recovered, changes: &Changes) {
-    if let Some(incarnation) = changes.incarnation {
-        stored.incarnation = stored.incarnation.max(incarnation);
-    }
-    for poke in &changes.device_list_pokes {
-        let same = |p: &&mut fedsend_core::DeviceListPoke| {
-            p.destination == poke.destination && p.user_id == poke.user_id && p.device_id == poke.device_id
-        };
-        match stored.device_list_pokes.iter_mut().find(|p| same(p)) {
-            Some(row) if row.stream_id < poke.stream_id => *row = poke.clone(),
-            Some(_) => {}
-            None => stored.device_list_pokes.push(poke.clone()),
-        }
-    }
-    for done in &changes.device_list_pokes_deleted {
-        stored.device_list_pokes.retain(|p| {
-            !(p.destination == done.destination
-                && p.user_id == done.user_id
-                && p.device_id == done.device_id
-                && p.stream_id <= done.stream_id)
-        });
-    }
-    for position in &changes.device_list_positions {
-        stored
-            .device_list_positions
-            .retain(|p| !(p.destination == position.destination && p.user_id == position.user_id));
-        if position.stream_id.is_some() {
-            stored.device_list_positions.push(position.clone());
-        }
-    }
-}
-
 #[test]
 fn device_updates_for_remote_users_and_empty_signing_keys_are_refused() {
-    let mut host = Host::start(Recovered::default());
+    let mut host = Host::start(MemoryStore::default());
     let remote = host.input(Input::DeviceListUpdate {
         user_id: "@bob:host2".into(),
         device_id: "D1".into(),
@@ -167,19 +139,19 @@ fn device_updates_for_remote_users_and_empty_signing_keys_are_refused() {
     });
     assert!(matches!(empty, Err(InputError::Refused(_))), "{empty:?}");
     assert!(host.sent.is_empty(), "nothing may be sent for refused inputs: {:?}", host.sent);
-    assert!(host.stored.device_list_pokes.is_empty());
+    assert!(host.stored().device_list_pokes.is_empty());
 }
 
 #[test]
 fn chains_survive_a_failed_transaction_and_a_restart() {
-    let mut host = Host::start(Recovered::default());
+    let mut host = Host::start(MemoryStore::default());
     host.device("D1", 1).unwrap();
     assert_eq!(host.device_edus(), vec![("D1".into(), 1, vec![])]);
     assert_eq!(
-        host.stored.device_list_positions,
+        host.stored().device_list_positions,
         vec![DeviceListPosition { destination: name("host2"), user_id: "@alice:test".into(), stream_id: Some(1) }]
     );
-    assert!(host.stored.device_list_pokes.is_empty(), "a delivered poke leaves storage");
+    assert!(host.stored().device_list_pokes.is_empty(), "a delivered poke leaves storage");
 
     // host2 goes down: D2 is frozen into a failing transaction, its poke stays durable.
     host.answer = TransactionResult::Unreachable;
@@ -187,7 +159,7 @@ fn chains_survive_a_failed_transaction_and_a_restart() {
     // Device lists are staggered: the wake-up queue still sleeps after waking host2 for D1.
     host.advance(20);
     assert_eq!(host.device_edus().last(), Some(&("D2".into(), 2, vec![1])));
-    assert_eq!(host.stored.device_list_pokes.len(), 1);
+    assert_eq!(host.stored().device_list_pokes.len(), 1);
 
     // The sender dies; host2 comes back; D3 is announced after the restart.
     let mut host = host.restart();
@@ -195,13 +167,13 @@ fn chains_survive_a_failed_transaction_and_a_restart() {
     host.input(Input::RemoteUp { destination: name("host2") }).unwrap();
     host.advance(60_000);
     assert_eq!(host.device_edus(), vec![("D2".into(), 2, vec![1]), ("D3".into(), 3, vec![2])]);
-    assert!(host.stored.device_list_pokes.is_empty());
-    assert_eq!(host.stored.device_list_positions[0].stream_id, Some(3));
+    assert!(host.stored().device_list_pokes.is_empty());
+    assert_eq!(host.stored().device_list_positions[0].stream_id, Some(3));
 }
 
 #[test]
 fn stale_and_repeated_updates_change_nothing() {
-    let mut host = Host::start(Recovered::default());
+    let mut host = Host::start(MemoryStore::default());
     host.device("D1", 5).unwrap();
     let sent = host.sent.len();
     // The same stream id again (a homeserver re-feeding after its own restart), then an older one.
@@ -209,12 +181,12 @@ fn stale_and_repeated_updates_change_nothing() {
     host.device("D1", 4).unwrap();
     host.advance(60_000);
     assert_eq!(host.sent.len(), sent, "{:?}", host.sent);
-    assert!(host.stored.device_list_pokes.is_empty());
+    assert!(host.stored().device_list_pokes.is_empty());
 }
 
 #[test]
 fn collapsed_changes_and_signing_key_pairs() {
-    let mut host = Host::start(Recovered::default());
+    let mut host = Host::start(MemoryStore::default());
     host.answer = TransactionResult::Unreachable;
     host.device("D1", 1).unwrap();
     // Everything below waits behind the failing transaction of D1@1; D1 changes twice more.
@@ -228,7 +200,7 @@ fn collapsed_changes_and_signing_key_pairs() {
         destinations: vec![name("host2")],
     })
     .unwrap();
-    assert_eq!(host.stored.device_list_pokes.len(), 2, "one row per (destination, user, device)");
+    assert_eq!(host.stored().device_list_pokes.len(), 2, "one row per (destination, user, device)");
     host.answer = TransactionResult::Ok { pdu_errors: BTreeMap::new() };
     host.input(Input::RemoteUp { destination: name("host2") }).unwrap();
     host.advance(60_000);
@@ -243,12 +215,12 @@ fn collapsed_changes_and_signing_key_pairs() {
     );
     // D1@2 was collapsed into D1@3, which chains to D1@1 from the frozen transaction.
     assert_eq!(host.device_edus().last(), Some(&("D1".into(), 3, vec![1])));
-    assert!(host.stored.device_list_pokes.is_empty());
+    assert!(host.stored().device_list_pokes.is_empty());
 }
 
 #[test]
 fn a_rejected_signing_key_pair_is_given_up_whole() {
-    let mut host = Host::start(Recovered::default());
+    let mut host = Host::start(MemoryStore::default());
     host.answer = TransactionResult::Status { status: 400, retry_after_ms: None, errcode: None };
     host.input(Input::SigningKeyUpdate {
         user_id: "@alice:test".into(),
@@ -264,7 +236,7 @@ fn a_rejected_signing_key_pair_is_given_up_whole() {
         host.advance(60_000);
     }
     assert!(host.sent.len() <= 8, "the pair keeps being sent: {} EDUs", host.sent.len());
-    assert!(host.stored.device_list_pokes.is_empty(), "the given-up poke leaves storage");
+    assert!(host.stored().device_list_pokes.is_empty(), "the given-up poke leaves storage");
     let sent_before = host.sent.len();
     host.advance(600_000);
     assert_eq!(host.sent.len(), sent_before, "nothing more is sent once it is given up");

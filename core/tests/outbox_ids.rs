@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use fedsend_core::{Changes, Config, FederationSender, Input, Output, Recovered, Timestamp, TransactionResult};
+use fedsend_driver::MemoryStore;
 use serde_json::{Value, json};
 
 mod common;
@@ -15,38 +16,22 @@ use common::name;
 
 const NOW: Timestamp = Timestamp(1_000_000);
 
-/// The store semantics of the crate docs for what this test needs: the incarnation is a
-/// max-upsert, outbox rows are keyed by (destination, outbox id).
+/// The reference store, and what this test reads of it.
 #[derive(Default)]
-struct Store {
-    incarnation: u64,
-    outbox: BTreeMap<(String, u64), fedsend_core::OutboxRow>,
-}
+struct Store(MemoryStore);
 
 impl Store {
     fn apply(&mut self, changes: &Changes) {
-        if let Some(incarnation) = changes.incarnation {
-            self.incarnation = self.incarnation.max(incarnation);
-        }
-        for row in &changes.to_device_outbox {
-            self.outbox.insert((row.destination.as_str().into(), row.outbox_id), row.clone());
-        }
-        for key in &changes.to_device_deleted {
-            self.outbox.remove(&(key.destination.as_str().into(), key.outbox_id));
-        }
+        self.0.apply(changes);
     }
 
     fn recovered(&self) -> Recovered {
-        Recovered {
-            incarnation: self.incarnation,
-            to_device_outbox: self.outbox.values().cloned().collect(),
-            ..Recovered::default()
-        }
+        self.0.recovered()
     }
 
     /// Message ids of the stored outbox rows.
     fn message_ids(&self) -> Vec<String> {
-        self.outbox.values().map(|row| row.edu["content"]["message_id"].as_str().unwrap().into()).collect()
+        self.0.to_device_outbox.values().map(|row| row.edu["content"]["message_id"].as_str().unwrap().into()).collect()
     }
 }
 
@@ -124,7 +109,7 @@ fn an_outbox_row_durable_before_its_incarnation_is_not_overwritten_after_a_crash
         .map(|edu| edu["content"]["message_id"].as_str().unwrap())
         .collect();
     assert_eq!(delivered, ["first", "second"], "both messages reach the remote, in order");
-    assert!(store.outbox.is_empty(), "both rows are deleted once delivered: {:?}", store.message_ids());
+    assert!(store.0.to_device_outbox.is_empty(), "both rows are deleted once delivered: {:?}", store.message_ids());
 }
 
 /// Lets every write land and answers nothing else.

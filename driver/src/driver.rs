@@ -285,7 +285,8 @@ impl<M: Machine, S: Storage, T: Transport, C: Clock, O: Observer> Driver<M, S, T
     }
 
     /// Asks [`Driver::run`] to return: no new work starts, transactions and queries under
-    /// way are dropped, the write under way is finished, waiting receipts are refused.
+    /// way are dropped, the write under way is finished and what piled up behind it written,
+    /// then the receipts still waiting are refused.
     pub fn stop(&self) {
         self.stopping.set(true);
         self.wake();
@@ -308,11 +309,21 @@ impl<M: Machine, S: Storage, T: Transport, C: Clock, O: Observer> Driver<M, S, T
         self.answer(Input::Timeout);
         let mut running = Running { tasks: FuturesUnordered::new(), write: None, sleep: None, commands_ended: false };
         poll_fn(|cx| self.poll_running(cx, &mut running, &mut commands)).await;
-        // Only the write is awaited: a transaction or a query writes nothing of ours.
+        // Only writes are awaited: a transaction or a query writes nothing of ours. The write
+        // under way is finished, then whatever piled up behind it goes out in one more, so
+        // that a clean stop leaves storage as current as the machine.
         drop(running.tasks);
         if let Some(write) = running.write.take() {
             let (batches, result) = write.await;
             self.written(batches, result);
+        }
+        let mut last = Running { tasks: FuturesUnordered::new(), write: None, sleep: None, commands_ended: true };
+        let batches_left = self.state.borrow().batches.len();
+        if batches_left > 0 && self.start_write_of(&mut last, batches_left) {
+            if let Some(write) = last.write.take() {
+                let (batches, result) = write.await;
+                self.written(batches, result);
+            }
         }
         let mut state = self.state.borrow_mut();
         for waiter in state.waiters.drain(..) {
@@ -444,12 +455,16 @@ impl<M: Machine, S: Storage, T: Transport, C: Clock, O: Observer> Driver<M, S, T
     /// Hands the batches that piled up to storage, unless a write is under way: writes are
     /// one at a time, so batches become durable in the order the core emitted them.
     fn start_write<'a>(&'a self, running: &mut Running<'a, C::Sleep>) -> bool {
+        self.start_write_of(running, self.options.batches_per_write_max.max(1))
+    }
+
+    fn start_write_of<'a>(&'a self, running: &mut Running<'a, C::Sleep>, batches_max: usize) -> bool {
         if running.write.is_some() {
             return false;
         }
         let batches: Vec<(RequestId, Changes)> = {
             let mut state = self.state.borrow_mut();
-            let count = state.batches.len().min(self.options.batches_per_write_max.max(1));
+            let count = state.batches.len().min(batches_max);
             state.batches.drain(..count).collect()
         };
         if batches.is_empty() {

@@ -27,9 +27,10 @@
 //!   under a new request id) made it so;
 //! - a timer is armed for the machine's deadline only, and a wake-up for the host's statistics
 //!   never reaches the machine as a spurious timeout;
-//! - [`Driver::run`] returns after a stop request once the write under way is finished;
-//!   transactions and queries under way are dropped (a transport's future cancels its request
-//!   when dropped), and receipts still waiting are refused.
+//! - [`Driver::run`] returns after a stop request once the write under way is finished and
+//!   the batches that piled up behind it are written; transactions and queries under way are
+//!   dropped (a transport's future cancels its request when dropped), and receipts still
+//!   waiting are refused.
 //!
 //! The simulator, the scenario engines and the visualiser keep driving the machine directly in
 //! virtual time: this loop is for hosts that do real I/O.

@@ -98,10 +98,12 @@ impl MemoryStore {
     /// Rows of `destination` in (`after`, `up_to`], ascending by stream ordering, at most
     /// `limit`.
     pub fn catch_up_rows(&self, destination: &ServerName, after: u64, up_to: u64, limit: u32) -> Vec<(String, u64)> {
+        // Keys are (destination, room): one destination's rows are one range of the tree.
         let mut rows: Vec<(String, u64)> = self
             .destination_rooms
-            .iter()
-            .filter(|((dest, _), stream)| dest == destination && **stream > after && **stream <= up_to)
+            .range((destination.clone(), String::new())..)
+            .take_while(|((dest, _), _)| dest == destination)
+            .filter(|(_, stream)| **stream > after && **stream <= up_to)
             .map(|((_, room), stream)| (room.clone(), *stream))
             .collect();
         rows.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));

@@ -267,3 +267,14 @@ fn stop_refuses_waiting_receipts_and_returns() {
     assert_eq!(world.driver.submit(edu("m.late")).unwrap_err(), Rejected::Stopped);
     assert_eq!(world.storage.writes(), writes_before);
 }
+
+#[test]
+fn stop_writes_the_batches_that_piled_up_and_acknowledges_them() {
+    let mut world = World::new(0, DriverOptions::default());
+    // Queued by the machine, not yet handed to storage: the loop has not run since.
+    let receipt = world.driver.submit(to_device()).unwrap();
+    world.driver.stop();
+    world.settle();
+    assert_eq!(futures::executor::block_on(receipt), Ok(()));
+    assert_eq!(world.storage.tables().to_device_outbox.len(), 1, "the row was written at the stop");
+}

@@ -45,7 +45,7 @@ BACKLOG_WAIT_FEDSEND_S = 30
 OUTAGE_TIMEOUT_S = 60
 SERVICE_DOWN_S = 5  # how long Redis or PostgreSQL stays down in the fault checks
 # fedsend's /health stays degraded for a minute after the last problem it saw
-# (HEALTH_PROBLEM_WINDOW_MS in host-native/src/serve/metrics.rs); a little more is allowed.
+# (HEALTH_PROBLEM_WINDOW_MS in service/src/serve/metrics.rs); a little more is allowed.
 HEALTH_RECOVERY_S = 60 + 30
 LOG_LINE_MAX = 4096  # longest log line an instance may write about a malformed replication line
 

@@ -520,6 +520,7 @@ impl CommandLoop<'_> {
                 return;
             }
         };
+        debug!(input = ?std::mem::discriminant(&input), "submitting");
         match self.driver.submit(input) {
             Err(rejected) => {
                 let _ = reply.send(Err(Rejection::from_rejected(rejected)));

@@ -88,12 +88,14 @@ pub(crate) struct Effects {
     /// One bit per destination: marked and not yet driven, so a destination marked once per
     /// event of a batch is queued once.
     dirty_flags: Vec<u64>,
-    /// The marked destinations by order key (name order), and the directory's order
-    /// generation the keys were read in.
-    driving: BTreeSet<(u64, DestId)>,
+    /// The marked destinations by order key, descending (the first by name is last), and the
+    /// directory's order generation the keys were read in. A vector, not a set: it empties
+    /// and fills again on every input, and keeps its memory meanwhile.
+    driving: Vec<(u64, DestId)>,
     driving_generation: u64,
-    /// Destinations whose stored row changed while handling the current input.
-    state_changed: BTreeSet<ServerName>,
+    /// Destinations whose stored row changed while handling the current input (sorted and
+    /// deduplicated when taken).
+    state_changed: Vec<ServerName>,
 }
 
 impl Effects {
@@ -109,9 +111,9 @@ impl Effects {
             dirty_ids: Vec::new(),
             dirty_names: Vec::new(),
             dirty_flags: Vec::new(),
-            driving: BTreeSet::new(),
+            driving: Vec::new(),
             driving_generation: 0,
-            state_changed: BTreeSet::new(),
+            state_changed: Vec::new(),
         }
     }
 
@@ -199,13 +201,24 @@ impl Effects {
         let generation = directory.order_generation();
         if self.driving_generation != generation {
             // Keys were reassigned (a new destination) while some were waiting.
-            self.driving = self.driving.iter().map(|(_, id)| (directory.order(*id), *id)).collect();
+            for (order, id) in &mut self.driving {
+                *order = directory.order(*id);
+            }
+            self.driving.sort_unstable_by(|a, b| b.cmp(a));
             self.driving_generation = generation;
         }
-        for id in self.dirty_ids.drain(..) {
-            self.driving.insert((directory.order(id), id));
+        if self.driving.is_empty() {
+            self.driving.extend(self.dirty_ids.drain(..).map(|id| (directory.order(id), id)));
+            self.driving.sort_unstable_by(|a, b| b.cmp(a));
+        } else {
+            // Marked while others wait: rare (a destination driving itself again, a freed slot).
+            for id in self.dirty_ids.drain(..) {
+                let key = (directory.order(id), id);
+                let at = self.driving.partition_point(|waiting| *waiting > key);
+                self.driving.insert(at, key);
+            }
         }
-        let (_, id) = self.driving.pop_first()?;
+        let (_, id) = self.driving.pop()?;
         if let Some(word) = self.dirty_flags.get_mut(id.0 as usize / 64) {
             *word &= !(1u64 << (id.0 % 64));
         }
@@ -222,13 +235,15 @@ impl Effects {
 
     /// `name`'s stored row changed: it is written with the current batch.
     pub(crate) fn mark_state_changed(&mut self, name: &ServerName) {
-        if !self.state_changed.contains(name) {
-            self.state_changed.insert(name.clone());
-        }
+        self.state_changed.push(name.clone());
     }
 
-    pub(crate) fn take_state_changed(&mut self) -> BTreeSet<ServerName> {
-        core::mem::take(&mut self.state_changed)
+    /// The destinations whose stored row changed, in name order, each once.
+    pub(crate) fn take_state_changed(&mut self) -> Vec<ServerName> {
+        let mut names = core::mem::take(&mut self.state_changed);
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }
 

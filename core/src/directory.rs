@@ -19,10 +19,16 @@ use crate::types::ServerName;
 pub(crate) struct DestId(pub(crate) u32);
 
 impl DestId {
-    fn index(self) -> usize {
-        self.0 as usize
+    fn chunk(self) -> usize {
+        self.0 as usize / CHUNK_ENTRIES
+    }
+
+    fn offset(self) -> usize {
+        self.0 as usize % CHUNK_ENTRIES
     }
 }
+
+const CHUNK_ENTRIES: usize = 256;
 
 /// Gap between neighbouring order keys after they are reassigned: 32 halvings before a run
 /// of names inserted between the same two neighbours forces the next reassignment.
@@ -38,7 +44,11 @@ struct Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Directory {
     ids: BTreeMap<ServerName, DestId>,
-    entries: Vec<Entry>,
+    /// Records by id, in chunks of [`CHUNK_ENTRIES`]: every known destination keeps a record,
+    /// so growth must not copy them all or leave a doubled vector's slack (in wasm, linear
+    /// memory keeps the high-water mark of both copies).
+    chunks: Vec<Vec<Entry>>,
+    len: usize,
     /// Bumped whenever order keys are reassigned; keys read before then are stale.
     order_generation: u64,
 }
@@ -46,7 +56,15 @@ pub(crate) struct Directory {
 impl Directory {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.len
+    }
+
+    fn entry(&self, id: DestId) -> &Entry {
+        &self.chunks[id.chunk()][id.offset()]
+    }
+
+    fn entry_mut(&mut self, id: DestId) -> &mut Entry {
+        &mut self.chunks[id.chunk()][id.offset()]
     }
 
     pub(crate) fn id(&self, name: &ServerName) -> Option<DestId> {
@@ -64,14 +82,14 @@ impl Directory {
     /// Adds a destination not known yet. The caller checked that `name` is new.
     pub(crate) fn insert_new(&mut self, name: ServerName, destination: Destination) -> DestId {
         // Ids fit in u32: four billion records would exhaust memory long before.
-        let id = DestId(self.entries.len() as u32);
+        let id = DestId(self.len as u32);
         let order = self.order_between(&name);
-        if self.entries.len() == self.entries.capacity() {
-            // Every known destination keeps a record, so the vector's slack is memory per idle
-            // destination: grow by an eighth instead of doubling (still amortised constant).
-            self.entries.reserve_exact(self.entries.len() / 8 + 16);
+        if id.offset() == 0 {
+            self.chunks.push(Vec::with_capacity(CHUNK_ENTRIES));
         }
-        self.entries.push(Entry { name: name.clone(), order: order.unwrap_or(0), destination });
+        let entry = Entry { name: name.clone(), order: order.unwrap_or(0), destination };
+        self.chunks[id.chunk()].push(entry);
+        self.len += 1;
         self.ids.insert(name, id);
         if order.is_none() {
             self.reassign_order();
@@ -84,8 +102,8 @@ impl Directory {
         use core::ops::Bound::{Excluded, Unbounded};
         let below = self.ids.range::<ServerName, _>((Unbounded, Excluded(name))).next_back();
         let above = self.ids.range::<ServerName, _>((Excluded(name), Unbounded)).next();
-        let below = below.map(|(_, id)| self.entries[id.index()].order);
-        let above = above.map(|(_, id)| self.entries[id.index()].order);
+        let below = below.map(|(_, id)| self.entry(*id).order);
+        let above = above.map(|(_, id)| self.entry(*id).order);
         match (below, above) {
             (None, None) => Some(u64::MAX / 2),
             (Some(low), None) => low.checked_add(ORDER_SPACING),
@@ -95,18 +113,18 @@ impl Directory {
     }
 
     fn reassign_order(&mut self) {
-        let count = self.entries.len() as u64 + 1;
+        let count = self.len as u64 + 1;
         let spacing = (u64::MAX / 2 / count).clamp(1, ORDER_SPACING);
         let mut order = u64::MAX / 4;
         for id in self.ids.values() {
-            self.entries[id.index()].order = order;
+            self.chunks[id.chunk()][id.offset()].order = order;
             order += spacing;
         }
         self.order_generation += 1;
     }
 
     pub(crate) fn order(&self, id: DestId) -> u64 {
-        self.entries[id.index()].order
+        self.entry(id).order
     }
 
     pub(crate) fn order_generation(&self) -> u64 {
@@ -114,16 +132,16 @@ impl Directory {
     }
 
     pub(crate) fn name(&self, id: DestId) -> &ServerName {
-        &self.entries[id.index()].name
+        &self.entry(id).name
     }
 
     /// Ids come only from this directory, so they always index a record.
     pub(crate) fn at(&self, id: DestId) -> &Destination {
-        &self.entries[id.index()].destination
+        &self.entry(id).destination
     }
 
     pub(crate) fn at_mut(&mut self, id: DestId) -> (&ServerName, &mut Destination) {
-        let entry = &mut self.entries[id.index()];
+        let entry = self.entry_mut(id);
         (&entry.name, &mut entry.destination)
     }
 
@@ -143,7 +161,7 @@ impl Directory {
 
     /// Every destination, in name order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&ServerName, &Destination)> {
-        self.ids.iter().map(|(name, id)| (name, &self.entries[id.index()].destination))
+        self.ids.iter().map(|(name, id)| (name, &self.entry(*id).destination))
     }
 
     /// Every destination's id, in name order.

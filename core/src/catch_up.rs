@@ -243,6 +243,7 @@ mod tests {
     use super::*;
     use crate::destination::Driving;
     use crate::destination::tests::{config, drive_once, name, pdu};
+    use crate::directory::DestId;
     use crate::io::Extremity;
     use crate::limiter::InFlightLimiter;
     use crate::time::Timestamp;
@@ -301,12 +302,12 @@ mod tests {
                 false,
             )
             .unwrap();
-        assert_eq!(frozen.pdu_ids, ["$x"]);
+        assert_eq!(frozen.pdu_ids(), ["$x"]);
         assert_eq!(frozen.delivered_up_to, Some(5));
         let frozen = destination
             .build_catch_up(&a, &mut fx, &config, &mut builder, room("$owed", 5, &[("$x", 6, true)]), true)
             .unwrap();
-        assert_eq!(frozen.pdu_ids, ["$owed"], "the fallback after a rejection");
+        assert_eq!(frozen.pdu_ids(), ["$owed"], "the fallback after a rejection");
         let mut given_up = room("$owed", 8, &[]);
         given_up.undeliverable = Some("purged".into());
         assert!(destination.build_catch_up(&a, &mut fx, &config, &mut builder, given_up, false).is_none());
@@ -332,6 +333,7 @@ mod tests {
         let mut limiter = InFlightLimiter::default();
         let mut awaiting_rows = BTreeSet::new();
         let mut ctx = Driving {
+            id: DestId(0),
             config: &config,
             builder: &mut builder,
             limiter: &mut limiter,
@@ -360,7 +362,6 @@ mod tests {
                 body: Arc::from("{}"),
                 items: Vec::new(),
                 edus: alloc::vec![plain, typing],
-                pdu_ids: Vec::new(),
                 attempts: 3,
                 rejections: 0,
                 delivered_up_to: None,

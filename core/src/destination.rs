@@ -17,6 +17,7 @@ use crate::backoff::Backoff;
 use crate::catch_up::{CatchUp, CatchUpRooms};
 use crate::config::Config;
 use crate::device_lists::DeviceListChains;
+use crate::directory::DestId;
 use crate::edu::{EduEntry, EduQueue};
 use crate::effects::{Effects, PendingRequest, Timer};
 use crate::event::Event;
@@ -74,6 +75,8 @@ pub(crate) enum Activity {
 /// What driving a destination needs from the rest of the sender.
 #[derive(Debug)]
 pub(crate) struct Driving<'a> {
+    /// The destination driven.
+    pub(crate) id: DestId,
     pub(crate) config: &'a Config,
     pub(crate) builder: &'a mut TransactionBuilder,
     pub(crate) limiter: &'a mut InFlightLimiter,
@@ -213,7 +216,7 @@ impl Destination {
                         Some(frozen) => self.queue().frozen = Some(frozen),
                         None => {
                             // The room was given up; go on with the next one.
-                            fx.mark_dirty(name.clone());
+                            fx.mark_dirty_id(ctx.id);
                             return;
                         }
                     }
@@ -236,16 +239,16 @@ impl Destination {
                 }
             }
         }
-        if !ctx.limiter.try_acquire(name, config.transactions_in_flight_max) {
+        if !ctx.limiter.try_acquire(ctx.id, config.transactions_in_flight_max) {
             self.queue().activity = Activity::AwaitingSlot;
             return;
         }
-        self.send_attempt(name, fx);
+        self.send_attempt(ctx.id, name, fx);
     }
 
     /// One HTTP attempt of the frozen transaction; the caller holds an in-flight slot.
-    fn send_attempt(&mut self, name: &ServerName, fx: &mut Effects) {
-        let request = fx.request(PendingRequest::Transaction { destination: name.clone() });
+    fn send_attempt(&mut self, id: DestId, name: &ServerName, fx: &mut Effects) {
+        let request = fx.request(PendingRequest::Transaction { destination: id });
         let queue = self.queue();
         // Invariant: drive only sends when a frozen transaction exists.
         let frozen = queue.frozen.as_mut().expect("send_attempt needs a frozen transaction");
@@ -353,6 +356,7 @@ pub(crate) mod tests {
         let mut limiter = InFlightLimiter::default();
         let mut awaiting_rows = BTreeSet::new();
         let mut ctx = Driving {
+            id: DestId(0),
             config,
             builder: &mut builder,
             limiter: &mut limiter,

@@ -5,6 +5,9 @@
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use alloc::vec::Vec;
+
+use crate::directory::{DestId, Directory};
 use crate::error::InputError;
 use crate::event::Event;
 use crate::io::{Changes, Output};
@@ -49,7 +52,7 @@ pub(crate) enum PendingRequest {
         fanout_from: Option<u64>,
     },
     Transaction {
-        destination: ServerName,
+        destination: DestId,
     },
 }
 
@@ -78,10 +81,21 @@ pub(crate) struct Effects {
     timers: BTreeSet<(Timestamp, Timer)>,
     requests: BTreeMap<RequestId, PendingRequest>,
     next_request_id: u64,
-    /// Destinations whose queue should be driven once the current input is handled.
-    dirty: BTreeSet<ServerName>,
-    /// Destinations whose stored row changed while handling the current input.
-    state_changed: BTreeSet<ServerName>,
+    /// Destinations whose queue should be driven once the current input is handled: marked
+    /// by id on the hot paths, by name elsewhere, and drained in name order (`driving`).
+    dirty_ids: Vec<DestId>,
+    dirty_names: Vec<ServerName>,
+    /// One bit per destination: marked and not yet driven, so a destination marked once per
+    /// event of a batch is queued once.
+    dirty_flags: Vec<u64>,
+    /// The marked destinations by order key, descending (the first by name is last), and the
+    /// directory's order generation the keys were read in. A vector, not a set: it empties
+    /// and fills again on every input, and keeps its memory meanwhile.
+    driving: Vec<(u64, DestId)>,
+    driving_generation: u64,
+    /// Destinations whose stored row changed while handling the current input (sorted and
+    /// deduplicated when taken).
+    state_changed: Vec<ServerName>,
 }
 
 impl Effects {
@@ -94,8 +108,12 @@ impl Effects {
             timers: BTreeSet::new(),
             requests: BTreeMap::new(),
             next_request_id: 1,
-            dirty: BTreeSet::new(),
-            state_changed: BTreeSet::new(),
+            dirty_ids: Vec::new(),
+            dirty_names: Vec::new(),
+            dirty_flags: Vec::new(),
+            driving: Vec::new(),
+            driving_generation: 0,
+            state_changed: Vec::new(),
         }
     }
 
@@ -153,24 +171,79 @@ impl Effects {
         self.timers.pop_first().map(|(_, timer)| timer)
     }
 
-    /// Asks for `name`'s queue to be driven before the current input returns.
+    /// Asks for `name`'s queue to be driven before the current input returns (nothing
+    /// happens if it has no record by then).
     pub(crate) fn mark_dirty(&mut self, name: ServerName) {
-        self.dirty.insert(name);
+        self.dirty_names.push(name);
     }
 
-    pub(crate) fn pop_dirty(&mut self) -> Option<ServerName> {
-        self.dirty.pop_first()
+    /// Asks for a destination's queue to be driven before the current input returns.
+    pub(crate) fn mark_dirty_id(&mut self, id: DestId) {
+        let (word, bit) = (id.0 as usize / 64, 1u64 << (id.0 % 64));
+        if word >= self.dirty_flags.len() {
+            self.dirty_flags.resize(word + 1, 0);
+        }
+        if self.dirty_flags[word] & bit == 0 {
+            self.dirty_flags[word] |= bit;
+            self.dirty_ids.push(id);
+        }
+    }
+
+    /// The marked destination first by name, unmarked: it may be marked again while driven.
+    pub(crate) fn pop_dirty(&mut self, directory: &Directory) -> Option<DestId> {
+        if !self.dirty_names.is_empty() {
+            for name in core::mem::take(&mut self.dirty_names) {
+                if let Some(id) = directory.id(&name) {
+                    self.mark_dirty_id(id);
+                }
+            }
+        }
+        let generation = directory.order_generation();
+        if self.driving_generation != generation {
+            // Keys were reassigned (a new destination) while some were waiting.
+            for (order, id) in &mut self.driving {
+                *order = directory.order(*id);
+            }
+            self.driving.sort_unstable_by(|a, b| b.cmp(a));
+            self.driving_generation = generation;
+        }
+        if self.driving.is_empty() {
+            self.driving.extend(self.dirty_ids.drain(..).map(|id| (directory.order(id), id)));
+            self.driving.sort_unstable_by(|a, b| b.cmp(a));
+        } else {
+            // Marked while others wait: rare (a destination driving itself again, a freed slot).
+            for id in self.dirty_ids.drain(..) {
+                let key = (directory.order(id), id);
+                let at = self.driving.partition_point(|waiting| *waiting > key);
+                self.driving.insert(at, key);
+            }
+        }
+        let (_, id) = self.driving.pop()?;
+        if let Some(word) = self.dirty_flags.get_mut(id.0 as usize / 64) {
+            *word &= !(1u64 << (id.0 % 64));
+        }
+        Some(id)
+    }
+
+    /// The first destination marked by name, for tests of parts that mark by name.
+    #[cfg(test)]
+    pub(crate) fn pop_dirty_name(&mut self) -> Option<ServerName> {
+        self.dirty_names.sort();
+        self.dirty_names.dedup();
+        (!self.dirty_names.is_empty()).then(|| self.dirty_names.remove(0))
     }
 
     /// `name`'s stored row changed: it is written with the current batch.
     pub(crate) fn mark_state_changed(&mut self, name: &ServerName) {
-        if !self.state_changed.contains(name) {
-            self.state_changed.insert(name.clone());
-        }
+        self.state_changed.push(name.clone());
     }
 
-    pub(crate) fn take_state_changed(&mut self) -> BTreeSet<ServerName> {
-        core::mem::take(&mut self.state_changed)
+    /// The destinations whose stored row changed, in name order, each once.
+    pub(crate) fn take_state_changed(&mut self) -> Vec<ServerName> {
+        let mut names = core::mem::take(&mut self.state_changed);
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }
 
@@ -226,7 +299,7 @@ mod tests {
     fn requests_are_numbered_from_one_and_a_wrong_answer_keeps_them() {
         let mut fx = Effects::new(0);
         let first = fx.request(PendingRequest::Outstanding { after: None });
-        let second = fx.request(PendingRequest::Transaction { destination: name("a.test") });
+        let second = fx.request(PendingRequest::Transaction { destination: DestId(0) });
         assert_eq!((first, second), (RequestId(1), RequestId(2)));
         let pending = fx.take_request(second).unwrap();
         assert!(matches!(

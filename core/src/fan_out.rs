@@ -5,11 +5,13 @@
 
 use alloc::collections::BTreeMap;
 use alloc::format;
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::config::Config;
 use crate::destination::Destination;
+use crate::directory::{DestId, Directory};
 use crate::effects::{Effects, PendingRequest};
 use crate::event::Event;
 use crate::io::{Changes, DestinationRoom, Output, PduInfo};
@@ -177,71 +179,137 @@ impl Destination {
     }
 }
 
-/// Decides the destinations of one event, as Synapse's `handle_event` in
-/// `federation/sender/__init__.py` does, and queues it for them.
-pub(crate) fn route(
-    destinations: &mut BTreeMap<ServerName, Destination>,
-    fx: &mut Effects,
-    config: &Config,
-    info: PduInfo,
-) {
-    // Since room version 12 a room id is `!` and an opaque hash, without a server part.
-    if !info.room_id.starts_with('!') || info.room_id.len() < 2 {
-        let reason = format!("invalid room id {:?}", info.room_id);
-        fx.report(Event::EventSkipped { event_id: info.event_id, reason });
-        return;
+/// Routing state kept between events: the destinations the last host list resolved to, and
+/// where the last event's rows sit in the batch being built.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    /// The last event's candidate servers as handed in (hosts or partial-state servers, then
+    /// the invitee's server) and the server it was sent on behalf of.
+    last_candidates: Vec<ServerName>,
+    last_on_behalf_of: Option<ServerName>,
+    /// What they resolved to: sorted by name, deduplicated, filtered.
+    last_targets: Vec<DestId>,
+    /// The last event's room and its rows in `Changes::destination_rooms`, one per target in
+    /// target order, while the batch holding them is being built.
+    last_rows: Option<(String, usize)>,
+}
+
+impl Router {
+    /// A new batch of changes is being built: rows of earlier batches are out of reach.
+    pub(crate) fn batch_started(&mut self) {
+        self.last_rows = None;
     }
-    let is_local = server_of(&info.sender) == Some(config.server_name.as_str());
-    if !is_local && info.send_on_behalf_of.is_none() {
-        return;
-    }
-    if info.out_of_band || !info.proactively_send || !info.has_prev_events {
-        return;
-    }
-    if let Some(reason) = crate::nesting::pdu_too_deep(&info.pdu) {
-        fx.report(Event::EventSkipped { event_id: info.event_id, reason });
-        return;
-    }
-    // Sorted and deduplicated in place (the order a set would give), without copying names.
-    let mut targets: Vec<ServerName> = info.partial_state_servers.unwrap_or(info.hosts);
-    targets.extend(info.invitee_server);
-    targets.sort_unstable();
-    targets.dedup();
-    let on_behalf_of = info.send_on_behalf_of.as_ref();
-    targets.retain(|name| Some(name) != on_behalf_of && *name != config.server_name && config.handles(name));
-    if targets.is_empty() {
-        return;
-    }
-    let Ok(json) = serde_json::to_string(&info.pdu) else {
-        // serde_json::Value always serializes; keep the machine alive regardless.
-        return;
-    };
-    let entry = Arc::new(PduEntry {
-        event_id: info.event_id,
-        stream_ordering: info.stream_ordering,
-        json: Arc::from(json),
-        queued_at_ms: fx.now.as_ms(),
-    });
-    let mut overflowing: Vec<ServerName> = Vec::new();
-    for name in targets {
-        fx.changes.destination_rooms.push(DestinationRoom {
-            destination: name.clone(),
-            room_id: info.room_id.clone(),
+
+    /// Decides the destinations of one event, as Synapse's `handle_event` in
+    /// `federation/sender/__init__.py` does, and queues it for them.
+    pub(crate) fn route(&mut self, destinations: &mut Directory, fx: &mut Effects, config: &Config, info: PduInfo) {
+        // Since room version 12 a room id is `!` and an opaque hash, without a server part.
+        if !info.room_id.starts_with('!') || info.room_id.len() < 2 {
+            let reason = format!("invalid room id {:?}", info.room_id);
+            fx.report(Event::EventSkipped { event_id: info.event_id, reason });
+            return;
+        }
+        let is_local = server_of(&info.sender) == Some(config.server_name.as_str());
+        if !is_local && info.send_on_behalf_of.is_none() {
+            return;
+        }
+        if info.out_of_band || !info.proactively_send || !info.has_prev_events {
+            return;
+        }
+        if let Some(reason) = crate::nesting::pdu_too_deep(&info.pdu) {
+            fx.report(Event::EventSkipped { event_id: info.event_id, reason });
+            return;
+        }
+        let mut candidates: Vec<ServerName> = info.partial_state_servers.unwrap_or(info.hosts);
+        candidates.extend(info.invitee_server);
+        // Events of one room come with the same servers: resolving them (a sort, a lookup per
+        // name) once per host list instead of once per event is most of routing's cost.
+        let same_targets = candidates == self.last_candidates && info.send_on_behalf_of == self.last_on_behalf_of;
+        if !same_targets {
+            self.resolve(destinations, config, &candidates, info.send_on_behalf_of.as_ref());
+            self.last_candidates = candidates;
+            self.last_on_behalf_of = info.send_on_behalf_of;
+        }
+        if self.last_targets.is_empty() {
+            return;
+        }
+        let Ok(json) = serde_json::to_string(&info.pdu) else {
+            // serde_json::Value always serializes; keep the machine alive regardless.
+            return;
+        };
+        let entry = Arc::new(PduEntry {
+            event_id: info.event_id,
             stream_ordering: info.stream_ordering,
+            json: Arc::from(json),
+            queued_at_ms: fx.now.as_ms(),
         });
-        let destination = destinations.entry(name.clone()).or_default();
-        match destination.enqueue_pdu(&entry, fx, config) {
-            Enqueued::LeftToStorage => continue,
-            Enqueued::Queued => {}
-            Enqueued::Overflowing => overflowing.push(name.clone()),
+        self.write_rows(fx, same_targets, destinations, info.room_id, info.stream_ordering);
+        let mut overflowing: Vec<DestId> = Vec::new();
+        for &id in &self.last_targets {
+            match destinations.at_mut(id).1.enqueue_pdu(&entry, fx, config) {
+                Enqueued::LeftToStorage => continue,
+                Enqueued::Queued => {}
+                Enqueued::Overflowing => overflowing.push(id),
+            }
+            fx.mark_dirty_id(id);
         }
-        fx.mark_dirty(name);
+        for id in overflowing {
+            // Memory stays bounded while a server is slow or down: storage has every row.
+            let (name, destination) = destinations.at_mut(id);
+            destination.start_catching_up(name, fx, false);
+        }
     }
-    for name in overflowing {
-        // Memory stays bounded while a server is slow or down: storage has every row.
-        if let Some(destination) = destinations.get_mut(&name) {
-            destination.start_catching_up(&name, fx, false);
+
+    /// Sorted and deduplicated (the order a set would give), then filtered, then interned.
+    fn resolve(
+        &mut self,
+        destinations: &mut Directory,
+        config: &Config,
+        candidates: &[ServerName],
+        on_behalf_of: Option<&ServerName>,
+    ) {
+        let mut names: Vec<&ServerName> = candidates.iter().collect();
+        names.sort_unstable();
+        names.dedup();
+        names.retain(|name| Some(*name) != on_behalf_of && **name != config.server_name && config.handles(name));
+        self.last_rows = None;
+        self.last_targets.clear();
+        self.last_targets.extend(names.into_iter().map(|name| destinations.intern(name)));
+    }
+
+    /// A `destination_rooms` row per target. An event in the same room as the previous one,
+    /// for the same targets, in the same batch, only moves those rows forward: the batch keeps
+    /// the newest position per (destination, room) anyway, and a burst in one room would
+    /// otherwise write a row per (event, destination) to be sorted and dropped at the flush.
+    fn write_rows(
+        &mut self,
+        fx: &mut Effects,
+        same_targets: bool,
+        destinations: &Directory,
+        room_id: String,
+        stream_ordering: u64,
+    ) {
+        let rows = &mut fx.changes.destination_rooms;
+        if same_targets
+            && let Some((room, start)) = &self.last_rows
+            && *room == room_id
+            && let Some(previous) = rows.get_mut(*start..*start + self.last_targets.len())
+        {
+            for row in previous {
+                row.stream_ordering = row.stream_ordering.max(stream_ordering);
+            }
+            return;
         }
+        let start = rows.len();
+        rows.reserve(self.last_targets.len());
+        for &id in &self.last_targets {
+            rows.push(DestinationRoom {
+                destination: destinations.name(id).clone(),
+                room_id: room_id.clone(),
+                stream_ordering,
+            });
+        }
+        self.last_rows = Some((room_id, start));
     }
 }
 
@@ -294,12 +362,21 @@ mod tests {
         let config = config();
         let mut fx = Effects::new(0);
         fx.now = Timestamp(5);
-        let mut destinations = BTreeMap::new();
-        route(&mut destinations, &mut fx, &config, info(1, &["b.test", "us.test", "a.test", "b.test"]));
+        let mut destinations = Directory::default();
+        let mut router = Router::default();
+        router.route(&mut destinations, &mut fx, &config, info(1, &["b.test", "us.test", "a.test", "b.test"]));
         let rows: Vec<_> = fx.changes.destination_rooms.iter().map(|r| r.destination.as_str()).collect();
         assert_eq!(rows, ["a.test", "b.test"]);
         assert_eq!(destinations.len(), 2);
-        assert_eq!((fx.pop_dirty(), fx.pop_dirty()), (Some(name("a.test")), Some(name("b.test"))));
+        let mut popped = || fx.pop_dirty(&destinations).map(|id| destinations.name(id).clone());
+        assert_eq!((popped(), popped()), (Some(name("a.test")), Some(name("b.test"))));
+        // The same room and servers again in the same batch: the rows move forward.
+        router.route(&mut destinations, &mut fx, &config, info(2, &["b.test", "us.test", "a.test", "b.test"]));
+        let rows: Vec<_> = fx.changes.destination_rooms.iter().map(|r| r.stream_ordering).collect();
+        assert_eq!(rows, [2, 2]);
+        router.batch_started();
+        router.route(&mut destinations, &mut fx, &config, info(3, &["b.test", "us.test", "a.test", "b.test"]));
+        assert_eq!(fx.changes.destination_rooms.len(), 4, "rows of an emitted batch are not touched");
     }
 
     #[test]

@@ -115,6 +115,7 @@ mod catch_up_scan;
 mod config;
 mod destination;
 mod device_lists;
+mod directory;
 mod edu;
 mod effects;
 mod error;

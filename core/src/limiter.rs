@@ -4,12 +4,12 @@
 
 use alloc::collections::VecDeque;
 
-use crate::types::ServerName;
+use crate::directory::DestId;
 
 #[derive(Debug, Default)]
 pub(crate) struct InFlightLimiter {
     in_flight: u32,
-    waiters: VecDeque<ServerName>,
+    waiters: VecDeque<DestId>,
 }
 
 impl InFlightLimiter {
@@ -18,9 +18,9 @@ impl InFlightLimiter {
     }
 
     /// Takes a slot for `name`, or puts it in line when all `max` are taken.
-    pub(crate) fn try_acquire(&mut self, name: &ServerName, max: u32) -> bool {
+    pub(crate) fn try_acquire(&mut self, id: DestId, max: u32) -> bool {
         if self.in_flight >= max {
-            self.waiters.push_back(name.clone());
+            self.waiters.push_back(id);
             return false;
         }
         self.in_flight += 1;
@@ -29,7 +29,7 @@ impl InFlightLimiter {
 
     /// Frees a slot and hands it to the first in line that still waits (`claim` returns
     /// whether the destination was still waiting, and takes the slot for it if so).
-    pub(crate) fn release(&mut self, claim: impl FnMut(&ServerName) -> bool) -> Option<ServerName> {
+    pub(crate) fn release(&mut self, claim: impl FnMut(DestId) -> bool) -> Option<DestId> {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.wake_next(claim)
     }
@@ -41,10 +41,10 @@ impl InFlightLimiter {
     }
 
     /// Wakes the first in line that still waits, without freeing a slot.
-    pub(crate) fn wake_next(&mut self, mut claim: impl FnMut(&ServerName) -> bool) -> Option<ServerName> {
-        while let Some(name) = self.waiters.pop_front() {
-            if claim(&name) {
-                return Some(name);
+    pub(crate) fn wake_next(&mut self, mut claim: impl FnMut(DestId) -> bool) -> Option<DestId> {
+        while let Some(id) = self.waiters.pop_front() {
+            if claim(id) {
+                return Some(id);
             }
         }
         None
@@ -57,16 +57,14 @@ mod tests {
 
     #[test]
     fn slots_are_capped_and_handed_to_the_first_still_waiting() {
-        let a = ServerName::parse("a.test").unwrap();
-        let b = ServerName::parse("b.test").unwrap();
-        let c = ServerName::parse("c.test").unwrap();
+        let (a, b, c) = (DestId(0), DestId(1), DestId(2));
         let mut limiter = InFlightLimiter::default();
-        assert!(limiter.try_acquire(&a, 1));
-        assert!(!limiter.try_acquire(&b, 1));
-        assert!(!limiter.try_acquire(&c, 1));
+        assert!(limiter.try_acquire(a, 1));
+        assert!(!limiter.try_acquire(b, 1));
+        assert!(!limiter.try_acquire(c, 1));
         assert_eq!(limiter.in_flight(), 1);
         // b stopped waiting meanwhile (e.g. it was reset): the slot goes to c.
-        assert_eq!(limiter.release(|name| *name != b), Some(c));
+        assert_eq!(limiter.release(|id| id != b), Some(c));
         assert_eq!(limiter.in_flight(), 0, "the woken destination takes the slot when it sends");
         assert_eq!(limiter.release(|_| true), None);
         assert_eq!(limiter.in_flight(), 0, "never below zero");

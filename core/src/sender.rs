@@ -5,18 +5,19 @@
 //! input's writes as one batch. Commands that queue data (EDUs, to-device, device lists) are
 //! in `sender/commands.rs`.
 
-use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use crate::catch_up::CatchUp;
 use crate::catch_up_scan::{CatchUpScan, ScanAction};
 use crate::config::Config;
 use crate::destination::{Activity, Destination, Driving};
+use crate::directory::{DestId, Directory};
 use crate::edu::EduEntry;
 use crate::effects::{Effects, PendingRequest, Timer, compact};
 use crate::error::{ConfigError, InputError};
 use crate::event::Event;
-use crate::fan_out::{FanOut, route};
+use crate::fan_out::{FanOut, Router};
 use crate::io::{
     CatchUpRoom, DestinationState, DestinationStats, Input, Output, PduInfo, Recovered, TransactionResult,
 };
@@ -47,8 +48,9 @@ pub struct FederationSender {
     /// repeat after a crash.
     incarnation_durable: bool,
     builder: TransactionBuilder,
-    destinations: BTreeMap<ServerName, Destination>,
+    destinations: Directory,
     fan_out: FanOut,
+    router: Router,
     limiter: InFlightLimiter,
     wake_up_queue: WakeUpQueue,
     catch_up_scan: CatchUpScan,
@@ -68,12 +70,17 @@ impl FederationSender {
     /// durable), fetch events after the recovered position, and start the catch-up scan.
     pub fn new(config: Config, recovered: Recovered) -> Result<Self, ConfigError> {
         config.validate()?;
-        let mut destinations = BTreeMap::new();
+        let mut destinations = Directory::default();
         for state in &recovered.destinations {
             let mut destination = Destination::from_state(state);
             // Storage may hold rows this process never saw in memory; check before sending.
             destination.catch_up.active = true;
-            destinations.insert(state.destination.clone(), destination);
+            match destinations.get_mut(&state.destination) {
+                Some(known) => *known = destination,
+                None => {
+                    destinations.insert_new(state.destination.clone(), destination);
+                }
+            }
         }
         let incarnation = recovered.incarnation.saturating_add(1);
         let mut sender = Self {
@@ -85,6 +92,7 @@ impl FederationSender {
             builder: TransactionBuilder::new(incarnation),
             destinations,
             fan_out: FanOut::new(recovered.events_out_pos.unwrap_or(0)),
+            router: Router::default(),
             limiter: InFlightLimiter::default(),
             wake_up_queue: WakeUpQueue::default(),
             catch_up_scan: CatchUpScan::default(),
@@ -100,15 +108,15 @@ impl FederationSender {
             let Some(content) = row.edu.get("content") else { continue };
             let mut edu = EduEntry::new("m.direct_to_device", content);
             edu.outbox_id = Some(row.outbox_id);
-            sender.destinations.entry(row.destination).or_default().queue().edus.push_to_device(edu);
+            sender.destinations.or_default(&row.destination).queue().edus.push_to_device(edu);
         }
         for position in recovered.device_list_positions {
             let Some(stream_id) = position.stream_id else { continue };
-            let destination = sender.destinations.entry(position.destination).or_default();
+            let destination = sender.destinations.or_default(&position.destination);
             destination.device_lists().positions.insert(position.user_id, stream_id);
         }
         for row in recovered.device_list_pokes {
-            let destination = sender.destinations.entry(row.destination.clone()).or_default();
+            let destination = sender.destinations.or_default(&row.destination);
             destination.queue_stored_poke(&mut sender.fx, row);
         }
         sender.fx.changes.incarnation = Some(incarnation);
@@ -239,7 +247,7 @@ impl FederationSender {
         let full_batch = events.len() >= self.config.events_batch_max as usize;
         let last = events.last().map(|event| event.stream_ordering);
         for info in events {
-            route(&mut self.destinations, &mut self.fx, &self.config, info);
+            self.router.route(&mut self.destinations, &mut self.fx, &self.config, info);
         }
         self.fan_out.batch_routed(after, known, last, full_batch, &mut self.fx, &self.config);
         Ok(())
@@ -289,9 +297,9 @@ impl FederationSender {
         if changes.incarnation == Some(self.incarnation) && !self.incarnation_durable {
             self.incarnation_durable = true;
             // Queues held back until transaction ids were safe may go now.
-            for (name, destination) in &self.destinations {
-                if destination.queue.is_some() {
-                    self.fx.mark_dirty(name.clone());
+            for id in self.destinations.ids_in_name_order() {
+                if self.destinations.at(id).queue.is_some() {
+                    self.fx.mark_dirty_id(id);
                 }
             }
         }
@@ -311,21 +319,21 @@ impl FederationSender {
     }
 
     fn transaction_done(&mut self, request: RequestId, result: TransactionResult) -> Result<(), InputError> {
-        let name = match self.fx.take_request(request)? {
+        let id = match self.fx.take_request(request)? {
             PendingRequest::Transaction { destination } => destination,
             other => return Err(self.fx.wrong_answer(request, other)),
         };
         let destinations = &mut self.destinations;
         let next = self.limiter.release(|waiting| claim_slot(destinations, waiting));
         if let Some(next) = next {
-            self.fx.mark_dirty(next);
+            self.fx.mark_dirty_id(next);
         }
-        let Some(destination) = self.destinations.get_mut(&name) else { return Ok(()) };
+        let (name, destination) = self.destinations.at_mut(id);
         if destination.activity() == Activity::Sending(request) {
             destination.queue().activity = Activity::Idle;
-            destination.attempt_finished(&name, &mut self.fx, &self.config, result);
+            destination.attempt_finished(name, &mut self.fx, &self.config, result);
         }
-        self.fx.mark_dirty(name);
+        self.fx.mark_dirty_id(id);
         Ok(())
     }
 
@@ -401,10 +409,17 @@ impl FederationSender {
                 self.catch_up_scan.load_page(&mut self.fx, &self.config);
             }
             ScanAction::Wake(name) => {
-                let destination = self.destinations.entry(name.clone()).or_insert_with(|| Destination {
-                    catch_up: CatchUp { active: true, last_skipped: 0 },
-                    ..Destination::default()
-                });
+                let destination = match self.destinations.id(&name) {
+                    Some(id) => self.destinations.at_mut(id).1,
+                    None => {
+                        let fresh = Destination {
+                            catch_up: CatchUp { active: true, last_skipped: 0 },
+                            ..Destination::default()
+                        };
+                        let id = self.destinations.insert_new(name.clone(), fresh);
+                        self.destinations.at_mut(id).1
+                    }
+                };
                 if destination.wake_for_catch_up(self.fx.now) {
                     self.fx.mark_dirty(name);
                 }
@@ -416,7 +431,8 @@ impl FederationSender {
     fn prune_to_device(&mut self) {
         let Some(after_ms) = self.config.to_device_prune_after_ms else { return };
         let now_ms = self.fx.now.as_ms();
-        for (name, destination) in &mut self.destinations {
+        for id in self.destinations.ids_in_name_order() {
+            let (name, destination) = self.destinations.at_mut(id);
             if destination.backoff.failure_ts.is_some_and(|since| now_ms.saturating_sub(since) > after_ms) {
                 destination.prune_to_device(name, &mut self.fx);
             }
@@ -426,7 +442,8 @@ impl FederationSender {
     fn prune_device_lists(&mut self) {
         let Some(after_ms) = self.config.device_list_prune_after_ms else { return };
         let cutoff_ms = self.fx.now.as_ms().saturating_sub(after_ms);
-        for (name, destination) in &mut self.destinations {
+        for id in self.destinations.ids_in_name_order() {
+            let (name, destination) = self.destinations.at_mut(id);
             if destination.queue.as_ref().is_some_and(|q| q.edus.has_device_lists()) {
                 destination.prune_device_lists(name, &mut self.fx, cutoff_ms);
             }
@@ -449,7 +466,7 @@ impl FederationSender {
 
     fn set_destination_state(&mut self, state: DestinationState) {
         let name = state.destination.clone();
-        self.destinations.entry(name.clone()).or_default().adopt_state(&state);
+        self.destinations.or_default(&name).adopt_state(&state);
         self.fx.changes.destinations.push(state);
         self.fx.mark_dirty(name);
     }
@@ -468,27 +485,28 @@ impl FederationSender {
         while self.limiter.slot_idle(self.config.transactions_in_flight_max) {
             let destinations = &mut self.destinations;
             let Some(next) = self.limiter.wake_next(|waiting| claim_slot(destinations, waiting)) else { break };
-            self.fx.mark_dirty(next);
+            self.fx.mark_dirty_id(next);
             self.drive_dirty_once(rows_stored_to);
         }
     }
 
     fn drive_dirty_once(&mut self, rows_stored_to: u64) {
-        while let Some(name) = self.fx.pop_dirty() {
-            let Some(destination) = self.destinations.get_mut(&name) else { continue };
+        while let Some(id) = self.fx.pop_dirty(&self.destinations) {
+            let (name, destination) = self.destinations.at_mut(id);
             if !self.incarnation_durable {
                 // Kept in memory, so the incarnation's `Persisted` drives it.
                 destination.queue();
                 continue;
             }
             let mut ctx = Driving {
+                id,
                 config: &self.config,
                 builder: &mut self.builder,
                 limiter: &mut self.limiter,
                 rows_stored_to,
                 awaiting_rows: &mut self.awaiting_rows,
             };
-            destination.drive(&name, &mut self.fx, &mut ctx);
+            destination.drive(name, &mut self.fx, &mut ctx);
         }
     }
 
@@ -503,6 +521,7 @@ impl FederationSender {
             return;
         }
         let mut changes = core::mem::take(&mut self.fx.changes);
+        self.router.batch_started();
         compact(&mut changes);
         let fanout_from = self.fan_out.claim(&mut changes);
         if changes.is_empty() {
@@ -562,8 +581,8 @@ fn check_catch_up(after: u64, up_to: u64, rooms: &[CatchUpRoom]) -> Result<(), I
 }
 
 /// Hands a freed slot to `waiting` if it still waits for one.
-fn claim_slot(destinations: &mut BTreeMap<ServerName, Destination>, waiting: &ServerName) -> bool {
-    let queue = destinations.get_mut(waiting).and_then(|d| d.queue.as_mut());
+fn claim_slot(destinations: &mut Directory, waiting: DestId) -> bool {
+    let queue = destinations.at_mut(waiting).1.queue.as_mut();
     let claimed = queue.as_ref().is_some_and(|q| q.activity == Activity::AwaitingSlot);
     if let (true, Some(queue)) = (claimed, queue) {
         queue.activity = Activity::Idle;

@@ -26,7 +26,6 @@ pub(crate) struct FrozenTransaction {
     pub(crate) body: Arc<str>,
     pub(crate) items: Vec<Arc<PduEntry>>,
     pub(crate) edus: Vec<EduEntry>,
-    pub(crate) pdu_ids: Vec<String>,
     pub(crate) attempts: u32,
     /// Permanent rejections (4xx other than 401/408/429) of this exact transaction.
     pub(crate) rejections: u32,
@@ -38,6 +37,12 @@ pub(crate) struct FrozenTransaction {
 }
 
 impl FrozenTransaction {
+    /// Event ids of the PDUs, in body order: built for each attempt's output only, so a
+    /// transaction copies its ids once, not twice.
+    pub(crate) fn pdu_ids(&self) -> Vec<String> {
+        self.items.iter().map(|p| p.event_id.clone()).collect()
+    }
+
     /// The next HTTP attempt of this transaction.
     pub(crate) fn attempt(&mut self, request: RequestId, destination: &ServerName) -> OutgoingTransaction {
         self.attempts += 1;
@@ -46,7 +51,7 @@ impl FrozenTransaction {
             destination: destination.clone(),
             txn_id: self.txn_id.clone(),
             attempt: self.attempts,
-            pdu_ids: self.pdu_ids.clone(),
+            pdu_ids: self.pdu_ids(),
             body: self.body.clone(),
         }
     }
@@ -109,13 +114,11 @@ impl TransactionBuilder {
                 body
             }
         };
-        let pdu_ids = items.iter().map(|p| p.event_id.clone()).collect();
         FrozenTransaction {
             txn_id: self.next_txn_id(),
             body,
             items,
             edus,
-            pdu_ids,
             attempts: 0,
             rejections: 0,
             delivered_up_to,
@@ -337,11 +340,11 @@ mod tests {
         queue.pending_pdus.extend([pdu("$a", 500), pdu("$huge", 2000), pdu("$b", 400), pdu("$c", 400)]);
         let name = ServerName::parse("a.test").unwrap();
         let frozen = destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).unwrap();
-        assert_eq!(frozen.pdu_ids, ["$a", "$b"]);
+        assert_eq!(frozen.pdu_ids(), ["$a", "$b"]);
         assert!(frozen.body.len() <= 1024);
         assert_eq!(destination.dropped_items, 1);
         let frozen = destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).unwrap();
-        assert_eq!(frozen.pdu_ids, ["$c"]);
+        assert_eq!(frozen.pdu_ids(), ["$c"]);
         assert!(destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).is_none());
     }
 }

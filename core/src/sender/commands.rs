@@ -35,7 +35,7 @@ impl FederationSender {
             return Ok(());
         }
         let edu = EduEntry::new(edu_type, content);
-        let queue = self.destinations.entry(destination.clone()).or_default().queue();
+        let queue = self.destinations.or_default(&destination).queue();
         match key {
             Some(key) => queue.edus.push_keyed(key, edu),
             None => queue.edus.push_plain(edu),
@@ -57,7 +57,7 @@ impl FederationSender {
         let key = format!("{room_id} {user_id}");
         let now = self.fx.now;
         for host in self.ephemeral_targets(hosts, 0) {
-            let destination = self.destinations.entry(host.clone()).or_default();
+            let destination = self.destinations.or_default(&host);
             if destination.backoff.active(now) {
                 continue;
             }
@@ -83,7 +83,7 @@ impl FederationSender {
             || event.as_ref().is_some_and(|e| now_ms.saturating_sub(e.received_ts) < RECEIPT_RECENT_EVENT_MS);
         let sender_server = event.as_ref().and_then(|e| server_of(&e.sender)).map(String::from);
         for host in targets {
-            self.destinations.entry(host.clone()).or_default().queue().edus.push_receipt(receipt.clone());
+            self.destinations.or_default(&host).queue().edus.push_receipt(receipt.clone());
             if everyone_now || sender_server.as_deref() == Some(host.as_str()) {
                 self.fx.mark_dirty(host);
             } else {
@@ -101,7 +101,7 @@ impl FederationSender {
             return Ok(());
         }
         for host in self.ephemeral_targets(hosts, self.config.catch_up_threshold_ms) {
-            let queue = self.destinations.entry(host.clone()).or_default().queue();
+            let queue = self.destinations.or_default(&host).queue();
             for state in &states {
                 queue.edus.push_presence(state.clone());
             }
@@ -148,7 +148,7 @@ impl FederationSender {
                     queued_ts: now_ms,
                     edu: row_edu,
                 });
-                self.destinations.entry(server.clone()).or_default().queue().edus.push_to_device(edu);
+                self.destinations.or_default(&server).queue().edus.push_to_device(edu);
             }
             self.fx.mark_dirty(server);
         }
@@ -226,7 +226,7 @@ impl FederationSender {
         let now = self.fx.now;
         let window_ms = self.config.catch_up_threshold_ms;
         for host in self.ephemeral_targets(destinations, 0) {
-            let destination = self.destinations.entry(host.clone()).or_default();
+            let destination = self.destinations.or_default(&host);
             if !destination.device_list_is_new(user_id, device_id, stream_id) {
                 continue;
             }
@@ -257,7 +257,7 @@ impl FederationSender {
                 continue;
             }
             let Some(content) = row.edu.get("content") else { continue };
-            let queue = self.destinations.entry(row.destination.clone()).or_default().queue();
+            let queue = self.destinations.or_default(&row.destination).queue();
             let in_flight =
                 queue.frozen.as_ref().is_some_and(|f| f.edus.iter().any(|e| e.outbox_id == Some(row.outbox_id)));
             if in_flight || queue.edus.has_to_device(row.outbox_id) {
@@ -280,7 +280,7 @@ impl FederationSender {
                 continue;
             }
             let name = row.destination.clone();
-            let destination = self.destinations.entry(name.clone()).or_default();
+            let destination = self.destinations.or_default(&name);
             if destination.queue_stored_poke(&mut self.fx, row) && destination.backoff.due_within(now, window_ms) {
                 self.wake_up_later(name);
             }

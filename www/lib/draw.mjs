@@ -26,11 +26,26 @@ export function formatMs(ms) {
   return `${(ms / 3_600_000).toFixed(1)} h`;
 }
 
+// Each canvas's CSS box, read once and kept until `forgetSize`: reading clientWidth after the
+// page has written text forces a synchronous layout, and with a canvas drawn many times per
+// frame that was a large part of a frame at 1 000 destinations. The page forgets a size when
+// a ResizeObserver reports a change.
+const sizes = new WeakMap();
+
+/** Drops the remembered CSS size of `canvas` (it was resized). */
+export function forgetSize(canvas) {
+  sizes.delete(canvas);
+}
+
 /** Sizes `canvas` to its CSS box at the device pixel ratio; returns its 2D context in CSS px. */
 export function fit(canvas) {
   const dpr = globalThis.devicePixelRatio || 1;
-  const w = Math.max(1, Math.round(canvas.clientWidth));
-  const h = Math.max(1, Math.round(canvas.clientHeight));
+  let size = sizes.get(canvas);
+  if (!size) {
+    size = { w: Math.max(1, Math.round(canvas.clientWidth)), h: Math.max(1, Math.round(canvas.clientHeight)) };
+    sizes.set(canvas, size);
+  }
+  const { w, h } = size;
   if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
     canvas.width = Math.round(w * dpr);
     canvas.height = Math.round(h * dpr);

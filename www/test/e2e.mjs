@@ -8,7 +8,8 @@
 // and a result line; exit status 0 = pass. Needs www/pkg (scripts/build-wasm.sh).
 //
 // Checks (all by default, or the named ones): live, mix, backoff, restart, faults, determinism,
-// traces, replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×.
+// traces, replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×, and
+// how fast the same world runs with nothing drawn (figures: BENCHMARKS.md).
 // `traces` is the exception to asserting from the DOM: it runs every shipped scenario through
 // runScenario in the page (test/traces.html) and compares the whole trace texts, byte for byte,
 // with the committed .trace.jsonl files that native, wasmtime and Node are held to.
@@ -22,7 +23,7 @@ import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { MIXES, backoffBoundMs, fnv, traceCounts } from '../lib/live.mjs';
+import { MIXES, TICK_MS, backoffBoundMs, fnv, traceCounts } from '../lib/live.mjs';
 import { serve } from '../lib/server.mjs';
 
 const WWW = resolve(fileURLToPath(new URL('..', import.meta.url)));
@@ -361,6 +362,41 @@ const CHECKS = {
       expect(Number(perf.frames) > 10, `only ${perf.frames} frames in 6 s`);
       file ??= await shot(page, '1000');
       const line = `1000 destinations at 100×, ${rate} events/s: frame time mean ${perf.frameMean} ms, p95 ${perf.frameP95} ms, max ${perf.frameMax} ms over ${perf.frames} frames (simulation ${perf.simMean}, folding ${perf.foldMean}, drawing ${perf.drawMean} ms per frame); virtual time ran at ${perf.effectiveSpeed}× (t=+${s.now} ms, ${s.sends} sends)`;
+      console.log(`perf: ${line}`);
+      lines.push(line);
+    }
+    // What bounds the figures above: the same world (2 events/s) run in a blank page as fast as
+    // it goes, with nothing drawn; `folded` also folds the trace and the core's figures into
+    // the page's model once per 33 ms, as the page does while it simulates.
+    await page.goto(new URL('test/traces.html', base).href);
+    for (const folded of [false, true]) {
+      const r = await page.evaluate(async (folded) => {
+        const wasm = await import(new URL('../pkg/fedsend_wasm.js', location.href).href);
+        const { LiveRun } = await import(new URL('../lib/live.mjs', location.href).href);
+        await wasm.default();
+        const run = new LiveRun(wasm.LiveSimulation, { seed: 1, destinations: 1000, rooms: 4, rate: 2 });
+        const v0 = run.now;
+        const t0 = performance.now();
+        let synced = t0;
+        let ticks = 0;
+        let sends = 0;
+        for (let now = t0; now - t0 < 4000; now = performance.now()) {
+          run.advance(1);
+          ticks += 1;
+          if (!folded) sends += run.sim.takeTrace().split('"kind":"send"').length - 1;
+          else if (now - synced >= 33) {
+            run.sync();
+            synced = now;
+          }
+        }
+        run.sync();
+        const ms = performance.now() - t0;
+        const out = { ticks, virt: run.now - v0, ms, sends: folded ? run.model.counts.send : sends };
+        run.free();
+        return out;
+      }, folded);
+      expect(r.ticks > 0 && r.virt === r.ticks * TICK_MS && r.sends > 0, `the world alone: ${JSON.stringify(r)}`);
+      const line = `the world and core alone${folded ? ' + folding' : ''}, nothing drawn (2 events/s): ${(r.virt / r.ms).toFixed(2)}× (${(r.ms / (r.virt / 1000)).toFixed(1)} ms per virtual second, ${r.sends} sends in ${r.ticks} ticks)`;
       console.log(`perf: ${line}`);
       lines.push(line);
     }

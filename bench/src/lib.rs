@@ -823,7 +823,7 @@ impl Host {
                     if let Some(transcript) = &mut self.transcript {
                         transcript.push(SentTransaction {
                             destination: t.destination.to_string(),
-                            pdu_ids: t.pdu_ids.clone(),
+                            pdu_ids: t.pdu_ids.iter().map(|id| id.to_string()).collect(),
                             body: t.body.to_string(),
                         });
                     }
@@ -1344,7 +1344,7 @@ mod tests {
                 destination: ServerName::parse(destination).expect("valid"),
                 txn_id: request.to_string(),
                 attempt: 1,
-                pdu_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+                pdu_ids: ids.iter().map(|s| (*s).into()).collect(),
                 body: "{}".into(),
             }));
         };

@@ -183,7 +183,7 @@ impl Destination {
         let owed_is_extremity = room.extremities.iter().any(|e| e.event_id == room.event_id);
         let entry = |event_id: &str, stream_ordering: u64, pdu: &serde_json::Value| {
             Arc::new(PduEntry {
-                event_id: String::from(event_id),
+                event_id: Arc::from(event_id),
                 stream_ordering,
                 // serde_json::Value always serializes.
                 json: Arc::from(serde_json::to_string(pdu).unwrap_or_default()),
@@ -302,12 +302,12 @@ mod tests {
                 false,
             )
             .unwrap();
-        assert_eq!(frozen.pdu_ids(), ["$x"]);
+        assert_eq!(frozen.pdu_ids(), [Arc::<str>::from("$x")]);
         assert_eq!(frozen.delivered_up_to, Some(5));
         let frozen = destination
             .build_catch_up(&a, &mut fx, &config, &mut builder, room("$owed", 5, &[("$x", 6, true)]), true)
             .unwrap();
-        assert_eq!(frozen.pdu_ids(), ["$owed"], "the fallback after a rejection");
+        assert_eq!(frozen.pdu_ids(), [Arc::<str>::from("$owed")], "the fallback after a rejection");
         let mut given_up = room("$owed", 8, &[]);
         given_up.undeliverable = Some("purged".into());
         assert!(destination.build_catch_up(&a, &mut fx, &config, &mut builder, given_up, false).is_none());

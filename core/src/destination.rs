@@ -260,7 +260,7 @@ impl Destination {
     /// Reports an item given up for this destination and counts it.
     pub(crate) fn give_up(&mut self, name: &ServerName, fx: &mut Effects, entry: &PduEntry, reason: String) {
         self.dropped_items += 1;
-        fx.report(Event::Dropped { destination: name.clone(), item: entry.event_id.clone(), reason });
+        fx.report(Event::Dropped { destination: name.clone(), item: String::from(&*entry.event_id), reason });
     }
 
     /// Reports an EDU given up for this destination; a to-device one also leaves the outbox,
@@ -375,7 +375,9 @@ pub(crate) mod tests {
         let mut destination = Destination::default();
         destination.queue().pending_pdus.push_back(pdu("$1", 1));
         let outputs = drive_once(&mut destination, &mut fx, &config);
-        assert!(matches!(&outputs[..], [Output::SendTransaction(t)] if t.pdu_ids == ["$1"] && t.txn_id == "1.1"));
+        assert!(
+            matches!(&outputs[..], [Output::SendTransaction(t)] if t.pdu_ids == [Arc::<str>::from("$1")] && t.txn_id == "1.1")
+        );
         assert!(matches!(destination.activity(), Activity::Sending(_)));
         destination.queue().activity = Activity::Idle;
         destination.queue().frozen = None;

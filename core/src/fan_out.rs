@@ -238,7 +238,7 @@ impl Router {
             return;
         };
         let entry = Arc::new(PduEntry {
-            event_id: info.event_id,
+            event_id: Arc::from(info.event_id),
             stream_ordering: info.stream_ordering,
             json: Arc::from(json),
             queued_at_ms: fx.now.as_ms(),

@@ -664,7 +664,7 @@ pub struct OutgoingTransaction {
     /// Attempt number of this transaction, starting at 1.
     pub attempt: u32,
     /// Event ids of the PDUs, in body order.
-    pub pdu_ids: Vec<String>,
+    pub pdu_ids: Vec<Arc<str>>,
     /// The JSON body, keys in canonical order.
     pub body: Arc<str>,
 }

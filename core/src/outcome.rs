@@ -178,7 +178,7 @@ impl Destination {
         let reason = format!("rejected by the destination with HTTP {status}");
         match frozen.catch_up {
             Some(mut room)
-                if frozen.items.len() > 1 || frozen.items.first().is_some_and(|p| p.event_id != room.event_id) =>
+                if frozen.items.len() > 1 || frozen.items.first().is_some_and(|p| *p.event_id != *room.event_id) =>
             {
                 // Fall back to the event we owe, without the extremities.
                 room.extremities.clear();
@@ -288,7 +288,7 @@ mod tests {
         let Some(Output::SendTransaction(sent)) = outputs.last() else { panic!("nothing sent: {outputs:?}") };
         destination.queue().activity = Activity::Idle;
         destination.attempt_finished(&name("a.test"), fx, config, result);
-        sent.pdu_ids.clone()
+        sent.pdu_ids.iter().map(|id| String::from(&**id)).collect()
     }
 
     #[test]
@@ -321,7 +321,8 @@ mod tests {
         }
         let mut attempts = Vec::new();
         while destination.queue.as_ref().is_some_and(|q| !q.pending_pdus.is_empty()) && attempts.len() < 10 {
-            let next: Vec<String> = destination.queue().pending_pdus.iter().map(|p| p.event_id.clone()).collect();
+            let next: Vec<String> =
+                destination.queue().pending_pdus.iter().map(|p| String::from(&*p.event_id)).collect();
             let limit = destination.queue().isolation.limit().map_or(next.len(), |l| l as usize);
             let refused = next.iter().take(limit).any(|id| id == "$bad");
             let result = if refused { status(400) } else { TransactionResult::Ok { pdu_errors: BTreeMap::new() } };

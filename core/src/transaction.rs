@@ -39,7 +39,7 @@ pub(crate) struct FrozenTransaction {
 impl FrozenTransaction {
     /// Event ids of the PDUs, in body order: built for each attempt's output only, so a
     /// transaction copies its ids once, not twice.
-    pub(crate) fn pdu_ids(&self) -> Vec<String> {
+    pub(crate) fn pdu_ids(&self) -> Vec<Arc<str>> {
         self.items.iter().map(|p| p.event_id.clone()).collect()
     }
 
@@ -208,7 +208,8 @@ impl Destination {
 /// A PDU queued for one or more destinations; shared, never copied per destination.
 #[derive(Debug)]
 pub(crate) struct PduEntry {
-    pub(crate) event_id: String,
+    /// Shared with every attempt's `pdu_ids`: an attempt copies a pointer, not the id.
+    pub(crate) event_id: Arc<str>,
     /// Its position in the events stream.
     pub(crate) stream_ordering: u64,
     /// The federation JSON, compact, keys sorted.
@@ -340,11 +341,11 @@ mod tests {
         queue.pending_pdus.extend([pdu("$a", 500), pdu("$huge", 2000), pdu("$b", 400), pdu("$c", 400)]);
         let name = ServerName::parse("a.test").unwrap();
         let frozen = destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).unwrap();
-        assert_eq!(frozen.pdu_ids(), ["$a", "$b"]);
+        assert_eq!(frozen.pdu_ids(), [Arc::<str>::from("$a"), Arc::from("$b")]);
         assert!(frozen.body.len() <= 1024);
         assert_eq!(destination.dropped_items, 1);
         let frozen = destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).unwrap();
-        assert_eq!(frozen.pdu_ids(), ["$c"]);
+        assert_eq!(frozen.pdu_ids(), [Arc::<str>::from("$c")]);
         assert!(destination.build_from_queue(&name, &mut fx, &config, &mut builder, true).is_none());
     }
 }

@@ -365,7 +365,7 @@ impl Checker {
         self.abandoned.remove(dest);
         self.check_stagger(now, dest, txn, edu_kinds)?;
         for event in &txn.pdu_ids {
-            if !routed(event) && !self.offered.contains(&(String::from(dest), event.clone())) {
+            if !routed(event) && !self.offered.contains(&(String::from(dest), String::from(&**event))) {
                 return Err(format!("event {event} sent to {dest}, which was not in the room before it"));
             }
         }
@@ -400,9 +400,14 @@ impl Checker {
     }
 
     /// A remote accepted a transaction (whether or not its answer reaches the sender).
-    pub(crate) fn on_accepted(&mut self, dest: &str, pdu_ids: &[String], edus: &[Value]) -> Result<(), String> {
+    pub(crate) fn on_accepted(
+        &mut self,
+        dest: &str,
+        pdu_ids: &[alloc::sync::Arc<str>],
+        edus: &[Value],
+    ) -> Result<(), String> {
         self.counts.accepted += 1;
-        self.received.entry(String::from(dest)).or_default().extend(pdu_ids.iter().cloned());
+        self.received.entry(String::from(dest)).or_default().extend(pdu_ids.iter().map(|id| String::from(&**id)));
         for (index, edu) in edus.iter().enumerate() {
             let (Some(kind), Some(content)) = (edu.get("edu_type").and_then(Value::as_str), edu.get("content")) else {
                 return Err(format!("malformed EDU sent to {dest}: {edu}"));

@@ -120,7 +120,7 @@ struct SendLine<'a> {
     kind: &'static str,
     dest: &'a str,
     txn_id: &'a str,
-    pdus: &'a [String],
+    pdus: &'a [alloc::sync::Arc<str>],
     edus: &'a [Value],
     bytes: usize,
 }
@@ -1252,7 +1252,7 @@ impl World {
             edus.iter().filter_map(|e| e.get("edu_type").and_then(Value::as_str)).map(String::from).collect();
         let rejected = self.rejects.iter().find(|rule| {
             rule.host == host
-                && (txn.pdu_ids.iter().any(|id| rule.pdus.contains(id))
+                && (txn.pdu_ids.iter().any(|id| rule.pdus.contains(&**id))
                     || edu_types.iter().any(|t| rule.edu_types.contains(t)))
         });
         let timeout_ms = self.config.request_timeout_ms;

@@ -47,6 +47,9 @@ SERVICE_DOWN_S = 5  # how long Redis or PostgreSQL stays down in the fault check
 # fedsend's /health stays degraded for a minute after the last problem it saw
 # (HEALTH_PROBLEM_WINDOW_MS in service/src/serve/metrics.rs); a little more is allowed.
 HEALTH_RECOVERY_S = 60 + 30
+# How often an instance retries a replication read that failed (RETRY_INTERVAL in
+# service/src/synapse_worker/feed.rs).
+FEED_RETRY_S = 5
 LOG_LINE_MAX = 4096  # longest log line an instance may write about a malformed replication line
 
 
@@ -539,6 +542,11 @@ def fault_checks(d, checks, room_a, tag):
 
     if a.redis_restart:
         def redis_restart():
+            # Reads that failed during a PostgreSQL outage are retried by the instances every
+            # FEED_RETRY_S; one still pending would read the events position and find the
+            # message this check sends while Redis is down, before Redis is back.
+            if a.pg_outage and "t" in back:
+                time.sleep(max(0.0, FEED_RETRY_S + 1 - (time.monotonic() - back["t"])))
             since = now_ms()
             marks = {s.name: s.log_size() for s in d.senders}
             services.kill_redis()

@@ -1,6 +1,8 @@
 // A small static server for www/ (Node only): the visualiser's local server and the e2e
 // tests' server. Besides www/ it serves the shipped scenarios of tests/scenarios/ read-only
-// under /scenarios/shipped/ (index.json lists them), so that the page can replay them.
+// under /scenarios/shipped/ (index.json lists them), so that the page can replay them, and,
+// when asked, the npm package under /npm/ (the e2e check that runs the driven sender in the
+// browser imports it from there, as a bundler would).
 
 import { createServer } from 'node:http';
 import { createReadStream, readdirSync, statSync } from 'node:fs';
@@ -20,6 +22,7 @@ const MIME = {
 };
 
 const SHIPPED = '/scenarios/shipped/';
+const NPM = '/npm/';
 
 /** Names of the shipped scenario files (NAME.json with no `bad/`), sorted. */
 export function shippedScenarios(dir) {
@@ -27,10 +30,10 @@ export function shippedScenarios(dir) {
 }
 
 /**
- * Serves `www` (and `scenarios` under /scenarios/shipped/) on `host` and `port` (0: a free
- * one). Resolves to { server, url }.
+ * Serves `www` (and `scenarios` under /scenarios/shipped/, `npm` under /npm/) on `host` and
+ * `port` (0: a free one). Resolves to { server, url }.
  */
-export function serve(www, { scenarios, host = '127.0.0.1', port = 0 } = {}) {
+export function serve(www, { scenarios, npm, host = '127.0.0.1', port = 0 } = {}) {
   const root = resolve(www);
   const server = createServer((req, res) => {
     let path;
@@ -42,7 +45,10 @@ export function serve(www, { scenarios, host = '127.0.0.1', port = 0 } = {}) {
     }
     let dir = root;
     let rel = path;
-    if (scenarios && path.startsWith(SHIPPED)) {
+    if (npm && path.startsWith(NPM)) {
+      dir = resolve(npm);
+      rel = `/${path.slice(NPM.length)}`;
+    } else if (scenarios && path.startsWith(SHIPPED)) {
       dir = resolve(scenarios);
       rel = `/${path.slice(SHIPPED.length)}`;
       if (rel === '/index.json') {

@@ -8,11 +8,13 @@
 // and a result line; exit status 0 = pass. Needs www/pkg (scripts/build-wasm.sh).
 //
 // Checks (all by default, or the named ones): live, mix, backoff, restart, faults, determinism,
-// traces, replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×, and
+// traces, driven, replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×, and
 // how fast the same world runs with nothing drawn (figures: BENCHMARKS.md).
 // `traces` is the exception to asserting from the DOM: it runs every shipped scenario through
 // runScenario in the page (test/traces.html) and compares the whole trace texts, byte for byte,
-// with the committed .trace.jsonl files that native, wasmtime and Node are held to.
+// with the committed .trace.jsonl files that native, wasmtime and Node are held to. `driven`
+// runs the npm package's driven FederationSender (fedsend-driver's loop, compiled to wasm) in
+// the page with real timers against a fake transport, and checks what it delivered.
 //
 // It lives in www/test/ but is not a `node --test` file: Node 20's runner runs every .mjs under
 // a test/ directory, so when it does, this file only registers a skipped test.
@@ -29,6 +31,7 @@ import { serve } from '../lib/server.mjs';
 const WWW = resolve(fileURLToPath(new URL('..', import.meta.url)));
 const ROOT = resolve(WWW, '..');
 const SCENARIOS = join(ROOT, 'tests', 'scenarios');
+const NPM = join(ROOT, 'npm');
 const ARTIFACTS = join(ROOT, 'artifacts');
 const CHROMIUM = '/usr/bin/chromium';
 const TIMEOUT_MS = 30_000;
@@ -301,6 +304,74 @@ const CHECKS = {
     return `${runs.length} of ${onDisk.length} shipped scenarios run in the page (${ms} ms): every trace byte-identical to its .trace.jsonl (${bytes} B)`;
   },
 
+  async driven(page) {
+    await page.goto(new URL('test/driven.html', base).href);
+    const EVENTS = 120;
+    const REMOTES = ['a.test', 'b.test', 'c.test'];
+    // In the page: the package's browser entry, as a bundler would load it; the sender runs on
+    // the page's own timers (no injected clock). b.test answers its first attempt with a 500,
+    // so the retry is a real timer firing; every answer comes on a later turn of the loop.
+    const run = await page.evaluate(async ({ EVENTS, REMOTES }) => {
+      const fedsend = await import(new URL('/npm/src/browser.js', location.href).href);
+      await fedsend.init();
+      const origin = 'origin.test';
+      const events = [];
+      for (let i = 1; i <= EVENTS; i += 1) {
+        const pdu = { event_id: `$${i}`, room_id: `!r:${origin}`, sender: `@alice:${origin}`, type: 'm.room.message', content: { i } };
+        events.push({ event_id: pdu.event_id, room_id: pdu.room_id, stream_ordering: i, sender: pdu.sender, hosts: [origin, ...REMOTES], pdu });
+      }
+      const attempts = [];
+      const failing = new Set(['b.test']);
+      const t0 = performance.now();
+      const sender = await fedsend.FederationSender.start({
+        config: { server_name: origin, retry_interval_min_ms: 200, retry_interval_max_ms: 1000, http_retry_delay_max_ms: 100 },
+        transport: {
+          async sendTransaction(destination, txnId, body) {
+            await new Promise((resolve) => setTimeout(resolve, 1));
+            const parsed = JSON.parse(body);
+            const status = failing.delete(destination) ? 500 : 200;
+            attempts.push({ destination, txnId, status, pdus: (parsed.pdus ?? []).map((p) => p.event_id), edus: (parsed.edus ?? []).map((e) => e.edu_type) });
+            return { status, body: status === 200 ? { pdus: {} } : { errcode: 'M_UNKNOWN' } };
+          },
+        },
+        homeserver: {
+          fetchEvents: ({ after, limit }) => events.filter((e) => e.stream_ordering > after).slice(0, limit),
+          loadCatchUp: ({ rows }) => rows.map((r) => {
+            const e = events.find((x) => x.stream_ordering === r.stream_ordering);
+            return { ...r, event_id: e.event_id, pdu: e.pdu };
+          }),
+        },
+        store: new fedsend.MemoryStore(),
+      });
+      await sender.newEvents(EVENTS);
+      // Resolves once the outbox row is durable in the store.
+      await sender.sendToDevice({ sender: `@alice:${origin}`, message_type: 'm.test', message_id: 'm1', messages: { '@bob:c.test': { DEVICE: { hello: 1 } } } });
+      const done = () => REMOTES.every((r) => attempts.filter((a) => a.destination === r && a.status === 200).flatMap((a) => a.pdus).length >= EVENTS)
+        && attempts.some((a) => a.destination === 'c.test' && a.status === 200 && a.edus.includes('m.direct_to_device'));
+      while (!done() && performance.now() - t0 < 20_000) await new Promise((resolve) => setTimeout(resolve, 20));
+      const stats = sender.destinationStats().map((s) => ({ destination: s.destination, state: s.state }));
+      await sender.close();
+      return { attempts, stats, closed: sender.closed, ms: Math.round(performance.now() - t0) };
+    }, { EVENTS, REMOTES });
+    const want = Array.from({ length: EVENTS }, (_, i) => `$${i + 1}`);
+    for (const remote of REMOTES) {
+      const got = run.attempts.filter((a) => a.destination === remote && a.status === 200).flatMap((a) => a.pdus);
+      expect(JSON.stringify(got) === JSON.stringify(want),
+        `${remote} received ${got.length} PDUs, want ${EVENTS} once each in order: ${got.slice(0, 8).join(',')}…`);
+    }
+    const failedFirst = run.attempts.find((a) => a.destination === 'b.test');
+    expect(failedFirst?.status === 500, `b.test's first attempt was ${JSON.stringify(failedFirst)}, want the scripted 500`);
+    const retried = run.attempts.filter((a) => a.destination === 'b.test' && a.txnId === failedFirst.txnId);
+    expect(retried.length >= 2 && retried.at(-1).status === 200, `the 500 was not retried to success: ${JSON.stringify(retried)}`);
+    const toDevice = run.attempts.filter((a) => a.status === 200 && a.edus.includes('m.direct_to_device'));
+    expect(toDevice.length === 1 && toDevice[0].destination === 'c.test', `to-device deliveries: ${JSON.stringify(toDevice)}`);
+    expect(run.stats.length === REMOTES.length && run.stats.every((s) => s.state === 'idle'), `stats after draining: ${JSON.stringify(run.stats)}`);
+    expect(run.closed, 'close() resolved but the sender does not say it is closed');
+    const transactions = run.attempts.filter((a) => a.status === 200).length;
+    return `${EVENTS} events to ${REMOTES.length} remotes and a to-device message over real timers in ${run.ms} ms: `
+      + `${transactions} transactions, b.test's 500 retried to success (txn ${failedFirst.txnId}), every destination idle, closed`;
+  },
+
   async replay(page) {
     const results = [];
     for (const name of ['restart.json', 'long-outage-catch-up.json', 'd7-poison-transaction.json']) {
@@ -456,7 +527,7 @@ function nativeTrace(name) {
 async function main(names) {
   const { chromium } = createRequire(join(ROOT, 'tools', 'node', 'package.json'))('playwright-core');
   mkdirSync(ARTIFACTS, { recursive: true });
-  const { server, url } = await serve(WWW, { scenarios: SCENARIOS });
+  const { server, url } = await serve(WWW, { scenarios: SCENARIOS, npm: NPM });
   base = url;
   const profile = mkdtempSync(join(tmpdir(), 'fedsend-e2e-'));
   let context;

@@ -10,11 +10,14 @@
 //               done when every destination has acknowledged the last one
 //         to_device: N to-device messages, each awaited until durable, spread over the
 //               destinations; done when every one has been sent
-//         boundary: ns per value across the wasm boundary, JSON text vs objects (only with a
-//               package whose wasm has BoundaryProbe)
+//         boundary: ns per value across the wasm boundary (only with a package whose wasm has
+//               BoundaryProbe): a to-device input as JSON text made in JavaScript, as an object
+//               (stringified inside the binding) and as an object read by serde_wasm_bindgen;
+//               a transaction output as JSON text parsed in JavaScript and as an object
 //
 // Wall time includes everything a homeserver would pay for: the JavaScript callbacks, the
-// store, the boundary crossings and the core.
+// store, the boundary crossings and the core; cpu_ms is the process's CPU time over the same
+// span (it includes the garbage collector's threads, so it can exceed wall time).
 
 import { performance } from 'node:perf_hooks';
 import * as fedsend from '../../npm/src/node.js';
@@ -126,6 +129,7 @@ async function pdus() {
   const events = Array.from({ length: EVENTS }, (_, i) => makeEvent(i + 1));
   const counters = { transactions: 0, bytes: 0, toDevice: 0 };
   const t0 = performance.now();
+  const cpu0 = process.cpuUsage();
   const { sender } = await startSender(events, counters);
   for (let upTo = ANNOUNCE_BATCH; upTo <= EVENTS; upTo += ANNOUNCE_BATCH) await sender.newEvents(upTo);
   await until(() => {
@@ -133,14 +137,16 @@ async function pdus() {
     return stats.length === DESTINATIONS && stats.every((s) => s.last_successful_stream_ordering === EVENTS);
   });
   const ms = performance.now() - t0;
+  const cpu = cpuMs(cpu0);
   await sender.close();
   const pairs = EVENTS * DESTINATIONS;
-  return { workload: 'pdus', events: EVENTS, destinations: DESTINATIONS, pairs, transactions: counters.transactions, ms: round(ms), pairs_per_s: Math.round((pairs / ms) * 1000) };
+  return { workload: 'pdus', events: EVENTS, destinations: DESTINATIONS, pairs, transactions: counters.transactions, ms: round(ms), cpu_ms: cpu, pairs_per_s: Math.round((pairs / ms) * 1000), pairs_per_cpu_s: Math.round((pairs / cpu) * 1000) };
 }
 
 async function toDevice() {
   const counters = { transactions: 0, bytes: 0, toDevice: 0 };
   const t0 = performance.now();
+  const cpu0 = process.cpuUsage();
   const { sender } = await startSender([], counters);
   const durable = [];
   for (let k = 0; k < MESSAGES; k++) {
@@ -158,8 +164,9 @@ async function toDevice() {
   // One EDU per message here (each addresses one user on one destination).
   await until(() => counters.toDevice >= MESSAGES);
   const ms = performance.now() - t0;
+  const cpu = cpuMs(cpu0);
   await sender.close();
-  return { workload: 'to_device', messages: MESSAGES, destinations: DESTINATIONS, transactions: counters.transactions, durable_ms: round(durableMs), ms: round(ms), messages_per_s: Math.round((MESSAGES / ms) * 1000) };
+  return { workload: 'to_device', messages: MESSAGES, destinations: DESTINATIONS, transactions: counters.transactions, durable_ms: round(durableMs), ms: round(ms), cpu_ms: cpu, messages_per_s: Math.round((MESSAGES / ms) * 1000), messages_per_cpu_s: Math.round((MESSAGES / cpu) * 1000) };
 }
 
 /** ns per crossing of a typical input and output, each way, in the same process. */
@@ -194,6 +201,7 @@ function boundary() {
     workload: 'boundary',
     input_json_ns: time(() => probe.inputFromJson(JSON.stringify(input))),
     input_object_ns: time(() => probe.inputFromObject(input)),
+    ...(probe.inputFromObjectSerde ? { input_serde_wasm_bindgen_ns: time(() => probe.inputFromObjectSerde(input)) } : {}),
     output_json_ns: time(() => JSON.parse(probe.outputJson())),
     output_object_ns: time(() => probe.outputObject()),
   };
@@ -202,6 +210,13 @@ function boundary() {
 }
 
 const round = (ms) => Math.round(ms * 10) / 10;
+
+/** CPU time (user + system) of this process since `start`, in ms: steadier than wall time on a
+ * shared machine, since time spent waiting for a core is left out. */
+function cpuMs(start) {
+  const { user, system } = process.cpuUsage(start);
+  return round((user + system) / 1000);
+}
 
 for (let run = 0; run < RUNS; run++) {
   console.log(JSON.stringify(await pdus()));

@@ -12,8 +12,9 @@
 //               destinations; done when every one has been sent
 //         boundary: ns per value across the wasm boundary (only with a package whose wasm has
 //               BoundaryProbe): a to-device input as JSON text made in JavaScript, as an object
-//               (stringified inside the binding) and as an object read by serde_wasm_bindgen;
-//               a transaction output as JSON text parsed in JavaScript and as an object
+//               (stringified inside the binding) and, where the probe has it (commit a622c7d),
+//               as an object read by serde_wasm_bindgen; a transaction output as JSON text
+//               parsed in JavaScript and as an object
 //
 // Wall time includes everything a homeserver would pay for: the JavaScript callbacks, the
 // store, the boundary crossings and the core; cpu_ms is the process's CPU time over the same

@@ -35,13 +35,6 @@ impl BoundaryProbe {
         from_js::<Input>(&value).map(drop).map_err(|e| JsError::new(&e))
     }
 
-    /// Decodes an input member by member with `serde_wasm_bindgen::from_value`: the cost the
-    /// binding does not pay (js_value.rs says why it is not used).
-    #[wasm_bindgen(js_name = inputFromObjectSerde)]
-    pub fn input_from_object_serde(&self, value: JsValue) -> Result<(), JsError> {
-        serde_wasm_bindgen::from_value::<Input>(value).map(drop).map_err(|e| JsError::new(&e.to_string()))
-    }
-
     /// The output as JSON text (what `SenderMachine.pollOutput` returns).
     #[wasm_bindgen(js_name = outputJson)]
     pub fn output_json(&self) -> String {

@@ -1,10 +1,12 @@
 //! `BoundaryProbe`: what one value costs to cross the JavaScript boundary as JSON text versus
 //! as objects, for `bench/node/driven.mjs` (BENCHMARKS.md). Not part of the npm API.
 
-use fedsend_core::{Input, Output};
+use fedsend_core::{Config, FederationSender, Input, Output, PduInfo, Recovered, Timestamp};
 use wasm_bindgen::prelude::*;
 
 use crate::js_value::{from_js, to_js};
+
+const START_MS: u64 = 1_700_000_000_000;
 
 /// Holds one output to encode, and decodes inputs, each way.
 #[wasm_bindgen]
@@ -15,11 +17,42 @@ pub struct BoundaryProbe {
 
 #[wasm_bindgen]
 impl BoundaryProbe {
-    /// Keeps `output` (JSON text) for the encoding probes.
+    /// Keeps the transaction a fresh sender with `configJson` makes of one event (`eventJson`,
+    /// a `PduInfo`): the largest output of a PDU's fan-out. Made by the core rather than
+    /// decoded, so that the module carries no decoder of outputs just for this probe.
     #[wasm_bindgen(constructor)]
-    pub fn new(#[wasm_bindgen(js_name = outputJson)] output_json: &str) -> Result<Self, JsError> {
-        let output = serde_json::from_str(output_json).map_err(|e| JsError::new(&e.to_string()))?;
-        Ok(Self { output })
+    pub fn new(
+        #[wasm_bindgen(js_name = configJson)] config_json: &str,
+        #[wasm_bindgen(js_name = eventJson)] event_json: &str,
+    ) -> Result<Self, JsError> {
+        let config: Config = serde_json::from_str(config_json).map_err(|e| JsError::new(&e.to_string()))?;
+        let event: PduInfo = serde_json::from_str(event_json).map_err(|e| JsError::new(&e.to_string()))?;
+        let mut core = FederationSender::new(config, Recovered::default()).map_err(|e| JsError::new(&e.to_string()))?;
+        let now = Timestamp(START_MS);
+        let feed = |core: &mut FederationSender, input: Input| {
+            core.handle_input(now, input).map_err(|e| JsError::new(&e.to_string()))?;
+            Ok::<Vec<Output>, JsError>(std::iter::from_fn(|| core.poll_output()).collect())
+        };
+        // Start-up persists the incarnation and asks for events; the event is fanned out at
+        // once and sent once the incarnation is durable.
+        let mut answers = Vec::new();
+        for output in feed(&mut core, Input::Timeout)? {
+            match output {
+                Output::FetchEvents { request, .. } => {
+                    answers.push(Input::EventsFetched { request, events: vec![event.clone()] });
+                }
+                Output::Persist { request, .. } => answers.push(Input::Persisted { request }),
+                _ => {}
+            }
+        }
+        for answer in answers {
+            if let Some(output) =
+                feed(&mut core, answer)?.into_iter().find(|output| matches!(output, Output::SendTransaction(_)))
+            {
+                return Ok(Self { output });
+            }
+        }
+        Err(JsError::new("the event made no transaction (is a remote server in its hosts?)"))
     }
 
     /// Decodes an input from JSON text (what `SenderMachine.handleInput` does first).

@@ -235,7 +235,9 @@ export interface FederationSenderOptions {
   onEvent?(event: Event): void;
   /** Every failure of a callback, and data the sender refused (default: console.error). */
   onError?(error: FedsendError): void;
-  /** Outputs this version does not know (from a newer core). */
+  /** Outputs this version does not know. Never called today: the core and the loop that
+   * performs its outputs ship in one wasm module, and an output the loop cannot perform is
+   * reported to onError. Accepted so that existing options keep working. */
   onOutput?(output: { type: string; [key: string]: unknown }): void;
 }
 

@@ -4,8 +4,11 @@
 //!
 //! - [`FederationSender`]: the sans-IO machine itself. Inputs go in and outputs come out as
 //!   JSON strings, in the same encoding as every other boundary (`fedsend_core::wire`).
-//! - [`SenderMachine`]: the same machine plus its per-destination figures, for the npm package
-//!   (`npm/`), whose driven sender runs the loop in JavaScript over it.
+//! - [`SenderMachine`]: the same machine plus its per-destination figures: the npm package's
+//!   raw `Machine`.
+//! - [`DrivenSender`]: the one run loop (`fedsend-driver`) over JavaScript callbacks, with
+//!   values crossing as objects: the npm package's driven `FederationSender` wraps it.
+//! - [`ReferenceMemoryStore`]: `fedsend_driver::MemoryStore` for the npm `MemoryStore`.
 //! - signing ([`WasmSigningKey`], [`x_matrix_authorization`], …): `fedsend-sign` for the npm
 //!   package, so JavaScript homeservers sign requests with the native host's code.
 //! - [`run_scenario`] (`runScenario`): runs a scenario file (`docs/scenarios.md`) in the
@@ -25,14 +28,21 @@
 //! function panics, and nothing native calls them).
 
 mod bindings;
+mod boundary_probe;
 mod driven;
+mod driven_sender;
+mod js_value;
 mod live;
+mod memory_store;
 pub mod ms;
 mod scenario;
 mod sign;
 
 pub use bindings::FederationSender;
+pub use boundary_probe::BoundaryProbe;
 pub use driven::SenderMachine;
+pub use driven_sender::{DrivenHost, DrivenSender};
 pub use live::{LiveSimulation, ScenarioStepper};
+pub use memory_store::ReferenceMemoryStore;
 pub use scenario::{EngineObject, run_scenario};
 pub use sign::{WasmSigningKey, canonical_json, sign_json, verify_json, x_matrix_authorization};

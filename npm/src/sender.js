@@ -1,21 +1,22 @@
-// The driven FederationSender: runs the core's loop (core/src/lib.rs, "The run-loop contract")
-// with timers and the host's async callbacks.
+// The driven FederationSender: a thin wrapper over the one run loop of fedsend (crate
+// fedsend-driver, compiled with wasm-bindgen as host-wasm's DrivenSender). The loop is Rust's:
+// it feeds the machine, writes persist batches in order, acknowledges to-device and
+// device-list submissions once their rows are durable, arms the machine's timers and answers
+// every request exactly once (a failed callback as storage_failed, which the core retries).
 //
-// The loop is JavaScript over the raw Machine rather than Rust futures (wasm-bindgen-futures,
-// gloo-timers) because every await here is on a host callback anyway: in JS the callbacks'
-// throws, rejections and odd return values are caught where they happen, a fake clock can be
-// injected for tests, timers can be cleared on close(), and nothing is held across an await
-// inside the wasm instance, so a callback that calls back into the sender (say, sendEdu from
-// onEvent) cannot hit a re-entrancy trap of the wasm object.
+// What stays here is what only JavaScript can do: checking the options, turning each user
+// callback into an adapter that never throws (a throw, a rejection or a bad return value is
+// reported as a typed error where it happens, naming the callback, and then fails the request),
+// signing, the request timeout and its AbortSignal, and the typed errors of the API. Values
+// cross the boundary as objects, not JSON text. A callback may call back into the sender (say,
+// sendEdu from onEvent): the driver defers such a call until its current step is done.
 
-import { Machine, ensureInitialised, validateConfig, checkMs } from './machine.js';
+import { DrivenSender } from '../dist/fedsend_wasm.js';
+import { ensureInitialised, validateConfig, checkMs } from './machine.js';
 import { CallbackError, ClosedError, ConfigError, FedsendError, InputError, describe } from './errors.js';
 import { toTransactionResult, outcomeOfError } from './transport.js';
-import { MemoryStore } from './memory-store.js';
+import { MemoryStore, sharedTables } from './memory-store.js';
 
-// setTimeout stores delays as 32-bit signed ints; longer ones fire at once. A far deadline is
-// reached in hops (an early timeout input is harmless).
-const TIMER_DELAY_MAX_MS = 2 ** 31 - 1;
 const REQUEST_TIMEOUT_DEFAULT_MS = 60_000;
 
 const systemClock = {
@@ -60,22 +61,13 @@ function checkOptions(options) {
 export class FederationSender {
   #options;
   #config;
-  #clock;
   #store;
-  #machine = null;
+  #timers; // the clock the request timeout runs on
+  #driven = null;
   #queue = []; // commands received before start-up finished
-  #running = false; // inside #pump: inputs from callbacks are queued behind the current one
-  #pendingInputs = [];
-  #timer = null;
-  #timerDeadline = undefined;
   #closed = false;
   #closeCause = null;
-  #inFlight = new Set(); // storage writes and transactions under way (close() awaits them)
-  #aborts = new Set(); // AbortControllers of transactions under way
   #requestTimeoutMs;
-  #persistRows = new Map(); // persist request id → durability keys of the rows it carries
-  #durableWaiters = []; // { keys: Set, resolve, reject }
-  #collectDurable = null; // while draining after an acknowledged command: durability keys seen
   #closedPromise = null;
 
   /** Resolves when the sender has loaded its state and started; rejects if that failed. */
@@ -84,7 +76,7 @@ export class FederationSender {
   constructor(options) {
     checkOptions(options);
     this.#options = options;
-    this.#clock = options.clock ?? systemClock;
+    this.#timers = options.clock ?? systemClock;
     this.#store = options.store ?? new MemoryStore();
     let config = options.config;
     if (typeof config === 'string') {
@@ -129,14 +121,13 @@ export class FederationSender {
       }
       if (this.#closed) throw new ClosedError('closed before start-up finished');
       try {
-        this.#machine = new Machine(this.#config, recovered);
+        // Runs the machine's first step (the start-up timeout) before returning.
+        this.#driven = new DrivenSender(this.#config, recovered, this.#host(), sharedTables(this.#store));
       } catch (e) {
-        throw e instanceof ConfigError && /recovered/.test(e.message)
-          ? new CallbackError('store.loadRecovered', e.message, { cause: e })
-          : e;
+        throw /recovered/.test(describe(e))
+          ? new CallbackError('store.loadRecovered', describe(e), { cause: e })
+          : new ConfigError(describe(e), { cause: e });
       }
-      // The first timeout makes the machine persist its new incarnation and look for work.
-      this.#complete({ type: 'timeout' });
       const queued = this.#queue;
       this.#queue = [];
       for (const { input, resolve, reject } of queued) {
@@ -243,7 +234,7 @@ export class FederationSender {
   /** Per-destination figures, sorted by destination ([] before start-up finished). */
   destinationStats() {
     this.#checkOpen();
-    return this.#machine ? this.#machine.destinationStats() : [];
+    return this.#driven ? this.#driven.destinationStats() : [];
   }
 
   /** Whether close() was called (or start-up failed). */
@@ -253,32 +244,27 @@ export class FederationSender {
 
   /**
    * Stops: no new work starts, timers are cleared, transactions in flight are aborted, and
-   * storage writes in flight are awaited, so nothing acknowledged is half-written. The store
+   * the storage write in flight is awaited, so nothing acknowledged is half-written. The store
    * is the host's and stays open. Idempotent.
    */
   close() {
     if (this.#closedPromise) return this.#closedPromise;
     this.#closed = true;
     this.#closeCause ??= new ClosedError('the sender is closed');
-    if (this.#timer !== null) this.#clock.clearTimeout(this.#timer);
-    this.#timer = null;
-    for (const controller of this.#aborts) controller.abort(new ClosedError('the sender closed'));
     for (const { reject } of this.#queue) reject(new ClosedError('the sender closed before start-up finished'));
     this.#queue = [];
+    // At once, not after `ready`: timers and requests stop now.
+    const stopped = this.#driven?.stop();
     this.#closedPromise = (async () => {
       await this.ready.catch(() => {});
-      while (this.#inFlight.size) await Promise.allSettled([...this.#inFlight]);
-      for (const waiter of this.#durableWaiters) {
-        waiter.reject(new ClosedError('the sender closed before the submitted rows were durable'));
-      }
-      this.#durableWaiters = [];
-      this.#machine?.free();
-      this.#machine = null;
+      await (stopped ?? this.#driven?.stop());
+      this.#driven?.free();
+      this.#driven = null;
     })();
     return this.#closedPromise;
   }
 
-  // ----- the loop -----
+  // ----- the wrapper -----
 
   #checkOpen() {
     if (this.#closed) {
@@ -292,170 +278,24 @@ export class FederationSender {
 
   #submit(input) {
     this.#checkOpen();
-    if (!this.#machine) {
+    if (!this.#driven) {
       return new Promise((resolve, reject) => this.#queue.push({ input, resolve, reject }));
     }
     return this.#command(input);
   }
 
-  // Feeds a host command. Called from outside the loop, a refused command throws InputError
-  // at once; called from inside a callback (the loop is running), it is queued behind the
-  // current step and a refusal rejects the returned promise. The promise resolves when what
-  // the host may acknowledge is durable (to-device rows, device-list pokes), otherwise at once.
+  // Called from outside the loop, a refused command throws InputError at once; called from
+  // inside a callback, the driver runs it after its current step and a refusal rejects the
+  // returned promise. The promise resolves when what the host may acknowledge is durable
+  // (to-device rows, device-list pokes), otherwise at once.
   #command(input) {
-    const item = { kind: 'command', input, error: null, durable: null };
-    if (this.#running) {
-      const promise = new Promise((resolve, reject) => Object.assign(item, { resolve, reject }));
-      this.#pendingInputs.push(item);
-      return promise;
-    }
-    this.#pendingInputs.push(item);
-    this.#pump();
-    if (item.error) throw item.error;
-    return item.durable ?? Promise.resolve();
-  }
-
-  // Answers an earlier output with data from a callback (or delivers a timeout).
-  #complete(input) {
-    if (this.#closed || !this.#machine) return;
-    this.#pendingInputs.push({ kind: 'completion', input });
-    if (!this.#running) this.#pump();
-  }
-
-  // The single owner of the machine: one input at a time, each followed by a full drain.
-  // Callbacks run during a drain may add inputs; they are handled here, in order.
-  #pump() {
-    this.#running = true;
+    let receipt;
     try {
-      while (this.#pendingInputs.length && this.#machine) {
-        const item = this.#pendingInputs.shift();
-        if (item.kind === 'command') this.#runCommand(item);
-        else this.#runCompletion(item.input);
-      }
-    } finally {
-      this.#running = false;
-    }
-    try {
-      this.#armTimer();
+      receipt = this.#driven.submit(input);
     } catch (e) {
-      this.#report(e);
+      throw typedRejection(e);
     }
-  }
-
-  #runCommand(item) {
-    const collect = ACKNOWLEDGED.has(item.input.type) ? new Set() : null;
-    this.#collectDurable = collect;
-    try {
-      this.#machine.handleInput(this.#now(), item.input);
-      this.#drain();
-    } catch (e) {
-      item.error = e;
-      item.reject?.(e);
-      return;
-    } finally {
-      this.#collectDurable = null;
-    }
-    if (collect && collect.size) {
-      item.durable = new Promise((resolve, reject) => this.#durableWaiters.push({ keys: collect, resolve, reject }));
-    }
-    item.resolve?.(item.durable ?? undefined);
-  }
-
-  // When the machine refuses a completion (malformed callback data), the request is answered
-  // as a storage failure instead, so the machine retries it rather than waiting forever, and
-  // the host hears about the bad data.
-  #runCompletion(input) {
-    try {
-      this.#machine.handleInput(this.#now(), input);
-    } catch (e) {
-      if (input.request === undefined || !(e instanceof InputError)) {
-        this.#report(e);
-        return;
-      }
-      const callback = CALLBACK_OF[input.type] ?? input.type;
-      this.#report(new CallbackError(callback, `returned data the sender refused: ${e.message}`, { cause: e }));
-      try {
-        this.#machine.handleInput(this.#now(), { type: 'storage_failed', request: input.request, error: `${callback}: ${e.message}` });
-      } catch (again) {
-        this.#report(again);
-      }
-    }
-    this.#drain();
-  }
-
-  #now() {
-    const now = this.#clock.now();
-    if (!Number.isSafeInteger(now) || now < 0) {
-      throw new CallbackError('clock.now', `must return whole Unix milliseconds, got ${describe(now)}`);
-    }
-    return now;
-  }
-
-  #drain() {
-    for (let output; (output = this.#machine.pollOutput()) !== undefined; ) this.#perform(output);
-  }
-
-  #armTimer() {
-    if (this.#closed || !this.#machine) return;
-    const deadline = this.#machine.pollTimeout();
-    if (deadline === this.#timerDeadline && this.#timer !== null) return;
-    if (this.#timer !== null) this.#clock.clearTimeout(this.#timer);
-    this.#timer = null;
-    this.#timerDeadline = deadline;
-    if (deadline === undefined) return;
-    const delay = Math.min(Math.max(0, deadline - this.#now()), TIMER_DELAY_MAX_MS);
-    this.#timer = this.#clock.setTimeout(() => {
-      this.#timer = null;
-      this.#timerDeadline = undefined;
-      this.#complete({ type: 'timeout' });
-    }, delay);
-  }
-
-  #perform(output) {
-    switch (output.type) {
-      case 'send_transaction':
-        return this.#track(this.#sendTransaction(output));
-      case 'fetch_events':
-        return this.#query(output, 'homeserver.fetchEvents', 'events_fetched', 'events', () =>
-          this.#options.homeserver.fetchEvents({ after: output.after, limit: output.limit }),
-        );
-      case 'load_catch_up':
-        return this.#query(output, 'homeserver.loadCatchUp', 'catch_up_loaded', 'rooms', async () => {
-          const query = { destination: output.destination, after: output.after, up_to: output.up_to, limit: output.limit };
-          const rows = await this.#store.catchUpRows(query);
-          if (!Array.isArray(rows)) throw new CallbackError('store.catchUpRows', `must return an array, got ${describe(rows)}`);
-          return this.#options.homeserver.loadCatchUp({ ...query, rows });
-        });
-      case 'load_outstanding':
-        return this.#query(output, 'loadOutstanding', 'outstanding_loaded', 'destinations', () => {
-          const query = { after: output.after, limit: output.limit };
-          const homeserver = this.#options.homeserver;
-          return homeserver.loadOutstanding ? homeserver.loadOutstanding(query) : this.#store.loadOutstanding(query);
-        });
-      case 'persist':
-        return this.#persist(output);
-      case 'event':
-        return this.#callHook('onEvent', output.event);
-      default:
-        if (this.#options.onOutput) return this.#callHook('onOutput', output);
-        return this.#report(new FedsendError(`unhandled output type ${JSON.stringify(output.type)} (pass options.onOutput)`));
-    }
-  }
-
-  #track(promise) {
-    this.#inFlight.add(promise);
-    promise.finally(() => this.#inFlight.delete(promise));
-  }
-
-  #callHook(name, value) {
-    const hook = this.#options[name];
-    if (!hook) return;
-    try {
-      const result = hook(value);
-      if (result && typeof result.then === 'function') result.then(undefined, (e) => this.#report(new CallbackError(name, describe(e), { cause: e })));
-    } catch (e) {
-      this.#report(new CallbackError(name, describe(e), { cause: e }));
-    }
+    return receipt === undefined ? RESOLVED : receipt.catch((e) => Promise.reject(typedRejection(e)));
   }
 
   #report(error) {
@@ -472,70 +312,122 @@ export class FederationSender {
     console.error(`fedsend: ${error instanceof Error ? error.message : describe(error)}`);
   }
 
-  // Runs a homeserver/store query and answers it; a failure becomes storage_failed (retried).
-  // Not awaited by close(): a query writes nothing, and a hung one must not hang close().
-  #query(output, callback, answerType, field, run) {
-    const { request } = output;
-    const answer = async () => {
+  #callHook(name, value) {
+    const hook = this.#options[name];
+    if (!hook) return;
+    try {
+      const result = hook(value);
+      if (result && typeof result.then === 'function') result.then(undefined, (e) => this.#report(new CallbackError(name, describe(e), { cause: e })));
+    } catch (e) {
+      this.#report(new CallbackError(name, describe(e), { cause: e }));
+    }
+  }
+
+  // Reports a callback's failure as that callback's CallbackError; the returned error is what
+  // the adapter rejects with (the driver answers the request as storage_failed with it).
+  #failed(callback, e) {
+    const error = e instanceof CallbackError ? e : new CallbackError(callback, describe(e), { cause: e });
+    this.#report(error);
+    return error;
+  }
+
+  // The adapters the driver calls (host-wasm/src/driven_sender.rs, DrivenHost): each returns a
+  // promise and never throws.
+  #host() {
+    const { homeserver } = this.#options;
+    const store = this.#store;
+    const query = async (callback, run) => {
       let value;
       try {
         value = await run();
       } catch (e) {
-        const error = e instanceof CallbackError ? e : new CallbackError(callback, describe(e), { cause: e });
-        this.#report(error);
-        return this.#complete({ type: 'storage_failed', request, error: error.message });
+        throw this.#failed(callback, e);
       }
-      if (!Array.isArray(value)) {
-        const error = new CallbackError(callback, `must return an array, got ${describe(value)}`);
-        this.#report(error);
-        return this.#complete({ type: 'storage_failed', request, error: error.message });
-      }
-      this.#complete({ type: answerType, request, [field]: value });
+      if (!Array.isArray(value)) throw this.#failed(callback, new CallbackError(callback, `must return an array, got ${describe(value)}`));
+      return value;
     };
-    answer();
-  }
-
-
-  #persist(output) {
-    const { request, changes } = output;
-    const rows = durabilityKeys(changes);
-    if (rows.length) {
-      this.#persistRows.set(request, rows);
-      if (this.#collectDurable) for (const key of rows) this.#collectDurable.add(key);
-    }
-    this.#track(
-      (async () => {
+    const applyFailed = (e) => Promise.reject(this.#failed('store.applyChanges', e));
+    return {
+      applyChanges: (changes) => {
         try {
-          await this.#store.applyChanges(changes);
+          const written = store.applyChanges(changes);
+          // A synchronous store (MemoryStore, SqliteStore) costs no extra turn of the loop.
+          return written && typeof written.then === 'function' ? Promise.resolve(written).then(undefined, applyFailed) : RESOLVED;
         } catch (e) {
-          // The machine re-issues the batch later (max-upserts make that safe); the host
-          // hears about every failure.
-          this.#persistRows.delete(request);
-          const error = e instanceof CallbackError ? e : new CallbackError('store.applyChanges', describe(e), { cause: e });
-          this.#report(error);
-          return this.#complete({ type: 'storage_failed', request, error: error.message });
+          return applyFailed(e);
         }
-        const durable = this.#persistRows.get(request);
-        this.#persistRows.delete(request);
-        if (durable) this.#rowsDurable(durable);
-        this.#complete({ type: 'persisted', request });
-      })(),
-    );
+      },
+      fetchEvents: (after, limit) => query('homeserver.fetchEvents', () => homeserver.fetchEvents({ after, limit })),
+      loadCatchUp: (destination, after, up_to, limit) =>
+        query('homeserver.loadCatchUp', async () => {
+          const request = { destination, after, up_to, limit };
+          const rows = await store.catchUpRows(request);
+          if (!Array.isArray(rows)) throw new CallbackError('store.catchUpRows', `must return an array, got ${describe(rows)}`);
+          return homeserver.loadCatchUp({ ...request, rows });
+        }),
+      loadOutstanding: (after, limit) =>
+        query('loadOutstanding', () => {
+          const request = { after: after ?? null, limit };
+          return homeserver.loadOutstanding ? homeserver.loadOutstanding(request) : store.loadOutstanding(request);
+        }),
+      outstandingFromHomeserver: homeserver.loadOutstanding !== undefined,
+      sendTransaction: (transaction) => this.#sendTransaction(transaction),
+      onEvent: (event) => this.#callHook('onEvent', event),
+      refused: (callback, why) => this.#report(new CallbackError(callback, `returned data the sender refused: ${why}`)),
+      engineProblem: (what) => this.#report(new FedsendError(what)),
+      clock: this.#options.clock ? this.#checkedClock(this.#options.clock) : undefined,
+    };
   }
 
-  #rowsDurable(keys) {
-    this.#durableWaiters = this.#durableWaiters.filter((waiter) => {
-      for (const key of keys) waiter.keys.delete(key);
-      if (waiter.keys.size) return true;
-      waiter.resolve();
-      return false;
-    });
+  // The user's clock as the driver uses it: a bad reading or a throw is reported, and the
+  // last good reading used instead, so the loop never sees a time that is not whole ms.
+  #checkedClock(clock) {
+    let lastGood = 0;
+    const now = () => {
+      let reading;
+      try {
+        reading = clock.now();
+      } catch (e) {
+        this.#report(new CallbackError('clock.now', describe(e), { cause: e }));
+        return lastGood;
+      }
+      if (!Number.isSafeInteger(reading) || reading < 0) {
+        this.#report(new CallbackError('clock.now', `must return whole Unix milliseconds, got ${describe(reading)}`));
+        return lastGood;
+      }
+      lastGood = reading;
+      return reading;
+    };
+    return {
+      now,
+      // setTimeout stores delays as 32-bit ints; the driver never asks for more.
+      setTimeout: (fn, ms) => {
+        try {
+          return clock.setTimeout(fn, ms);
+        } catch (e) {
+          this.#report(new CallbackError('clock.setTimeout', describe(e), { cause: e }));
+          return null;
+        }
+      },
+      clearTimeout: (handle) => {
+        try {
+          clock.clearTimeout(handle);
+        } catch (e) {
+          this.#report(new CallbackError('clock.clearTimeout', describe(e), { cause: e }));
+        }
+      },
+    };
   }
 
-  async #sendTransaction(output) {
-    const { request, destination, txn_id, body, attempt, pdu_ids } = output;
+  // One attempt: { done: a promise of the TransactionResult (never rejects), abort() }. The
+  // driver aborts a request it no longer waits for (close()).
+  #sendTransaction({ destination, txn_id, body, attempt, pdu_ids }) {
     const controller = new AbortController();
-    this.#aborts.add(controller);
+    return { done: this.#attempt(controller, destination, txn_id, body, attempt, pdu_ids), abort: () => controller.abort(new ClosedError('the sender closed')) };
+  }
+
+  async #attempt(controller, destination, txn_id, body, attempt, pdu_ids) {
+    const timers = this.#timers;
     let timer = null;
     let result;
     try {
@@ -554,7 +446,7 @@ export class FederationSender {
       const aborted = new Promise((resolve) => {
         controller.signal.addEventListener('abort', () => resolve({ error: 'timeout' }), { once: true });
       });
-      timer = this.#clock.setTimeout(() => {
+      timer = timers.setTimeout(() => {
         controller.abort(new DOMException('request timed out', 'TimeoutError'));
       }, this.#requestTimeoutMs);
       const sent = Promise.resolve().then(() =>
@@ -584,31 +476,26 @@ export class FederationSender {
       this.#report(e instanceof FedsendError ? e : new FedsendError(`signing the transaction failed: ${describe(e)}`, { cause: e }));
       result = { outcome: 'unreachable' };
     } finally {
-      if (timer !== null) this.#clock.clearTimeout(timer);
-      this.#aborts.delete(controller);
+      if (timer !== null) timers.clearTimeout(timer);
     }
-    this.#complete({ type: 'transaction_done', request, result });
+    return result;
   }
 }
 
-// Commands whose promise resolves only once the rows they queued are durable.
-const ACKNOWLEDGED = new Set(['to_device', 'device_list_update', 'signing_key_update']);
+const RESOLVED = Promise.resolve();
 
-// What identifies a row a command waits for, across batches: a batch that failed is re-issued
-// by the machine under a new request id with the same rows.
-function durabilityKeys(changes) {
-  const keys = (changes.to_device_outbox ?? []).map((row) => `outbox ${row.outbox_id}`);
-  for (const { destination, user_id, device_id, stream_id } of changes.device_list_pokes ?? []) {
-    keys.push(`poke ${JSON.stringify([destination, user_id, device_id ?? null, stream_id])}`);
+// The driver's refusals (an Error with `kind`) as the API's typed errors.
+function typedRejection(e) {
+  switch (e?.kind) {
+    case 'refused':
+      return new InputError(e.message);
+    case 'stopped':
+      return new ClosedError('the sender closed before the submitted rows were durable');
+    case 'not_stored':
+      return new FedsendError(e.message);
+    default:
+      return e;
   }
-  return keys;
 }
 
 const COMPLETIONS = new Set(['events_fetched', 'catch_up_loaded', 'outstanding_loaded', 'persisted', 'storage_failed', 'transaction_done']);
-
-const CALLBACK_OF = {
-  events_fetched: 'homeserver.fetchEvents',
-  catch_up_loaded: 'homeserver.loadCatchUp',
-  outstanding_loaded: 'loadOutstanding',
-  persisted: 'store.applyChanges',
-};

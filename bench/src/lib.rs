@@ -333,63 +333,8 @@ impl World {
     }
 }
 
-/// Sender-owned storage, in memory, indexed for the two queries.
-#[derive(Debug, Default)]
-pub struct Store {
-    /// destination → room → newest stream ordering owed.
-    pub rows: BTreeMap<ServerName, BTreeMap<String, u64>>,
-    /// destination → last successful stream ordering.
-    pub delivered: HashMap<ServerName, u64>,
-    /// The to-device outbox: (destination, outbox id) of rows not yet deleted.
-    pub outbox: HashSet<(ServerName, u64)>,
-}
-
-impl Store {
-    fn apply(&mut self, changes: &fedsend_core::Changes) {
-        for row in &changes.destination_rooms {
-            let slot = self.rows.entry(row.destination.clone()).or_default().entry(row.room_id.clone()).or_insert(0);
-            *slot = (*slot).max(row.stream_ordering);
-        }
-        for state in &changes.destinations {
-            if let Some(pos) = state.last_successful_stream_ordering {
-                self.delivered.insert(state.destination.clone(), pos);
-            }
-        }
-        for row in &changes.to_device_outbox {
-            self.outbox.insert((row.destination.clone(), row.outbox_id));
-        }
-        for key in &changes.to_device_deleted {
-            self.outbox.remove(&(key.destination.clone(), key.outbox_id));
-        }
-    }
-
-    fn catch_up(&self, destination: &ServerName, after: u64, up_to: u64, limit: u32) -> Vec<(String, u64)> {
-        let mut rows: Vec<(String, u64)> = self
-            .rows
-            .get(destination)
-            .map(|rooms| {
-                rooms.iter().filter(|(_, so)| **so > after && **so <= up_to).map(|(r, so)| (r.clone(), *so)).collect()
-            })
-            .unwrap_or_default();
-        rows.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
-        rows.truncate(limit as usize);
-        rows
-    }
-
-    fn outstanding(&self, after: Option<&ServerName>, limit: u32) -> Vec<ServerName> {
-        let range = match after {
-            Some(a) => self.rows.range::<ServerName, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
-            None => self.rows.range::<ServerName, _>(..),
-        };
-        range
-            .filter(|(d, rooms)| {
-                rooms.values().max().copied().unwrap_or(0) > self.delivered.get(*d).copied().unwrap_or(0)
-            })
-            .map(|(d, _)| d.clone())
-            .take(limit as usize)
-            .collect()
-    }
-}
+/// Sender-owned storage: the reference store every host's store is held to.
+pub type Store = fedsend_driver::MemoryStore;
 
 // ----------------------------------------------------------------------------------------------
 // engines
@@ -853,7 +798,7 @@ impl Host {
             Output::LoadCatchUp { request, destination, after, up_to, limit } => {
                 let rooms = self
                     .store
-                    .catch_up(destination, *after, *up_to, *limit)
+                    .catch_up_rows(destination, *after, *up_to, *limit)
                     .into_iter()
                     .map(|(room_id, so)| catch_up_room(room_id, so))
                     .collect();
@@ -1096,7 +1041,7 @@ fn run(
             }
             let t = host.now + 60_000;
             host.advance_to(core, t);
-            host.result.incomplete = host.store.outbox.len() as u64;
+            host.result.incomplete = host.store.to_device_outbox.len() as u64;
             host.finish(core, started)
         }
         Workload::WS => {
@@ -1144,22 +1089,22 @@ fn w3_setup(sizes: &Sizes) -> (Host, Recovered) {
     for (r, hosts) in host.world.rooms.iter().enumerate() {
         let newest = events - rooms + r as u64 + 1;
         for h in hosts {
-            host.store.rows.entry(h.clone()).or_default().insert(room_id(r as u64), newest);
+            host.store.destination_rooms.insert((h.clone(), room_id(r as u64)), newest);
         }
     }
-    host.result.rows_owed = host.store.rows.values().map(|r| r.len() as u64).sum();
-    let destinations = (0..d)
-        .map(|i| {
-            host.store.delivered.insert(destination(i), 0);
-            DestinationState {
-                destination: destination(i),
-                retry_last_ts: T0 - 3_600_000,
-                retry_interval: 7_200_000,
-                failure_ts: Some(T0 - 14_400_000),
-                last_successful_stream_ordering: Some(0),
-            }
+    host.result.rows_owed = host.store.destination_rooms.len() as u64;
+    let destinations: Vec<DestinationState> = (0..d)
+        .map(|i| DestinationState {
+            destination: destination(i),
+            retry_last_ts: T0 - 3_600_000,
+            retry_interval: 7_200_000,
+            failure_ts: Some(T0 - 14_400_000),
+            last_successful_stream_ordering: Some(0),
         })
         .collect();
+    for state in &destinations {
+        host.store.destinations.insert(state.destination.clone(), state.clone());
+    }
     (host, Recovered { incarnation: 7, events_out_pos: Some(events), destinations, ..Recovered::default() })
 }
 

@@ -114,14 +114,34 @@ impl MemoryStore {
     /// Destinations after `after` with a row above their last successful position, or with
     /// to-device messages in the outbox; sorted, at most `limit`.
     pub fn outstanding(&self, after: Option<&ServerName>, limit: u32) -> Vec<ServerName> {
-        let mut names: Vec<ServerName> = self
-            .to_device_outbox
-            .keys()
-            .map(|(destination, _)| destination.clone())
-            .filter(|d| after.is_none_or(|a| d > a))
-            .collect();
-        for ((destination, _), stream) in &self.destination_rooms {
-            if after.is_some_and(|a| destination <= a) {
+        let limit = limit as usize;
+        let after_cursor = |destination: &ServerName| after.is_none_or(|a| destination > a);
+        // Both tables are ordered by destination: each gives its first `limit` names after the
+        // cursor, and the answer is the first `limit` of the two merged, so a page costs what it
+        // returns, not the size of the tables.
+        let mut names: Vec<ServerName> = Vec::new();
+        let outbox = match after {
+            Some(a) => self.to_device_outbox.range((a.clone(), u64::MAX)..),
+            None => self.to_device_outbox.range(..),
+        };
+        for ((destination, _), _) in outbox {
+            if names.len() >= limit {
+                break;
+            }
+            if after_cursor(destination) && names.last() != Some(destination) {
+                names.push(destination.clone());
+            }
+        }
+        let from_outbox = names.len();
+        let rows = match after {
+            Some(a) => self.destination_rooms.range((a.clone(), String::new())..),
+            None => self.destination_rooms.range(..),
+        };
+        for ((destination, _), stream) in rows {
+            if names.len() - from_outbox >= limit {
+                break;
+            }
+            if !after_cursor(destination) || names[from_outbox..].last() == Some(destination) {
                 continue;
             }
             let delivered =
@@ -132,7 +152,7 @@ impl MemoryStore {
         }
         names.sort();
         names.dedup();
-        names.truncate(limit as usize);
+        names.truncate(limit);
         names
     }
 }

@@ -22,7 +22,10 @@
 #   bench         target/release/fedsend-bench at a tiny size on every engine (native, wasmtime,
 #                 Node): checks that it runs, that all engines agree on every count and that the
 #                 numbers are sane; no timing thresholds (BENCHMARKS.md has the real run); then
-#                 Synapse's own sender beside fedsend on a 120-event x 20-server burst (bench/synapse/)
+#                 Synapse's own sender beside fedsend on a 120-event x 20-server burst (bench/synapse/);
+#                 then the service end to end (`fedsend serve`, 20 events to 5 loopback HTTPS remotes)
+#                 beside Synapse's sender with signing on: every remote must get every event exactly
+#                 once with every signature verified
 #   fuzz          fuzz/fuzz.sh ci: builds the libFuzzer targets of fuzz/ (stable rustc, no nightly)
 #                 and runs each for 10 s from the committed corpus; one line per target (time,
 #                 executions, exec/s, coverage); fails on any crash (fuzz/README.md)
@@ -94,6 +97,10 @@ stage_bench() {
   # transaction counts, bodies PDU for PDU (bench/synapse/side_by_side.py; ~3 s).
   tools/python/synapse-venv/bin/python bench/synapse/side_by_side.py --events 120 --destinations 20 \
     --runs 1 --warmup 0 --engines native --check
+  # The service end to end beside Synapse's sender signing every request (BENCHMARKS.md,
+  # "Service end to end"; ~3 s): counts only.
+  tools/python/synapse-venv/bin/python bench/synapse/service_side_by_side.py --events 20 --remotes 5 \
+    --synapse-runs 1 --check
 }
 # Its own workspace and target dir (fuzz/target): the instrumented build shares nothing with
 # target/release.

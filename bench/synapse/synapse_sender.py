@@ -10,7 +10,10 @@ only what lies outside the sender:
 * the federation HTTP client: each PUT builds Synapse's MatrixFederationRequest, consults
   Synapse's retry limiter and encodes the body with encode_canonical_json, as
   MatrixFederationHttpClient does, then answers 200 {"pdus": {}} at the next reactor turn.
-  It does not sign the request (fedsend's core does not sign either: its host does);
+  It does not sign the request (fedsend's core does not sign either: its host does) unless
+  --sign: then each request also gets its X-Matrix Authorization header from Synapse's own
+  MatrixFederationHttpClient.build_auth_headers (signedjson's ed25519 over the canonical JSON
+  of the request object), as the real client does before it encodes the body;
 * the room state: every event's prev_events have the same D remote hosts joined.
 
 The burst: N events (the PDUs of bench/src/lib.rs `pdu`, room version 10) in one room shared
@@ -19,7 +22,7 @@ persisting) and handed over with one notify_new_events; the reactor (Twisted's d
 is iterated until every destination's queue has gone idle.
 
     python synapse_sender.py --events N --destinations D [--runs 3] [--warmup 1]
-        [--json FILE] [--transcript FILE]
+        [--sign] [--json FILE] [--transcript FILE]
 
 prints one JSON object: the measured runs (CPU time from time.process_time, wall time,
 transactions, (event, destination) deliveries, body bytes, transactions per destination,
@@ -47,7 +50,9 @@ from synapse.config.federation import FederationConfig
 from synapse.events import make_event_from_dict
 from synapse.federation.sender import FederationSender
 from synapse.federation.transport.client import TransportLayerClient
-from synapse.http.matrixfederationclient import MatrixFederationRequest
+from signedjson.key import generate_signing_key
+
+from synapse.http.matrixfederationclient import MatrixFederationHttpClient, MatrixFederationRequest
 from synapse.logging.context import make_deferred_yieldable
 from synapse.metrics import all_later_gauges_to_clean_up_on_shutdown
 from synapse.metrics.background_process_metrics import run_as_background_process
@@ -191,9 +196,11 @@ class InstantFederationHttpClient:
     depths of its PDUs (a PDU's depth is its stream ordering in this workload).
     """
 
-    def __init__(self, hs, sent):
+    def __init__(self, hs, sent, sign):
         self._hs = hs
         self._sent = sent
+        # build_auth_headers reads only these two attributes of the real client.
+        self._signer = SimpleNamespace(server_name=hs.hostname, signing_key=hs.signing_key) if sign else None
 
     async def put_json(
         self,
@@ -227,6 +234,12 @@ class InstantFederationHttpClient:
         )
         with limiter:
             content = request.get_json()
+            if self._signer is not None:
+                # The transaction PUT has no query string, so the signed URI is the path.
+                headers = MatrixFederationHttpClient.build_auth_headers(
+                    self._signer, destination.encode("ascii"), b"PUT", request.path.encode("ascii"), content
+                )
+                assert headers and headers[0].startswith(b"X-Matrix "), headers
             body = encode_canonical_json(content)
             self._sent(destination, body, [p["depth"] for p in content["pdus"]])
             answered = defer.Deferred()
@@ -241,8 +254,9 @@ class BenchHomeServer:
     """Exactly what FederationSender, PerDestinationQueue, TransactionManager and
     TransportLayerClient ask of `hs` on this workload."""
 
-    def __init__(self, store, hosts, instance_id, sent):
+    def __init__(self, store, hosts, instance_id, sent, sign=False):
         self.hostname = ORIGIN
+        self.signing_key = generate_signing_key("bench")
         self._instance_id = instance_id
         self._clock = Clock(reactor, server_name=ORIGIN)
         self._store = store
@@ -261,7 +275,7 @@ class BenchHomeServer:
         )
         self._external_cache = ExternalCache(self)
         self._module_api_callbacks = SimpleNamespace(federation=FederationModuleApiCallbacks())
-        self._http_client = InstantFederationHttpClient(self, sent)
+        self._http_client = InstantFederationHttpClient(self, sent, sign)
         self._transport_client = TransportLayerClient(self)
 
     def get_clock(self):
@@ -305,7 +319,7 @@ class BenchHomeServer:
         return run_as_background_process(desc, self.hostname, func, *args, **kwargs)
 
 
-def run_burst(events, destinations, run_number, keep_bodies):
+def run_burst(events, destinations, run_number, keep_bodies, sign=False):
     """One run: a fresh sender, the whole burst, drained. Returns (measurements, transactions
     as (destination, body length or the body itself if `keep_bodies`, PDU depths))."""
     hosts = [destination(i) for i in range(destinations)]
@@ -316,7 +330,7 @@ def run_burst(events, destinations, run_number, keep_bodies):
     def record(d, body, depths):
         sent.append((d, body if keep_bodies else len(body), depths))
 
-    hs = BenchHomeServer(store, hosts, f"bench-{run_number}", record)
+    hs = BenchHomeServer(store, hosts, f"bench-{run_number}", record, sign)
     gc.collect()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     sender = FederationSender(hs)
@@ -383,6 +397,7 @@ def main():
     parser.add_argument("--destinations", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sign", action="store_true", help="sign every request as Synapse's federation client does")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--transcript", help="write the last run's transactions as JSON lines")
     args = parser.parse_args()
@@ -393,7 +408,9 @@ def main():
     runs = []
     for n in range(args.warmup + args.runs):
         last = n == args.warmup + args.runs - 1
-        result, sent = run_burst(events, args.destinations, n, keep_bodies=last and bool(args.transcript))
+        result, sent = run_burst(
+            events, args.destinations, n, keep_bodies=last and bool(args.transcript), sign=args.sign
+        )
         if n >= args.warmup:
             runs.append(result)
         print(
@@ -408,6 +425,7 @@ def main():
         "python": platform.python_version(),
         "events": args.events,
         "destinations": args.destinations,
+        "signed": args.sign,
         "runs": runs,
         # ru_maxrss is in KiB on Linux.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

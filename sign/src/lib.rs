@@ -83,6 +83,8 @@ pub enum SignError {
     },
     /// The signature does not match the content and key.
     BadSignature,
+    /// A request body to sign is not JSON; the payload says why.
+    NotJson(String),
 }
 
 impl fmt::Display for SignError {
@@ -104,6 +106,7 @@ impl fmt::Display for SignError {
                 write!(f, "no signature by {origin} with key {key_id}")
             }
             Self::BadSignature => f.write_str("signature does not match"),
+            Self::NotJson(e) => write!(f, "not JSON: {e}"),
         }
     }
 }
@@ -195,6 +198,159 @@ fn write_string(s: &str, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+/// Whether `text` is already Matrix canonical JSON, exactly as [`canonical_json`] would write
+/// the value it holds: no whitespace between tokens, object keys strictly increasing, integers
+/// within ±(2^53 - 1) without a sign on zero, strings escaped only where canonical JSON
+/// escapes, in its forms. One pass, no allocation: a signer can then sign the text as it is
+/// instead of parsing it into a tree and writing it back out.
+///
+/// Conservative: `false` for a key holding an escape (comparing escaped keys would need them
+/// decoded) and beyond 128 levels of nesting, where callers fall back to the full path.
+pub fn is_canonical_json(text: &str) -> bool {
+    let mut scanner = CanonicalScanner { bytes: text.as_bytes(), at: 0 };
+    scanner.value(0) && scanner.at == scanner.bytes.len()
+}
+
+/// Nesting beyond this is left to the full parser (serde_json refuses past 128 anyway).
+const CANONICAL_SCAN_DEPTH_MAX: usize = 128;
+
+struct CanonicalScanner<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> CanonicalScanner<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn eat(&mut self, literal: &[u8]) -> bool {
+        if self.bytes[self.at..].starts_with(literal) {
+            self.at += literal.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> bool {
+        match self.peek() {
+            Some(b'{') => depth < CANONICAL_SCAN_DEPTH_MAX && self.object(depth + 1),
+            Some(b'[') => depth < CANONICAL_SCAN_DEPTH_MAX && self.array(depth + 1),
+            Some(b'"') => self.string().is_some(),
+            Some(b'-' | b'0'..=b'9') => self.integer(),
+            Some(b't') => self.eat(b"true"),
+            Some(b'f') => self.eat(b"false"),
+            Some(b'n') => self.eat(b"null"),
+            _ => false,
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> bool {
+        self.at += 1;
+        if self.eat(b"}") {
+            return true;
+        }
+        let mut previous: Option<&'a [u8]> = None;
+        loop {
+            let Some((key, escaped)) = self.string() else { return false };
+            // Unescaped UTF-8 compares bytewise in codepoint order, the order canonical JSON
+            // sorts by; equal keys would be a duplicate, which parsing would collapse.
+            if escaped || previous.is_some_and(|p| p >= key) {
+                return false;
+            }
+            previous = Some(key);
+            if !self.eat(b":") || !self.value(depth) {
+                return false;
+            }
+            if self.eat(b"}") {
+                return true;
+            }
+            if !self.eat(b",") {
+                return false;
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> bool {
+        self.at += 1;
+        if self.eat(b"]") {
+            return true;
+        }
+        loop {
+            if !self.value(depth) {
+                return false;
+            }
+            if self.eat(b"]") {
+                return true;
+            }
+            if !self.eat(b",") {
+                return false;
+            }
+        }
+    }
+
+    /// The raw contents of a string and whether it held an escape, if it is written as
+    /// [`write_string`] writes it.
+    fn string(&mut self) -> Option<(&'a [u8], bool)> {
+        if !self.eat(b"\"") {
+            return None;
+        }
+        let start = self.at;
+        let mut escaped = false;
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    let contents = &self.bytes[start..self.at];
+                    self.at += 1;
+                    return Some((contents, escaped));
+                }
+                b'\\' => {
+                    escaped = true;
+                    self.at += 1;
+                    match self.peek()? {
+                        b'"' | b'\\' | b'b' | b'f' | b'n' | b'r' | b't' => self.at += 1,
+                        b'u' => {
+                            // Only control characters without a short form, lowercase hex.
+                            let hex = self.bytes.get(self.at + 1..self.at + 5)?;
+                            let code = core::str::from_utf8(hex).ok()?;
+                            let is_lower_hex = code.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                            let code = u32::from_str_radix(code, 16).ok()?;
+                            if !is_lower_hex || code >= 0x20 || matches!(code, 0x08 | 0x09 | 0x0a | 0x0c | 0x0d) {
+                                return None;
+                            }
+                            self.at += 5;
+                        }
+                        _ => return None,
+                    }
+                }
+                0x00..=0x1f => return None,
+                _ => self.at += 1,
+            }
+        }
+    }
+
+    fn integer(&mut self) -> bool {
+        let negative = self.eat(b"-");
+        let start = self.at;
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.at += 1;
+        }
+        let digits = &self.bytes[start..self.at];
+        let well_formed = match digits {
+            [] => false,
+            [b'0'] => !negative,
+            [b'0', ..] => false,
+            _ => digits.len() <= 16,
+        };
+        if !well_formed || matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+            return false;
+        }
+        let magnitude = digits.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+        magnitude <= CANONICAL_INT_MAX
+    }
 }
 
 // ----- keys -----
@@ -392,14 +548,52 @@ pub fn x_matrix_authorization(
         request.insert("content".to_owned(), content.clone());
     }
     let canonical = canonical_json(&Value::Object(request))?;
-    let sig = key.sign_bytes_base64(canonical.as_bytes());
-    Ok(format!(
+    Ok(authorization_header(origin, destination, key, &key.sign_bytes_base64(canonical.as_bytes())))
+}
+
+/// [`x_matrix_authorization`] for a body given as JSON text. When the text is already
+/// canonical JSON ([`is_canonical_json`]; fedsend's transaction bodies are), the signed
+/// object is written around it as it is, since its canonical form is the text itself:
+/// no parse into a tree, no copy of the tree, no second encoding. Any other text is parsed
+/// and takes the general path. Fails if the body is not JSON or holds a number canonical
+/// JSON forbids.
+pub fn x_matrix_authorization_for_text(
+    origin: &str,
+    destination: &str,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+    key: &SigningKey,
+) -> Result<String, SignError> {
+    let Some(body) = body else {
+        return x_matrix_authorization(origin, destination, method, uri, None, key);
+    };
+    if !is_canonical_json(body) {
+        let content: Value = serde_json::from_str(body).map_err(|e| SignError::NotJson(format!("{e}")))?;
+        return x_matrix_authorization(origin, destination, method, uri, Some(&content), key);
+    }
+    // The members in canonical order: content, destination, method, origin, uri.
+    let mut signed = String::with_capacity(body.len() + origin.len() + destination.len() + uri.len() + 64);
+    signed.push_str("{\"content\":");
+    signed.push_str(body);
+    for (name, value) in [("destination", destination), ("method", method), ("origin", origin), ("uri", uri)] {
+        signed.push(',');
+        write_string(name, &mut signed);
+        signed.push(':');
+        write_string(value, &mut signed);
+    }
+    signed.push('}');
+    Ok(authorization_header(origin, destination, key, &key.sign_bytes_base64(signed.as_bytes())))
+}
+
+fn authorization_header(origin: &str, destination: &str, key: &SigningKey, sig: &str) -> String {
+    format!(
         "X-Matrix origin=\"{}\",destination=\"{}\",key=\"{}\",sig=\"{}\"",
         header_quote(origin),
         header_quote(destination),
         key.key_id(),
         sig
-    ))
+    )
 }
 
 /// Server names cannot contain `"` or `\` (they are hostnames with an optional port), but a

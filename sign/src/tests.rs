@@ -169,3 +169,165 @@ fn server_keys_are_self_signed() {
     assert_eq!(body["old_verify_keys"], json!({}));
     verify_json(&body, "origin.example", "ed25519:1", SPEC_PUBLIC).unwrap();
 }
+
+/// A small deterministic generator, so the property tests need no dependency and repeat.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Strings that exercise every escape and ordering question: quotes, backslashes, control
+/// characters with and without short forms, DEL, non-ASCII and astral characters.
+const PIECES: &[&str] =
+    &["a", "b", "z", "A", "é", "\u{1F600}", "\"", "\\", "\n", "\u{1}", "\u{1f}", "\u{7f}", "/", " "];
+
+fn random_string(rng: &mut Rng) -> String {
+    (0..rng.below(4)).map(|_| PIECES[rng.below(PIECES.len() as u64) as usize]).collect()
+}
+
+fn random_value(rng: &mut Rng, depth: u32) -> Value {
+    match rng.below(if depth > 3 { 5 } else { 8 }) {
+        0 => Value::Null,
+        1 => Value::Bool(rng.below(2) == 0),
+        2 => {
+            let edges = [0, 1, -1, CANONICAL_INT_MAX, -CANONICAL_INT_MAX, CANONICAL_INT_MAX + 1, 10, 1_000_000];
+            json!(edges[rng.below(edges.len() as u64) as usize])
+        }
+        3 => {
+            if rng.below(8) == 0 {
+                json!(0.5)
+            } else {
+                json!(rng.next() as i64 >> rng.below(64))
+            }
+        }
+        4 => Value::String(random_string(rng)),
+        5 | 6 => Value::Object((0..rng.below(5)).map(|_| (random_string(rng), random_value(rng, depth + 1))).collect()),
+        _ => Value::Array((0..rng.below(4)).map(|_| random_value(rng, depth + 1)).collect()),
+    }
+}
+
+/// What `is_canonical_json` promises: a text it accepts is exactly what canonical_json
+/// writes for the value the text holds.
+fn assert_accepted_only_if_canonical(text: &str) {
+    if is_canonical_json(text) {
+        let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("accepted non-JSON {text:?}: {e}"));
+        assert_eq!(canonical_json(&value).as_deref(), Ok(text), "accepted a non-canonical text");
+    }
+}
+
+#[test]
+fn canonical_text_is_recognised_exactly() {
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut recognised = 0;
+    for _ in 0..20_000 {
+        let value = random_value(&mut rng, 0);
+        let Ok(text) = canonical_json(&value) else { continue };
+        // Keys with escapes are refused on purpose (the scanner does not decode them).
+        let escaped_key = text.contains("\\");
+        assert!(is_canonical_json(&text) || escaped_key, "refused canonical {text:?}");
+        recognised += usize::from(is_canonical_json(&text));
+        assert_accepted_only_if_canonical(&text);
+        // One-byte edits at every kind of place: most break canonical form, and none may be
+        // accepted unless it is still canonical.
+        for edit in [" ", ",", "0", "-", ".5", "\\", "\"", "}", "]", "e1", "\\u0041", "\\/"] {
+            let mut at = rng.below(text.len() as u64 + 1) as usize;
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            let mut edited = text.clone();
+            edited.insert_str(at, edit);
+            assert_accepted_only_if_canonical(&edited);
+            let mut removed = text.clone();
+            if at < removed.len() {
+                removed.remove(at);
+                assert_accepted_only_if_canonical(&removed);
+            }
+        }
+    }
+    assert!(recognised > 10_000, "only {recognised} canonical texts recognised");
+}
+
+#[test]
+fn canonical_text_edge_cases() {
+    for text in [
+        "{}",
+        "[]",
+        "0",
+        "-1",
+        "9007199254740991",
+        "-9007199254740991",
+        r#""\u001f\b\t\n\f\r\"\\é😀/""#,
+        r#"{"a":[1,{"b":null}],"b":true,"é":false}"#,
+    ] {
+        assert!(is_canonical_json(text), "{text}");
+        assert_accepted_only_if_canonical(text);
+    }
+    for text in [
+        "",
+        " {}",
+        "{} ",
+        r#"{"a": 1}"#,
+        r#"{"b":1,"a":2}"#,
+        r#"{"a":1,"a":2}"#,
+        "1.0",
+        "1e3",
+        "-0",
+        "01",
+        "9007199254740992",
+        "-9007199254740992",
+        "99999999999999999999",
+        r#""\/""#,
+        r#""\u0041""#,
+        r#""\u001F""#,
+        r#""\u000a""#,
+        "\"\u{1}\"",
+        r#"{"\n":1}"#,
+        "[1,]",
+        "{\"a\":1,}",
+        "tru",
+        "\"open",
+    ] {
+        assert!(!is_canonical_json(text), "{text}");
+    }
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    assert!(!is_canonical_json(&deep), "nesting past the scanner's limit goes to the full path");
+}
+
+#[test]
+fn x_matrix_header_for_text_equals_the_tree_path() {
+    let key = spec_key();
+    let uri = "/_matrix/federation/v1/send/1.2";
+    let sign_tree = |content: Option<&Value>| x_matrix_authorization("o.test", "d.test", "PUT", uri, content, &key);
+    let sign_text = |body: Option<&str>| x_matrix_authorization_for_text("o.test", "d.test", "PUT", uri, body, &key);
+    let canonical =
+        r#"{"edus":[],"origin":"o.test","origin_server_ts":1,"pdus":[{"content":{"body":"é \"q\" \n"},"depth":3}]}"#;
+    assert!(is_canonical_json(canonical));
+    for body in [
+        canonical,
+        // Not canonical: whitespace, unsorted keys, an escaped key. Same signature all the same.
+        r#"{ "pdus": [], "origin": "o.test" }"#,
+        r#"{"\n":"x","a":"\u0041"}"#,
+    ] {
+        let content: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(sign_text(Some(body)), sign_tree(Some(&content)), "{body}");
+    }
+    assert_eq!(sign_text(None), sign_tree(None));
+    assert!(matches!(sign_text(Some("{not json")), Err(SignError::NotJson(_))));
+    assert!(matches!(sign_text(Some(r#"{"a":1.5}"#)), Err(SignError::InvalidNumber(_))));
+    let mut rng = Rng(77);
+    for _ in 0..2_000 {
+        let value = random_value(&mut rng, 0);
+        let Ok(text) = canonical_json(&value) else { continue };
+        assert_eq!(sign_text(Some(&text)), sign_tree(Some(&value)), "{text}");
+    }
+}

@@ -172,12 +172,20 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Counts the EDUs of a transaction body, for Synapse's `sent_edus` counter.
+/// Counts the EDUs of a transaction body, for Synapse's `sent_edus` counter. The core writes
+/// `edus` as the first key and only when there are some, so most bodies (PDUs only) are
+/// answered without a parse; a whole-body parse per transaction was a tenth of the service's
+/// CPU in the end-to-end bench. The others are scanned without building a tree.
 fn edus_in(body: &str) -> u64 {
-    serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("edus").and_then(Value::as_array).map(|a| a.len() as u64))
-        .unwrap_or(0)
+    #[derive(serde::Deserialize)]
+    struct EdusOnly {
+        #[serde(default)]
+        edus: Vec<serde::de::IgnoredAny>,
+    }
+    if !body.starts_with("{\"edus\":") {
+        return 0;
+    }
+    serde_json::from_str::<EdusOnly>(body).map_or(0, |parsed| parsed.edus.len() as u64)
 }
 
 /// Options of a driver.
@@ -578,5 +586,24 @@ impl CommandLoop<'_> {
         if let Some(command) = deferred {
             self.on_command(command, commands);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::edus_in;
+
+    #[test]
+    fn edus_are_counted_from_the_body() {
+        assert_eq!(
+            edus_in(
+                r#"{"edus":[{"content":{},"edu_type":"m.typing"},{"content":{"edus":[1]},"edu_type":"m.x"}],"origin":"o","origin_server_ts":1,"pdus":[]}"#
+            ),
+            2
+        );
+        // A PDU mentioning "edus" is no EDU.
+        assert_eq!(edus_in(r#"{"origin":"o","origin_server_ts":1,"pdus":[{"content":{"edus":[1,2,3]}}]}"#), 0);
+        assert_eq!(edus_in(r#"{"edus":[],"origin":"o","origin_server_ts":1,"pdus":[]}"#), 0);
+        assert_eq!(edus_in(r#"{"edus":[{}"#), 0, "a body that is not JSON counts nothing");
     }
 }

@@ -220,9 +220,12 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
         let store = SqliteStore::open(&config.database).map_err(|e| e.to_string())?;
         info!(database = %config.database.display(), engine = ?config.engine, "starting");
         let running = start(&config, engine, Box::new(store), Arc::new(transport), token).await?;
+        // Watching before announcing the address: whoever read it may send SIGTERM at once,
+        // and before the handler is in place that would kill the process uncleanly.
+        let stop = watch_for_signal();
         // Read by tests and scripts that start on port 0.
         println!("listening on {}", running.local_addr);
-        wait_for_signal().await;
+        stop.await;
         info!("shutting down");
         running.stop().await;
         Ok(())
@@ -231,17 +234,28 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
 
 /// Waits for SIGTERM or Ctrl-C.
 pub async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            error!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    watch_for_signal().await;
+}
+
+/// Starts watching for SIGTERM and SIGINT (Ctrl-C) now, so that from this call on they stop
+/// the service cleanly; the future completes on the first of them.
+pub fn watch_for_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (term, interrupt) {
+            (Ok(mut term), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                error!("cannot watch SIGTERM and SIGINT ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -379,6 +379,10 @@ impl SqliteStore {
             return Err(StoreError::Backend(format!("cannot enable WAL (journal_mode is {mode})")));
         }
         connection.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        // Every statement is prepared once and kept: parsing the SQL of each row's statement
+        // again was most of SQLite's share of the service's CPU (BENCHMARKS.md, "Service end
+        // to end"). Room for all of this file's statements.
+        connection.set_prepared_statement_cache_capacity(64);
         let mut store = Self { connection };
         store.migrate()?;
         Ok(store)
@@ -387,7 +391,8 @@ impl SqliteStore {
     fn migrate(&mut self) -> Result<(), StoreError> {
         let tx = self.connection.transaction()?;
         tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-        let current: Option<i64> = tx.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).optional()?;
+        let current: Option<i64> =
+            tx.prepare_cached("SELECT version FROM schema_version")?.query_row([], |r| r.get(0)).optional()?;
         let current = usize::try_from(current.unwrap_or(0)).unwrap_or(0);
         if current > MIGRATIONS.len() {
             return Err(StoreError::Backend(format!(
@@ -398,70 +403,82 @@ impl SqliteStore {
         for migration in &MIGRATIONS[current..] {
             tx.execute_batch(migration)?;
         }
-        tx.execute("DELETE FROM schema_version", [])?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [MIGRATIONS.len() as i64])?;
+        tx.prepare_cached("DELETE FROM schema_version")?.execute([])?;
+        tx.prepare_cached("INSERT INTO schema_version (version) VALUES (?1)")?.execute([MIGRATIONS.len() as i64])?;
         tx.commit()?;
         Ok(())
     }
 
     /// The schema version after migrations.
     pub fn schema_version(&self) -> Result<u64, StoreError> {
-        Ok(to_u64(self.connection.query_row("SELECT version FROM schema_version", [], |r| r.get(0))?))
+        Ok(to_u64(self.connection.prepare_cached("SELECT version FROM schema_version")?.query_row([], |r| r.get(0))?))
     }
 
     fn max_meta(tx: &Transaction<'_>, key: &str, value: u64) -> Result<(), StoreError> {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO sender_meta (key, value) VALUES (?1, ?2)
              ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-            params![key, to_i64(value, key)?],
-        )?;
+        )?
+        .execute(params![key, to_i64(value, key)?])?;
         Ok(())
     }
 
     /// The event at `stream_ordering`: its id and either its facts or why they cannot be read.
-    fn event_at(&self, stream_ordering: u64) -> Result<Option<(String, Result<PduInfo, String>)>, StoreError> {
+    fn event_at(&self, stream_ordering: u64) -> Result<Option<(String, ReadEvent)>, StoreError> {
         let row: Option<(String, String)> = self
             .connection
-            .query_row(
-                "SELECT event_id, info FROM events WHERE stream_ordering = ?1",
-                [to_i64(stream_ordering, "stream ordering")?],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .prepare_cached("SELECT event_id, info FROM events WHERE stream_ordering = ?1")?
+            .query_row([to_i64(stream_ordering, "stream ordering")?], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(row.map(|(event_id, info)| (event_id, decode_info(&info))))
     }
 }
 
+/// A stored event's facts, or why they cannot be read.
+type ReadEvent = Result<PduInfo, String>;
+
 /// Records one event inside an open transaction (see [`Store::add_event`]).
 fn insert_event(tx: &Connection, event: &NewEvent) -> Result<Added, StoreError> {
     to_i64(event.depth, "depth")?;
     let existing: Option<i64> = tx
-        .query_row("SELECT stream_ordering FROM events WHERE event_id = ?1", [&event.info.event_id], |r| r.get(0))
+        .prepare_cached("SELECT stream_ordering FROM events WHERE event_id = ?1")?
+        .query_row([&event.info.event_id], |r| r.get(0))
         .optional()?;
     if let Some(stream_ordering) = existing {
         return Ok(Added { stream_ordering: to_u64(stream_ordering), new: false });
     }
     let room_id = &event.info.room_id;
-    let known: bool =
-        tx.query_row("SELECT EXISTS (SELECT 1 FROM rooms WHERE room_id = ?1)", [room_id], |r| r.get(0))?;
+    let known: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM rooms WHERE room_id = ?1)")?
+        .query_row([room_id], |r| r.get(0))?;
     if !known {
         if !is_create(event) {
             return Err(StoreError::UnknownRoom(room_id.clone()));
         }
-        tx.execute("INSERT INTO rooms (room_id) VALUES (?1)", [room_id])?;
+        tx.prepare_cached("INSERT INTO rooms (room_id) VALUES (?1)")?.execute([room_id])?;
     }
-    let max: i64 = tx.query_row("SELECT coalesce(max(stream_ordering), 0) FROM events", [], |r| r.get(0))?;
+    let max: i64 =
+        tx.prepare_cached("SELECT coalesce(max(stream_ordering), 0) FROM events")?.query_row([], |r| r.get(0))?;
     let stream_ordering = to_u64(max) + 1;
     let mut info = event.info.clone();
     info.stream_ordering = stream_ordering;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO events (stream_ordering, event_id, room_id, depth, local, info) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![max + 1, info.event_id, room_id, to_i64(event.depth, "depth")?, event.local, encode(&info)],
-    )?;
+    )?
+    .execute(params![
+        max + 1,
+        info.event_id,
+        room_id,
+        to_i64(event.depth, "depth")?,
+        event.local,
+        encode(&info)
+    ])?;
     for prev in &event.prev_events {
-        tx.execute("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2", params![room_id, prev])?;
+        tx.prepare_cached("DELETE FROM forward_extremities WHERE room_id = ?1 AND event_id = ?2")?
+            .execute(params![room_id, prev])?;
     }
-    tx.execute("INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)", params![room_id, info.event_id])?;
+    tx.prepare_cached("INSERT INTO forward_extremities (room_id, event_id) VALUES (?1, ?2)")?
+        .execute(params![room_id, info.event_id])?;
     Ok(Added { stream_ordering, new: true })
 }
 
@@ -503,13 +520,14 @@ impl Store for SqliteStore {
         let meta = |key: &str| -> Result<Option<u64>, StoreError> {
             let value: Option<i64> = self
                 .connection
-                .query_row("SELECT value FROM sender_meta WHERE key = ?1", [key], |r| r.get(0))
+                .prepare_cached("SELECT value FROM sender_meta WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))
                 .optional()?;
             Ok(value.map(to_u64))
         };
         let incarnation = meta("incarnation")?.unwrap_or(0);
         let events_out_pos = meta("events_out_pos")?;
-        let mut statement = self.connection.prepare(
+        let mut statement = self.connection.prepare_cached(
             "SELECT destination, retry_last_ts, retry_interval, failure_ts, last_successful_stream_ordering
              FROM destinations ORDER BY destination",
         )?;
@@ -535,7 +553,7 @@ impl Store for SqliteStore {
                 last_successful_stream_ordering: last.map(to_u64),
             });
         }
-        let mut statement = self.connection.prepare(
+        let mut statement = self.connection.prepare_cached(
             "SELECT destination, outbox_id, queued_ts, edu FROM to_device_outbox ORDER BY destination, outbox_id",
         )?;
         let rows = statement.query_map([], |r| {
@@ -557,7 +575,7 @@ impl Store for SqliteStore {
             ServerName::parse(&name)
                 .map_err(|e| StoreError::Backend(format!("stored destination {name:?} is invalid: {e}")))
         };
-        let mut statement = self.connection.prepare(
+        let mut statement = self.connection.prepare_cached(
             "SELECT destination, user_id, device_id, stream_id, queued_ts, content FROM device_list_pokes
              ORDER BY destination, user_id, device_id",
         )?;
@@ -584,7 +602,7 @@ impl Store for SqliteStore {
                     .map_err(|e| StoreError::Backend(format!("stored device-list poke is not JSON: {e}")))?,
             });
         }
-        let mut statement = self.connection.prepare(
+        let mut statement = self.connection.prepare_cached(
             "SELECT destination, user_id, stream_id FROM device_list_positions ORDER BY destination, user_id",
         )?;
         let rows =
@@ -636,36 +654,38 @@ impl Store for SqliteStore {
                 Self::max_meta(&tx, "events_out_pos", position)?;
             }
             for row in &changes.destination_rooms {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO destinations (destination, retry_last_ts, retry_interval) VALUES (?1, 0, 0)
                      ON CONFLICT (destination) DO NOTHING",
-                    [row.destination.as_str()],
-                )?;
-                tx.execute(
+                )?
+                .execute([row.destination.as_str()])?;
+                tx.prepare_cached(
                     "INSERT INTO destination_rooms (destination, room_id, stream_ordering) VALUES (?1, ?2, ?3)
                      ON CONFLICT (destination, room_id) DO UPDATE
                      SET stream_ordering = max(stream_ordering, excluded.stream_ordering)",
-                    params![row.destination.as_str(), row.room_id, to_i64(row.stream_ordering, "stream ordering")?],
-                )?;
+                )?
+                .execute(params![
+                    row.destination.as_str(),
+                    row.room_id,
+                    to_i64(row.stream_ordering, "stream ordering")?
+                ])?;
             }
             for row in &changes.destinations {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR REPLACE INTO destinations
                      (destination, retry_last_ts, retry_interval, failure_ts, last_successful_stream_ordering)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        row.destination.as_str(),
-                        to_i64(row.retry_last_ts, "retry_last_ts")?,
-                        to_i64(row.retry_interval, "retry_interval")?,
-                        row.failure_ts.map(|v| to_i64(v, "failure_ts")).transpose()?,
-                        row.last_successful_stream_ordering.map(|v| to_i64(v, "stream ordering")).transpose()?,
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    row.destination.as_str(),
+                    to_i64(row.retry_last_ts, "retry_last_ts")?,
+                    to_i64(row.retry_interval, "retry_interval")?,
+                    row.failure_ts.map(|v| to_i64(v, "failure_ts")).transpose()?,
+                    row.last_successful_stream_ordering.map(|v| to_i64(v, "stream ordering")).transpose()?,
+                ])?;
             }
             for row in &changes.to_device_outbox {
-                tx.execute(
-                    "INSERT OR REPLACE INTO to_device_outbox (destination, outbox_id, queued_ts, edu) VALUES (?1, ?2, ?3, ?4)",
-                    params![
+                tx.prepare_cached("INSERT OR REPLACE INTO to_device_outbox (destination, outbox_id, queued_ts, edu) VALUES (?1, ?2, ?3, ?4)")?.execute(params![
                         row.destination.as_str(),
                         to_i64(row.outbox_id, "outbox id")?,
                         to_i64(row.queued_ts, "queued_ts")?,
@@ -674,10 +694,8 @@ impl Store for SqliteStore {
                 )?;
             }
             for key in &changes.to_device_deleted {
-                tx.execute(
-                    "DELETE FROM to_device_outbox WHERE destination = ?1 AND outbox_id = ?2",
-                    params![key.destination.as_str(), to_i64(key.outbox_id, "outbox id")?],
-                )?;
+                tx.prepare_cached("DELETE FROM to_device_outbox WHERE destination = ?1 AND outbox_id = ?2")?
+                    .execute(params![key.destination.as_str(), to_i64(key.outbox_id, "outbox id")?])?;
             }
             for poke in &changes.device_list_pokes {
                 // Keep whichever version of the (destination, user, device) row is newer.
@@ -692,44 +710,40 @@ impl Store for SqliteStore {
                 if stored.is_some_and(|stored| stored >= stream_id) {
                     continue;
                 }
-                tx.execute(
+                tx.prepare_cached(
                     "DELETE FROM device_list_pokes WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3",
-                    params![poke.destination.as_str(), poke.user_id, poke.device_id],
-                )?;
-                tx.execute(
+                )?
+                .execute(params![poke.destination.as_str(), poke.user_id, poke.device_id])?;
+                tx.prepare_cached(
                     "INSERT INTO device_list_pokes (destination, user_id, device_id, stream_id, queued_ts, content)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        poke.destination.as_str(),
-                        poke.user_id,
-                        poke.device_id,
-                        stream_id,
-                        to_i64(poke.queued_ts, "queued_ts")?,
-                        encode(&poke.content)
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    poke.destination.as_str(),
+                    poke.user_id,
+                    poke.device_id,
+                    stream_id,
+                    to_i64(poke.queued_ts, "queued_ts")?,
+                    encode(&poke.content)
+                ])?;
             }
             for done in &changes.device_list_pokes_deleted {
-                tx.execute(
+                tx.prepare_cached(
                     "DELETE FROM device_list_pokes
                      WHERE destination = ?1 AND user_id = ?2 AND device_id IS ?3 AND stream_id <= ?4",
-                    params![
-                        done.destination.as_str(),
-                        done.user_id,
-                        done.device_id,
-                        to_i64(done.stream_id, "device-list stream id")?
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    done.destination.as_str(),
+                    done.user_id,
+                    done.device_id,
+                    to_i64(done.stream_id, "device-list stream id")?
+                ])?;
             }
             for position in &changes.device_list_positions {
                 match position.stream_id {
-                    Some(stream_id) => tx.execute(
-                        "INSERT OR REPLACE INTO device_list_positions (destination, user_id, stream_id) VALUES (?1, ?2, ?3)",
-                        params![position.destination.as_str(), position.user_id, to_i64(stream_id, "device-list stream id")?],
+                    Some(stream_id) => tx.prepare_cached("INSERT OR REPLACE INTO device_list_positions (destination, user_id, stream_id) VALUES (?1, ?2, ?3)")?.execute(params![position.destination.as_str(), position.user_id, to_i64(stream_id, "device-list stream id")?],
                     )?,
-                    None => tx.execute(
-                        "DELETE FROM device_list_positions WHERE destination = ?1 AND user_id = ?2",
-                        params![position.destination.as_str(), position.user_id],
+                    None => tx.prepare_cached("DELETE FROM device_list_positions WHERE destination = ?1 AND user_id = ?2")?.execute(params![position.destination.as_str(), position.user_id],
                     )?,
                 };
             }
@@ -781,14 +795,18 @@ impl Store for SqliteStore {
     }
 
     fn max_stream_ordering(&mut self) -> Result<u64, StoreError> {
-        Ok(to_u64(self.connection.query_row("SELECT coalesce(max(stream_ordering), 0) FROM events", [], |r| r.get(0))?))
+        Ok(to_u64(
+            self.connection
+                .prepare_cached("SELECT coalesce(max(stream_ordering), 0) FROM events")?
+                .query_row([], |r| r.get(0))?,
+        ))
     }
 
     fn fetch_events(&mut self, after: u64, limit: u32) -> Result<Vec<PduInfo>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let mut statement = self
             .connection
-            .prepare("SELECT stream_ordering, event_id, room_id, info FROM events WHERE stream_ordering > ?1 ORDER BY stream_ordering LIMIT ?2")?;
+            .prepare_cached("SELECT stream_ordering, event_id, room_id, info FROM events WHERE stream_ordering > ?1 ORDER BY stream_ordering LIMIT ?2")?;
         let rows = statement.query_map(params![after, i64::from(limit)], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
         })?;
@@ -808,7 +826,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<CatchUpRoom>, StoreError> {
         let rows: Vec<(String, i64)> = {
-            let mut statement = self.connection.prepare(
+            let mut statement = self.connection.prepare_cached(
                 "SELECT room_id, stream_ordering FROM destination_rooms
                  WHERE destination = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
                  ORDER BY stream_ordering, room_id LIMIT ?4",
@@ -839,7 +857,7 @@ impl Store for SqliteStore {
                 })
                 .optional()?
                 .unwrap_or(false);
-            let mut statement = self.connection.prepare(
+            let mut statement = self.connection.prepare_cached(
                 "SELECT e.info, e.local FROM forward_extremities x JOIN events e ON e.event_id = x.event_id
                  WHERE x.room_id = ?1 ORDER BY e.depth DESC, e.stream_ordering DESC LIMIT ?2",
             )?;
@@ -876,7 +894,7 @@ impl Store for SqliteStore {
     }
 
     fn outstanding(&mut self, after: Option<&ServerName>, limit: u32) -> Result<Vec<ServerName>, StoreError> {
-        let mut statement = self.connection.prepare(
+        let mut statement = self.connection.prepare_cached(
             "SELECT destination FROM (
                  SELECT destination FROM to_device_outbox
                  UNION

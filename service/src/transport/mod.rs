@@ -359,22 +359,21 @@ impl HttpsTransport {
         body: Option<&str>,
     ) -> Result<HttpResponse, TransportError> {
         let config = &self.inner.config;
-        let content = match body {
-            Some(text) => Some(
-                serde_json::from_str::<Value>(text)
-                    .map_err(|e| TransportError::Request(format!("body is not JSON: {e}")))?,
-            ),
-            None => None,
-        };
-        let authorization = fedsend_sign::x_matrix_authorization(
+        // The core's bodies are canonical JSON already, so they are signed as they are, not
+        // parsed into a tree and encoded again (a third of the service's CPU per
+        // transaction before; BENCHMARKS.md, "Service end to end").
+        let authorization = fedsend_sign::x_matrix_authorization_for_text(
             &config.origin,
             destination,
             method.as_str(),
             path,
-            content.as_ref(),
+            body,
             &config.signing_key,
         )
-        .map_err(|e| TransportError::Request(e.to_string()))?;
+        .map_err(|e| match e {
+            fedsend_sign::SignError::NotJson(why) => TransportError::Request(format!("body is not JSON: {why}")),
+            other => TransportError::Request(other.to_string()),
+        })?;
         let authorization = HeaderValue::from_str(&authorization)
             .map_err(|e| TransportError::Request(format!("Authorization header: {e}")))?;
         let body = Bytes::copy_from_slice(body.unwrap_or_default().as_bytes());

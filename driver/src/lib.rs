@@ -202,44 +202,32 @@ impl<T: Transport + ?Sized> Transport for alloc::rc::Rc<T> {
     }
 }
 
-impl<O: Observer + ?Sized> Observer for alloc::rc::Rc<O> {
-    fn event(&self, event: Event) {
-        (**self).event(event);
-    }
-    fn transaction_done(&self, transaction: &OutgoingTransaction, result: &TransactionResult) {
-        (**self).transaction_done(transaction, result);
-    }
-    fn storage_failed(&self, what: &str, error: &StorageError) {
-        (**self).storage_failed(what, error);
-    }
-    fn engine_problem(&self, what: &str) {
-        (**self).engine_problem(what);
-    }
-    fn stats_due_ms(&self) -> Option<u64> {
-        (**self).stats_due_ms()
-    }
-    fn publish_stats(&self, now_ms: u64, stats: Vec<DestinationStats>) {
-        (**self).publish_stats(now_ms, stats);
-    }
+/// An observer shared through a pointer: one the host keeps in an `Rc` on a single thread, or
+/// in an `Arc` when its figures are read from other threads (the service's metrics).
+macro_rules! observer_through {
+    ($pointer:ty) => {
+        impl<O: Observer + ?Sized> Observer for $pointer {
+            fn event(&self, event: Event) {
+                (**self).event(event);
+            }
+            fn transaction_done(&self, transaction: &OutgoingTransaction, result: &TransactionResult) {
+                (**self).transaction_done(transaction, result);
+            }
+            fn storage_failed(&self, what: &str, error: &StorageError) {
+                (**self).storage_failed(what, error);
+            }
+            fn engine_problem(&self, what: &str) {
+                (**self).engine_problem(what);
+            }
+            fn stats_due_ms(&self) -> Option<u64> {
+                (**self).stats_due_ms()
+            }
+            fn publish_stats(&self, now_ms: u64, stats: Vec<DestinationStats>) {
+                (**self).publish_stats(now_ms, stats);
+            }
+        }
+    };
 }
 
-impl<O: Observer + ?Sized> Observer for alloc::sync::Arc<O> {
-    fn event(&self, event: Event) {
-        (**self).event(event);
-    }
-    fn transaction_done(&self, transaction: &OutgoingTransaction, result: &TransactionResult) {
-        (**self).transaction_done(transaction, result);
-    }
-    fn storage_failed(&self, what: &str, error: &StorageError) {
-        (**self).storage_failed(what, error);
-    }
-    fn engine_problem(&self, what: &str) {
-        (**self).engine_problem(what);
-    }
-    fn stats_due_ms(&self) -> Option<u64> {
-        (**self).stats_due_ms()
-    }
-    fn publish_stats(&self, now_ms: u64, stats: Vec<DestinationStats>) {
-        (**self).publish_stats(now_ms, stats);
-    }
-}
+observer_through!(alloc::rc::Rc<O>);
+observer_through!(alloc::sync::Arc<O>);

@@ -59,6 +59,8 @@ impl Directory {
         self.len
     }
 
+    // Ids are minted only by `intern`/`insert_new` below and records are never removed, so an id
+    // always indexes a record: an index out of range would be a broken invariant, never input.
     fn entry(&self, id: DestId) -> &Entry {
         &self.chunks[id.chunk()][id.offset()]
     }

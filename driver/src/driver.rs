@@ -518,20 +518,32 @@ impl<M: Machine, S: Storage, T: Transport, C: Clock, O: Observer> Driver<M, S, T
     /// waiting forever, so the request is failed instead: the core retries queries and writes
     /// after a delay, and treats a transaction as timed out.
     fn answer(&self, input: Input) {
-        let Err(refusal) = self.feed(input.clone()) else { return };
-        self.observer.engine_problem(&format!("the engine refused an answer: {refusal}"));
-        let fallback = match input {
+        // What to feed instead if the answer is refused, decided before the answer is moved in:
+        // only its request id is needed, so the answer (a page of events, say) is never copied.
+        enum Fallback {
+            StorageFailed(RequestId),
+            TimedOut(RequestId),
+            Nothing,
+        }
+        let fallback = match &input {
             Input::EventsFetched { request, .. }
             | Input::CatchUpLoaded { request, .. }
             | Input::OutstandingLoaded { request, .. }
-            | Input::Persisted { request } => {
+            | Input::Persisted { request } => Fallback::StorageFailed(*request),
+            Input::TransactionDone { request, result } if *result != TransactionResult::Timeout => {
+                Fallback::TimedOut(*request)
+            }
+            _ => Fallback::Nothing,
+        };
+        let Err(refusal) = self.feed(input) else { return };
+        self.observer.engine_problem(&format!("the engine refused an answer: {refusal}"));
+        let fallback = match fallback {
+            Fallback::StorageFailed(request) => {
                 Input::StorageFailed { request, error: format!("the engine refused the answer: {refusal}") }
             }
-            Input::TransactionDone { request, result } if result != TransactionResult::Timeout => {
-                Input::TransactionDone { request, result: TransactionResult::Timeout }
-            }
+            Fallback::TimedOut(request) => Input::TransactionDone { request, result: TransactionResult::Timeout },
             // Nothing else to offer: the refusal is on record.
-            _ => return,
+            Fallback::Nothing => return,
         };
         if let Err(again) = self.feed(fallback) {
             self.observer.engine_problem(&format!("the engine refused the failure of a request too: {again}"));

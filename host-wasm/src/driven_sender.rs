@@ -18,12 +18,13 @@ use fedsend_core::{
     CatchUpRoom, Changes, Config, Event, FederationSender as Core, Input, OutgoingTransaction, PduInfo, Recovered,
     ServerName, TransactionResult,
 };
-use fedsend_driver::{Clock, Driver, DriverOptions, Observer, Rejected, Storage, StorageError, Transport};
+use fedsend_driver::{Clock, Driver, DriverOptions, MemoryStore, Observer, Rejected, Storage, StorageError, Transport};
 use futures::FutureExt;
 use js_sys::{Function, Promise};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
+use crate::ReferenceMemoryStore;
 use crate::js_value::{from_js, to_js};
 use crate::ms::{ms_from_js, ms_to_js};
 
@@ -62,6 +63,9 @@ extern "C" {
     fn refused(this: &DrivenHost, callback: &str, why: &str) -> Result<(), JsValue>;
     #[wasm_bindgen(method, catch, js_name = engineProblem)]
     fn engine_problem(this: &DrivenHost, what: &str) -> Result<(), JsValue>;
+    /// Whether `homeserver.loadOutstanding` answers instead of the store.
+    #[wasm_bindgen(method, getter, js_name = outstandingFromHomeserver)]
+    fn outstanding_from_homeserver(this: &DrivenHost) -> bool;
     /// `{now, setTimeout, clearTimeout}`, or undefined for the platform's own timers.
     #[wasm_bindgen(method, getter)]
     fn clock(this: &DrivenHost) -> JsValue;
@@ -191,8 +195,12 @@ impl Sleep {
     }
 }
 
-/// The wrapper's storage and homeserver adapters.
-pub(crate) struct JsStorage(Rc<DrivenHost>);
+/// The wrapper's storage and homeserver adapters; with the package's own MemoryStore, its
+/// tables directly, so a write never leaves wasm.
+pub(crate) struct JsStorage {
+    host: Rc<DrivenHost>,
+    tables: Option<Rc<RefCell<MemoryStore>>>,
+}
 
 impl JsStorage {
     /// Awaits an adapter's promise; a rejection was reported by the adapter already.
@@ -204,7 +212,7 @@ impl JsStorage {
     fn decode<T: serde::de::DeserializeOwned>(&self, callback: &str, value: &JsValue) -> Result<T, StorageError> {
         from_js(value).map_err(|e| {
             let why = format!("malformed input: {e}");
-            let _ = self.0.refused(callback, &why);
+            let _ = self.host.refused(callback, &why);
             StorageError(format!("{callback}: returned data the sender refused: {why}"))
         })
     }
@@ -217,15 +225,20 @@ impl Storage for JsStorage {
     }
 
     async fn apply(&self, batches: &[&Changes]) -> Result<(), StorageError> {
+        if let Some(tables) = &self.tables {
+            let mut tables = tables.borrow_mut();
+            batches.iter().for_each(|changes| tables.apply(changes));
+            return Ok(());
+        }
         // One store call per batch, in order: a JavaScript store applies one batch atomically.
         for changes in batches {
-            self.call(self.0.apply_changes(to_js(changes))).await?;
+            self.call(self.host.apply_changes(to_js(changes))).await?;
         }
         Ok(())
     }
 
     async fn fetch_events(&self, after: u64, limit: u32) -> Result<Vec<PduInfo>, StorageError> {
-        let events = self.call(self.0.fetch_events(ms_to_js(after), limit)).await?;
+        let events = self.call(self.host.fetch_events(ms_to_js(after), limit)).await?;
         self.decode("homeserver.fetchEvents", &events)
     }
 
@@ -236,14 +249,19 @@ impl Storage for JsStorage {
         up_to: u64,
         limit: u32,
     ) -> Result<Vec<CatchUpRoom>, StorageError> {
-        let started = self.0.load_catch_up(destination.as_str(), ms_to_js(after), ms_to_js(up_to), limit);
+        let started = self.host.load_catch_up(destination.as_str(), ms_to_js(after), ms_to_js(up_to), limit);
         let rooms = self.call(started).await?;
         self.decode("homeserver.loadCatchUp", &rooms)
     }
 
     async fn load_outstanding(&self, after: Option<&ServerName>, limit: u32) -> Result<Vec<ServerName>, StorageError> {
+        if let Some(tables) = &self.tables
+            && !self.host.outstanding_from_homeserver()
+        {
+            return Ok(tables.borrow().outstanding(after, limit));
+        }
         let after = after.map(|name| name.as_str().to_owned());
-        let destinations = self.call(self.0.load_outstanding(after, limit)).await?;
+        let destinations = self.call(self.host.load_outstanding(after, limit)).await?;
         self.decode("loadOutstanding", &destinations)
     }
 }
@@ -318,9 +336,15 @@ pub struct DrivenSender {
 impl DrivenSender {
     /// Builds the machine from `config` and `recovered` (objects) and starts the loop: its
     /// first step (the start-up timeout) has run when this returns. Throws an `Error` whose
-    /// message starts with "invalid config" or "invalid recovered state".
+    /// message starts with "invalid config" or "invalid recovered state". `tables`: the
+    /// package's own MemoryStore (unsubclassed), which the driver then writes to directly.
     #[wasm_bindgen(constructor)]
-    pub fn new(config: JsValue, recovered: JsValue, host: DrivenHost) -> Result<Self, JsError> {
+    pub fn new(
+        config: JsValue,
+        recovered: JsValue,
+        host: DrivenHost,
+        tables: Option<ReferenceMemoryStore>,
+    ) -> Result<Self, JsError> {
         let config: Config = from_js(&config).map_err(|e| JsError::new(&format!("invalid config: {e}")))?;
         let recovered: Recovered =
             from_js(&recovered).map_err(|e| JsError::new(&format!("invalid recovered state: {e}")))?;
@@ -336,7 +360,7 @@ impl DrivenSender {
         };
         let driver = Rc::new(Driver::new(
             machine,
-            JsStorage(Rc::clone(&host)),
+            JsStorage { host: Rc::clone(&host), tables: tables.map(|tables| tables.tables()) },
             JsTransport(Rc::clone(&host)),
             clock,
             JsObserver(host),

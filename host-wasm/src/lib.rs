@@ -8,7 +8,8 @@
 //!   raw `Machine`.
 //! - [`DrivenSender`]: the one run loop (`fedsend-driver`) over JavaScript callbacks, with
 //!   values crossing as objects: the npm package's driven `FederationSender` wraps it.
-//! - [`ReferenceMemoryStore`]: `fedsend_driver::MemoryStore` for the npm `MemoryStore`.
+//! - [`ReferenceMemoryStore`]: `fedsend_driver::MemoryStore` for the npm `MemoryStore`, and
+//!   [`is_server_name`] (`isServerName`) for every npm store's check of a batch.
 //! - signing ([`WasmSigningKey`], [`x_matrix_authorization`], …): `fedsend-sign` for the npm
 //!   package, so JavaScript homeservers sign requests with the native host's code.
 //! - [`run_scenario`] (`runScenario`): runs a scenario file (`docs/scenarios.md`) in the
@@ -43,6 +44,6 @@ pub use boundary_probe::BoundaryProbe;
 pub use driven::SenderMachine;
 pub use driven_sender::{DrivenHost, DrivenSender};
 pub use live::{LiveSimulation, ScenarioStepper};
-pub use memory_store::ReferenceMemoryStore;
+pub use memory_store::{ReferenceMemoryStore, is_server_name};
 pub use scenario::{EngineObject, run_scenario};
 pub use sign::{WasmSigningKey, canonical_json, sign_json, verify_json, x_matrix_authorization};

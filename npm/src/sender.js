@@ -15,7 +15,7 @@ import { DrivenSender } from '../dist/fedsend_wasm.js';
 import { ensureInitialised, validateConfig, checkMs } from './machine.js';
 import { CallbackError, ClosedError, ConfigError, FedsendError, InputError, describe } from './errors.js';
 import { toTransactionResult, outcomeOfError } from './transport.js';
-import { MemoryStore } from './memory-store.js';
+import { MemoryStore, sharedTables } from './memory-store.js';
 
 const REQUEST_TIMEOUT_DEFAULT_MS = 60_000;
 
@@ -122,7 +122,7 @@ export class FederationSender {
       if (this.#closed) throw new ClosedError('closed before start-up finished');
       try {
         // Runs the machine's first step (the start-up timeout) before returning.
-        this.#driven = new DrivenSender(this.#config, recovered, this.#host());
+        this.#driven = new DrivenSender(this.#config, recovered, this.#host(), sharedTables(this.#store));
       } catch (e) {
         throw /recovered/.test(describe(e))
           ? new CallbackError('store.loadRecovered', describe(e), { cause: e })
@@ -370,6 +370,7 @@ export class FederationSender {
           const request = { after: after ?? null, limit };
           return homeserver.loadOutstanding ? homeserver.loadOutstanding(request) : store.loadOutstanding(request);
         }),
+      outstandingFromHomeserver: homeserver.loadOutstanding !== undefined,
       sendTransaction: (transaction) => this.#sendTransaction(transaction),
       onEvent: (event) => this.#callHook('onEvent', event),
       refused: (callback, why) => this.#report(new CallbackError(callback, `returned data the sender refused: ${why}`)),

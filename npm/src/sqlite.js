@@ -1,5 +1,5 @@
 // A persistent store for Node on better-sqlite3 (a peer dependency, loaded only by `open`):
-// the same semantics as MemoryStore (sim/src/store.rs is the reference), durable. Each batch
+// the same semantics as MemoryStore (fedsend_driver::MemoryStore, driver/src/memory_store.rs, is the reference), durable. Each batch
 // is one SQLite transaction with synchronous=FULL, so a batch the sender was told is
 // persisted survives a crash of the process or the machine.
 //

@@ -1,6 +1,9 @@
 // What every store shares: checking a Changes batch before applying any of it, and the byte
-// order the core sorts names in.
+// order the core sorts names in. A destination must be a server name as the core parses one
+// (its own code, through wasm): the core never emits anything else, and the reference store
+// (fedsend_driver::MemoryStore) refuses anything else, so every store refuses it the same way.
 
+import { isServerName } from '../dist/fedsend_wasm.js';
 import { CallbackError } from './errors.js';
 
 /** Compares strings by Unicode code point, which is UTF-8 byte order (Rust's `str` order and
@@ -50,13 +53,13 @@ export function checkChanges(changes) {
     if (changes[key] !== undefined && !Array.isArray(changes[key])) fail(`${key} is not an array`);
   }
   for (const r of changes.destination_rooms ?? []) {
-    if (typeof r?.destination !== 'string' || typeof r.room_id !== 'string' || !whole(r.stream_ordering)) {
+    if (!isDestination(r) || typeof r.room_id !== 'string' || !whole(r.stream_ordering)) {
       fail('a destination_rooms row');
     }
   }
   for (const r of changes.destinations ?? []) {
     if (
-      typeof r?.destination !== 'string' ||
+      !isDestination(r) ||
       !wholeOrNull(r.retry_last_ts) ||
       !wholeOrNull(r.retry_interval) ||
       !wholeOrNull(r.failure_ts) ||
@@ -66,12 +69,12 @@ export function checkChanges(changes) {
     }
   }
   for (const r of changes.to_device_outbox ?? []) {
-    if (typeof r?.destination !== 'string' || !whole(r.outbox_id) || !whole(r.queued_ts) || r.edu === undefined) {
+    if (!isDestination(r) || !whole(r.outbox_id) || !whole(r.queued_ts) || r.edu === undefined) {
       fail('a to_device_outbox row');
     }
   }
   for (const r of changes.to_device_deleted ?? []) {
-    if (typeof r?.destination !== 'string' || !whole(r.outbox_id)) fail('a to_device_deleted key');
+    if (!isDestination(r) || !whole(r.outbox_id)) fail('a to_device_deleted key');
   }
   for (const r of changes.device_list_pokes ?? []) {
     if (!isPokeKey(r) || !whole(r.queued_ts) || r.content === undefined) fail('a device_list_pokes row');
@@ -80,16 +83,20 @@ export function checkChanges(changes) {
     if (!isPokeKey(r)) fail('a device_list_pokes_deleted key');
   }
   for (const r of changes.device_list_positions ?? []) {
-    if (typeof r?.destination !== 'string' || typeof r.user_id !== 'string' || !wholeOrNull(r.stream_id)) {
+    if (!isDestination(r) || typeof r.user_id !== 'string' || !wholeOrNull(r.stream_id)) {
       fail('a device_list_positions row');
     }
   }
 }
 
+function isDestination(row) {
+  return typeof row?.destination === 'string' && isServerName(row.destination);
+}
+
 // device_id is null (or absent) for a user's cross-signing keys.
 function isPokeKey(r) {
   return (
-    typeof r?.destination === 'string' &&
+    isDestination(r) &&
     typeof r.user_id === 'string' &&
     (r.device_id == null || typeof r.device_id === 'string') &&
     whole(r.stream_id)

@@ -1,5 +1,6 @@
 // The store conformance suite: one set of cases, run against every store (store.test.mjs).
-// The expected values follow sim/src/store.rs, the reference implementation in Rust.
+// The expected values follow driver/src/memory_store.rs (fedsend_driver::MemoryStore), the
+// reference store in Rust, which the package's MemoryStore runs compiled to wasm.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -122,13 +123,38 @@ export function storeConformance(name, make) {
   });
 
   check('outstanding compares names in byte order, as the core sorts them', async ({ store }) => {
-    // 'B' < 'a' in bytes; '\u{10000}' > '\uffff' in code points though not in UTF-16 units.
-    const names = ['a.test', 'B.test', 'x\u{ffff}', 'x\u{10000}'];
+    // Server names are ASCII, where byte order is code-unit order: '1' < 'B' < '[' < 'a', and
+    // '-' < '.' < ':' inside a name.
+    const names = ['a.test', 'B.test', 'a.test:8448', 'a-b.test', '[::1]:8448', '1.2.3.4'];
     await store.applyChanges({
       destination_rooms: names.map((destination) => ({ destination, room_id: '!r:a', stream_ordering: 1 })),
     });
-    assert.deepEqual(await store.loadOutstanding({ after: null, limit: 10 }), ['B.test', 'a.test', 'x\u{ffff}', 'x\u{10000}']);
-    assert.deepEqual(await store.loadOutstanding({ after: 'x\u{ffff}', limit: 10 }), ['x\u{10000}']);
+    const sorted = ['1.2.3.4', 'B.test', '[::1]:8448', 'a-b.test', 'a.test', 'a.test:8448'];
+    assert.deepEqual(await store.loadOutstanding({ after: null, limit: 10 }), sorted);
+    assert.deepEqual(await store.loadOutstanding({ after: 'a-b.test', limit: 10 }), ['a.test', 'a.test:8448']);
+  });
+
+  check('a batch naming something that is not a server name is refused whole', async ({ store }) => {
+    // The core never emits such a row, and the reference store holds server names only; a
+    // store that took one would answer loadOutstanding with a name the core refuses.
+    await store.applyChanges({ destination_rooms: [{ destination: 'b.test', room_id: '!r:a', stream_ordering: 1 }] });
+    const before = await store.loadRecovered();
+    for (const destination of ['x\u{ffff}', 'x\u{10000}', '', 'a.test:0', 'under_score.test']) {
+      await assert.rejects(
+        async () =>
+          store.applyChanges({
+            incarnation: 7,
+            destination_rooms: [
+              { destination: 'c.test', room_id: '!r:a', stream_ordering: 2 },
+              { destination, room_id: '!r:a', stream_ordering: 2 },
+            ],
+          }),
+        (e) => e.name === 'CallbackError' && /malformed changes/.test(e.message),
+        JSON.stringify(destination),
+      );
+    }
+    assert.deepEqual(await store.loadRecovered(), before);
+    assert.deepEqual(await store.loadOutstanding({ after: null, limit: 10 }), ['b.test']);
   });
 
   check('to-device outbox: insert, recover with the EDU intact, delete', async ({ store }) => {

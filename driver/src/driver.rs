@@ -18,7 +18,9 @@ use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 
 use crate::receipt::{Receipt, Rejected};
-use crate::{Clock, Machine, Observer, Storage, StorageError, Transport, is_completion, needs_durable_acknowledgement};
+use crate::{
+    Answered, Clock, Machine, Observer, Storage, StorageError, Transport, is_completion, needs_durable_acknowledgement,
+};
 
 /// How a driver behaves where hosts legitimately differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +159,7 @@ enum Fed {
 
 enum Done {
     Transaction(OutgoingTransaction, TransactionResult),
-    Answer { request: RequestId, what: &'static str, answer: Result<Input, StorageError> },
+    Answer { request: RequestId, what: Answered, answer: Result<Input, StorageError> },
 }
 
 type Write<'a> = LocalBoxFuture<'a, (Vec<(RequestId, Changes)>, Result<(), StorageError>)>;
@@ -426,19 +428,19 @@ impl<M: Machine, S: Storage, T: Transport, C: Clock, O: Observer> Driver<M, S, T
                 Ok(Output::FetchEvents { request, after, limit }) => running.tasks.push(Box::pin(async move {
                     let answer = self.storage.fetch_events(after, limit).await;
                     let answer = answer.map(|events| Input::EventsFetched { request, events });
-                    Done::Answer { request, what: "fetching events", answer }
+                    Done::Answer { request, what: Answered::FetchEvents, answer }
                 })),
                 Ok(Output::LoadCatchUp { request, destination, after, up_to, limit }) => {
                     running.tasks.push(Box::pin(async move {
                         let answer = self.storage.load_catch_up(&destination, after, up_to, limit).await;
                         let answer = answer.map(|rooms| Input::CatchUpLoaded { request, rooms });
-                        Done::Answer { request, what: "loading catch-up rows", answer }
+                        Done::Answer { request, what: Answered::LoadCatchUp, answer }
                     }));
                 }
                 Ok(Output::LoadOutstanding { request, after, limit }) => running.tasks.push(Box::pin(async move {
                     let answer = self.storage.load_outstanding(after.as_ref(), limit).await;
                     let answer = answer.map(|destinations| Input::OutstandingLoaded { request, destinations });
-                    Done::Answer { request, what: "loading outstanding destinations", answer }
+                    Done::Answer { request, what: Answered::LoadOutstanding, answer }
                 })),
                 Ok(Output::Event { event }) => self.observer.event(event),
                 // Drained into `batches`, never queued here.
@@ -508,7 +510,7 @@ impl<M: Machine, S: Storage, T: Transport, C: Clock, O: Observer> Driver<M, S, T
             }
             Done::Answer { answer: Ok(input), .. } => self.answer(input),
             Done::Answer { request, what, answer: Err(error) } => {
-                self.observer.storage_failed(what, &error);
+                self.observer.storage_failed(what.as_str(), &error);
                 self.answer(Input::StorageFailed { request, error: error.0 });
             }
         }
@@ -525,18 +527,19 @@ impl<M: Machine, S: Storage, T: Transport, C: Clock, O: Observer> Driver<M, S, T
             TimedOut(RequestId),
             Nothing,
         }
-        let fallback = match &input {
-            Input::EventsFetched { request, .. }
-            | Input::CatchUpLoaded { request, .. }
-            | Input::OutstandingLoaded { request, .. }
-            | Input::Persisted { request } => Fallback::StorageFailed(*request),
+        let (fallback, answered) = match &input {
+            Input::EventsFetched { request, .. } => (Fallback::StorageFailed(*request), Answered::FetchEvents),
+            Input::CatchUpLoaded { request, .. } => (Fallback::StorageFailed(*request), Answered::LoadCatchUp),
+            Input::OutstandingLoaded { request, .. } => (Fallback::StorageFailed(*request), Answered::LoadOutstanding),
+            Input::Persisted { request } => (Fallback::StorageFailed(*request), Answered::Persist),
             Input::TransactionDone { request, result } if *result != TransactionResult::Timeout => {
-                Fallback::TimedOut(*request)
+                (Fallback::TimedOut(*request), Answered::SendTransaction)
             }
-            _ => Fallback::Nothing,
+            Input::TransactionDone { .. } => (Fallback::Nothing, Answered::SendTransaction),
+            _ => (Fallback::Nothing, Answered::Other),
         };
         let Err(refusal) = self.feed(input) else { return };
-        self.observer.engine_problem(&format!("the engine refused an answer: {refusal}"));
+        self.observer.answer_refused(answered, &refusal);
         let fallback = match fallback {
             Fallback::StorageFailed(request) => {
                 Input::StorageFailed { request, error: format!("the engine refused the answer: {refusal}") }

@@ -52,6 +52,7 @@ pub use machine::{JsonEngine, JsonMachine, Machine};
 pub use memory_store::MemoryStore;
 pub use receipt::{Receipt, Rejected};
 
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -116,6 +117,37 @@ pub trait Transport {
     async fn send(&self, transaction: &OutgoingTransaction) -> TransactionResult;
 }
 
+/// Which request of the machine an answer was to (see [`Observer::answer_refused`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// [`fedsend_core::Output::FetchEvents`].
+    FetchEvents,
+    /// [`fedsend_core::Output::LoadCatchUp`].
+    LoadCatchUp,
+    /// [`fedsend_core::Output::LoadOutstanding`].
+    LoadOutstanding,
+    /// [`fedsend_core::Output::Persist`].
+    Persist,
+    /// [`fedsend_core::Output::SendTransaction`].
+    SendTransaction,
+    /// A failure report or a timeout, which name no query.
+    Other,
+}
+
+impl Answered {
+    /// The request in words, for logs and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Answered::FetchEvents => "fetching events",
+            Answered::LoadCatchUp => "loading catch-up rows",
+            Answered::LoadOutstanding => "loading outstanding destinations",
+            Answered::Persist => "persisting",
+            Answered::SendTransaction => "sending a transaction",
+            Answered::Other => "a failure or a timeout",
+        }
+    }
+}
+
 /// What the host wants to hear about. Every method has a default that ignores it.
 pub trait Observer {
     /// An event of the core (backoff, drops, destinations coming up …).
@@ -134,6 +166,14 @@ pub trait Observer {
     /// and the engine disagree, which an operator should hear about.
     fn engine_problem(&self, what: &str) {
         let _ = what;
+    }
+    /// The machine refused the answer to one of its requests: what the host's storage or
+    /// transport returned was well-formed but not acceptable (`refusal` says why). The driver
+    /// fails the request instead, so the machine retries it. A host that hands those answers
+    /// over from someone else's code (the JavaScript host's callbacks) blames that code here;
+    /// by default it is an engine problem.
+    fn answer_refused(&self, answered: Answered, refusal: &str) {
+        self.engine_problem(&format!("the engine refused an answer ({}): {refusal}", answered.as_str()));
     }
     /// When the host next wants [`Observer::publish_stats`] (Unix ms), if at all.
     fn stats_due_ms(&self) -> Option<u64> {
@@ -218,6 +258,9 @@ macro_rules! observer_through {
             }
             fn engine_problem(&self, what: &str) {
                 (**self).engine_problem(what);
+            }
+            fn answer_refused(&self, answered: Answered, refusal: &str) {
+                (**self).answer_refused(answered, refusal);
             }
             fn stats_due_ms(&self) -> Option<u64> {
                 (**self).stats_due_ms()

@@ -18,7 +18,9 @@ use fedsend_core::{
     CatchUpRoom, Changes, Config, Event, FederationSender as Core, Input, OutgoingTransaction, PduInfo, Recovered,
     ServerName, TransactionResult,
 };
-use fedsend_driver::{Clock, Driver, DriverOptions, MemoryStore, Observer, Rejected, Storage, StorageError, Transport};
+use fedsend_driver::{
+    Answered, Clock, Driver, DriverOptions, MemoryStore, Observer, Rejected, Storage, StorageError, Transport,
+};
 use futures::FutureExt;
 use js_sys::{Function, Promise};
 use wasm_bindgen::prelude::*;
@@ -320,6 +322,24 @@ impl Observer for JsObserver {
 
     fn engine_problem(&self, what: &str) {
         let _ = self.0.engine_problem(what);
+    }
+
+    /// The answer came from a user callback (through its adapter), so it is that callback's
+    /// error: well-formed data the core still refuses (an event past the range asked for, say).
+    fn answer_refused(&self, answered: Answered, refusal: &str) {
+        let callback = match answered {
+            Answered::FetchEvents => "homeserver.fetchEvents",
+            Answered::LoadCatchUp => "homeserver.loadCatchUp",
+            Answered::LoadOutstanding => "loadOutstanding",
+            Answered::SendTransaction => "transport.sendTransaction",
+            // Answers the driver makes itself: a disagreement with the engine.
+            Answered::Persist | Answered::Other => {
+                let _ =
+                    self.0.engine_problem(&format!("the engine refused an answer ({}): {refusal}", answered.as_str()));
+                return;
+            }
+        };
+        let _ = self.0.refused(callback, refusal);
     }
 }
 

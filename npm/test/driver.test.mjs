@@ -1,7 +1,8 @@
 // What the wrapper over the Rust driver (host-wasm DrivenSender) adds: a bad clock reading is
 // reported and never reaches the loop, a command refused from inside a callback throws there
-// (the driver's machine is free while callbacks run), and the default MemoryStore is written directly unless a method of it
-// was replaced.
+// (the driver's machine is free while callbacks run), data the core refuses is blamed on the
+// callback that returned it, and the default MemoryStore is written directly unless a method
+// of it was replaced.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -57,6 +58,32 @@ test('a command refused from inside a callback throws InputError there, as outsi
   await clock.advance(100);
   assert.ok(refusal instanceof InputError, `got ${refusal}`);
   assert.deepEqual(world.sentTo('c.test').flatMap((t) => JSON.parse(t.body).edus).map((e) => e.edu_type), ['m.from_callback']);
+  await sender.close();
+});
+
+test("well-formed callback data the core refuses is that callback's CallbackError, and the query is retried", async () => {
+  const world = new World();
+  const clock = new FakeClock();
+  const errors = [];
+  let calls = 0;
+  const homeserver = {
+    ...world.homeserver,
+    // The first answer with an event goes backwards (not above `after`); the retry is right.
+    fetchEvents: (request) => {
+      const events = world.homeserver.fetchEvents(request);
+      return events.length > 0 && ++calls === 1 ? [{ ...events[0], stream_ordering: 0 }] : events;
+    },
+  };
+  const sender = await FederationSender.start(options(world, clock, { homeserver, onError: (e) => errors.push(e) }));
+  world.addEvent();
+  await sender.newEvents(1);
+  await clock.advance(60_000);
+  assert.equal(errors.length, 1, errors.map(String).join('\n'));
+  assert.ok(errors[0] instanceof CallbackError, String(errors[0]));
+  assert.equal(errors[0].callback, 'homeserver.fetchEvents');
+  assert.match(errors[0].message, /returned data the sender refused: .*stream ordering 0/);
+  assert.ok(calls >= 2, 'fetched again');
+  assert.equal(world.sentTo('b.test').length, 1, 'still delivered');
   await sender.close();
 });
 

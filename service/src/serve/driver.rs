@@ -13,6 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedsend_core::nesting::check_value_depth;
@@ -167,6 +168,39 @@ fn blocking<T>(call: impl FnOnce() -> T) -> T {
     }
 }
 
+/// A storage call from inside the loop: [`blocking`], and then one pass round the loop.
+///
+/// The loop and the command loop are one `block_on` on the driver's thread, which sleeps on
+/// the thread's parker between polls. A store that blocks on a future of its own (the Synapse
+/// store runs each query with the runtime's `block_on`) parks that same parker, so a wake-up
+/// that arrives during the call (a command sent, a transaction finished) is taken by the inner
+/// `block_on` and lost to the outer one: the command would wait for the loop's next timer
+/// (seen as a minute's stall, the catch-up waker's period). Waking ourselves once after the
+/// call makes the outer `block_on` poll everything again.
+async fn store_call<T>(call: impl FnOnce() -> T) -> T {
+    let value = blocking(call);
+    PollAgain::default().await;
+    value
+}
+
+/// Ready on its second poll, having woken its task on the first.
+#[derive(Default)]
+struct PollAgain {
+    woken: bool,
+}
+
+impl Future for PollAgain {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken {
+            return Poll::Ready(());
+        }
+        self.woken = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 before it).
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -280,15 +314,16 @@ impl StoreStorage {
 
 impl Storage for StoreStorage {
     async fn load_recovered(&self) -> Result<Recovered, StorageError> {
-        blocking(|| self.store.borrow_mut().recovered()).map_err(storage_error)
+        store_call(|| self.store.borrow_mut().recovered()).await.map_err(storage_error)
     }
 
     async fn apply(&self, batches: &[&Changes]) -> Result<(), StorageError> {
-        blocking(|| self.store.borrow_mut().apply_all(batches)).map_err(storage_error)
+        store_call(|| self.store.borrow_mut().apply_all(batches)).await.map_err(storage_error)
     }
 
     async fn fetch_events(&self, after: u64, limit: u32) -> Result<Vec<PduInfo>, StorageError> {
-        let mut events = blocking(|| self.store.borrow_mut().fetch_events(after, limit)).map_err(storage_error)?;
+        let mut events =
+            store_call(|| self.store.borrow_mut().fetch_events(after, limit)).await.map_err(storage_error)?;
         self.screen_events(&mut events);
         Ok(events)
     }
@@ -300,14 +335,15 @@ impl Storage for StoreStorage {
         up_to: u64,
         limit: u32,
     ) -> Result<Vec<CatchUpRoom>, StorageError> {
-        let mut rooms = blocking(|| self.store.borrow_mut().load_catch_up(destination, after, up_to, limit))
+        let mut rooms = store_call(|| self.store.borrow_mut().load_catch_up(destination, after, up_to, limit))
+            .await
             .map_err(storage_error)?;
         self.screen_catch_up(&mut rooms);
         Ok(rooms)
     }
 
     async fn load_outstanding(&self, after: Option<&ServerName>, limit: u32) -> Result<Vec<ServerName>, StorageError> {
-        blocking(|| self.store.borrow_mut().outstanding(after, limit)).map_err(storage_error)
+        store_call(|| self.store.borrow_mut().outstanding(after, limit)).await.map_err(storage_error)
     }
 }
 
@@ -494,7 +530,12 @@ impl CommandLoop<'_> {
                     }
                 }
                 command = commands.recv() => match command {
-                    Some(command) => self.on_command(command, &mut commands),
+                    Some(command) => {
+                        self.on_command(command, &mut commands);
+                        // Commands that write (events, partial state) blocked on the store:
+                        // see `store_call`.
+                        PollAgain::default().await;
+                    }
                     None => break,
                 },
             }
@@ -591,7 +632,131 @@ impl CommandLoop<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::edus_in;
+    use std::time::Instant;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::serve::slots::SlotLimits;
+    use crate::serve::store::{Added, MemoryStore, NewEvent, StoreError};
+
+    /// A store that, like the Synapse one, runs each write as a future with the runtime's
+    /// `block_on` (here a pause, as a query takes).
+    #[derive(Debug, Default)]
+    struct BlocksOnAFuture(MemoryStore);
+
+    impl Store for BlocksOnAFuture {
+        fn recovered(&mut self) -> Result<Recovered, StoreError> {
+            self.0.recovered()
+        }
+        fn apply(&mut self, changes: &Changes) -> Result<(), StoreError> {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| runtime.block_on(tokio::time::sleep(Duration::from_millis(300))));
+            self.0.apply(changes)
+        }
+        fn add_event(&mut self, event: &NewEvent) -> Result<Added, StoreError> {
+            self.0.add_event(event)
+        }
+        fn set_partial_state(&mut self, room_id: &str, servers: Option<&[ServerName]>) -> Result<(), StoreError> {
+            self.0.set_partial_state(room_id, servers)
+        }
+        fn max_stream_ordering(&mut self) -> Result<u64, StoreError> {
+            self.0.max_stream_ordering()
+        }
+        fn fetch_events(&mut self, after: u64, limit: u32) -> Result<Vec<PduInfo>, StoreError> {
+            self.0.fetch_events(after, limit)
+        }
+        fn load_catch_up(
+            &mut self,
+            destination: &ServerName,
+            after: u64,
+            up_to: u64,
+            limit: u32,
+        ) -> Result<Vec<CatchUpRoom>, StoreError> {
+            self.0.load_catch_up(destination, after, up_to, limit)
+        }
+        fn outstanding(&mut self, after: Option<&ServerName>, limit: u32) -> Result<Vec<ServerName>, StoreError> {
+            self.0.outstanding(after, limit)
+        }
+    }
+
+    /// Remotes that never answer, so that nothing they do wakes the loop.
+    #[derive(Default)]
+    struct Silent(std::sync::Mutex<Vec<String>>);
+
+    impl Silent {
+        fn destinations(&self) -> Vec<String> {
+            let mut seen = self.0.lock().unwrap().clone();
+            seen.sort();
+            seen
+        }
+    }
+
+    impl Transport for Silent {
+        fn send<'a>(
+            &'a self,
+            destination: &'a str,
+            _txn_id: &'a str,
+            _body: &'a str,
+        ) -> Pin<Box<dyn Future<Output = TransactionResult> + Send + 'a>> {
+            self.0.lock().unwrap().push(destination.to_owned());
+            Box::pin(std::future::pending())
+        }
+    }
+
+    // The worker-mode stall: what happened while the store was inside its own `block_on` (a
+    // command sent, a write finished) waited for the core's next timer, a minute later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_sent_while_the_store_blocks_on_a_future_is_taken_at_once() {
+        let options = DriverOptions {
+            core_config_json: json!({"server_name": "origin.test"}).to_string(),
+            slot_limits: SlotLimits {
+                in_flight_max: 8,
+                per_host_max: 8,
+                slow_after: Duration::from_secs(5),
+                slow_max: 8,
+            },
+            events: None,
+        };
+        let (_shutdown_tx, shutdown) = watch::channel(false);
+        let transport = Arc::new(Silent::default());
+        let (_thread, handle) = start(
+            EngineChoice::Native,
+            Box::new(BlocksOnAFuture::default()),
+            transport.clone(),
+            Arc::new(Metrics::new()),
+            &options,
+            shutdown,
+        )
+        .await
+        .unwrap();
+        // Whether the command loop or the driver is polled first alternates, and only one order
+        // lost the wake-up: several rounds meet both.
+        for round in 0..8 {
+            let to_device = json!({"type": "to_device", "sender": "@a:origin.test", "message_type": "m.t",
+                "message_id": format!("m{round}"), "messages": {"@b:remote.test": {"D": {"x": round}}}});
+            let writing = tokio::spawn({
+                let handle = handle.clone();
+                async move { handle.input(to_device).await }
+            });
+            // Sent while the write blocks.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let sent_at = Instant::now();
+            let edu =
+                json!({"type": "edu", "destination": format!("other{round}.test"), "edu_type": "m.x", "content": {}});
+            tokio::time::timeout(Duration::from_secs(20), handle.input(edu)).await.expect("answered").unwrap();
+            let waited = sent_at.elapsed();
+            assert!(waited < Duration::from_secs(5), "round {round}: the command waited {waited:?} for an answer");
+            tokio::time::timeout(Duration::from_secs(20), writing).await.expect("durable").unwrap().unwrap();
+            // The EDU's transaction leaves within seconds, not at the core's next timer.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let wanted = format!("other{round}.test");
+            while !transport.destinations().contains(&wanted) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(transport.destinations().contains(&wanted), "round {round}: {:?}", transport.destinations());
+        }
+    }
 
     #[test]
     fn edus_are_counted_from_the_body() {

@@ -138,12 +138,12 @@ impl Answered {
     /// The request in words, for logs and errors.
     pub fn as_str(self) -> &'static str {
         match self {
-            Answered::FetchEvents => "fetching events",
-            Answered::LoadCatchUp => "loading catch-up rows",
-            Answered::LoadOutstanding => "loading outstanding destinations",
-            Answered::Persist => "persisting",
-            Answered::SendTransaction => "sending a transaction",
-            Answered::Other => "a failure or a timeout",
+            Self::FetchEvents => "fetching events",
+            Self::LoadCatchUp => "loading catch-up rows",
+            Self::LoadOutstanding => "loading outstanding destinations",
+            Self::Persist => "persisting",
+            Self::SendTransaction => "sending a transaction",
+            Self::Other => "a failure or a timeout",
         }
     }
 }

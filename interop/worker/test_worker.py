@@ -168,9 +168,9 @@ class User(Client):
         event_id = wait_until(accepted, timeout_s, f"hs1 to accept a message (answers {answers})", interval_s=0.5)
         return event_id, answers
 
-    def put_in_background(self, path, body):
-        """PUT on a thread with a session of its own; `join()` gives its status code (None if
-        it did not answer). For requests that hang while Redis is down."""
+    def put_in_background(self, path, body, method="PUT"):
+        """`method` (PUT) on a thread with a session of its own; `join()` gives its status code
+        (None if it did not answer). For requests that hang while Redis is down."""
         import threading
 
         import requests
@@ -181,7 +181,7 @@ class User(Client):
 
         def run():
             try:
-                result["status"] = session.put(self._url(path), json=body, timeout=40).status_code
+                result["status"] = session.request(method, self._url(path), json=body, timeout=40).status_code
             except requests.RequestException as e:
                 result["error"] = type(e).__name__
 
@@ -579,6 +579,21 @@ def fault_checks(d, checks, room_a, tag):
                     ev = wait_until(stored, 10, "hs1 to store the message and the to-device message", interval_s=0.2)
                 except HarnessError:
                     raise CheckFailed("hs1 did not store the message and the to-device message while Redis was down")
+                # Receipts travel in replication rows, not as a doorbell: the instances must
+                # read this one back from the database once they see what they missed.
+                answers.append(alice.put_in_background(
+                    f"/_matrix/client/v3/rooms/{q(room_a)}/receipt/m.read/{q(ev)}", {}, method="POST"))
+
+                def receipt_stored():
+                    return hs1.query(
+                        "SELECT count(*) FROM receipts_linearized WHERE event_id = %s AND user_id = %s",
+                        (ev, alice.user_id),
+                    )[0][0]
+
+                try:
+                    wait_until(receipt_stored, 10, "hs1 to store the read receipt", interval_s=0.2)
+                except HarnessError:
+                    raise CheckFailed("hs1 did not store the read receipt while Redis was down")
                 time.sleep(max(0.0, SERVICE_DOWN_S - (time.monotonic() - t_down)))
                 if any(r.bob.has_event(room_a, ev) for r in d.remotes):
                     raise CheckFailed("the message sent while Redis was down arrived before Redis came back")
@@ -604,10 +619,18 @@ def fault_checks(d, checks, room_a, tag):
             for r in d.remotes:
                 delivered(r, room_a, [ev], what="the message sent while Redis was down")
             to_device_arrives(d, remote, [td_tag], "the to-device message sent while Redis was down")
+            sync_until(
+                remote.bob,
+                lambda s: any(
+                    e["type"] == "m.receipt" and alice.user_id in e["content"].get(ev, {}).get("m.read", {})
+                    for e in s.ephemeral.get(room_a, [])
+                ),
+                "alice's read receipt sent while Redis was down",
+            )
             no_problem_since(d, since)
             statuses = [join() for join in answers]
             return (f"Redis down {down_s:.1f} s; every instance reconnected and caught up; "
-                    f"hs1 answered the two requests made meanwhile with {statuses}")
+                    f"hs1 answered the three requests made meanwhile with {statuses}")
 
         checks.run("Redis killed (-9) and restarted: the instances reconnect and deliver what was stored meanwhile",
                    redis_restart)

@@ -4,7 +4,8 @@
 //! rows only say that something new is in PostgreSQL, and the durable work is read from
 //! there (so a missed line costs nothing: the next doorbell, a POSITION or a reconnection
 //! reads it). Typing, receipts and presence travel in the rows themselves and are fed as
-//! they come, like Synapse's own sender does.
+//! they come, like Synapse's own sender does; receipts replication lost (a gap, e.g. while
+//! Redis was down) are read back from `receipts_linearized`, as Synapse's worker does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -47,6 +48,9 @@ pub struct Feeder {
     typing: BTreeMap<String, BTreeSet<String>>,
     /// A read failed: read everything again at the next retry tick.
     retry_reads: bool,
+    /// Receipts replication lost, per writer: (after, up_to] still to be read from the
+    /// database (kept across a failed read, so PostgreSQL being down loses none).
+    receipt_gaps: BTreeMap<String, (Token, Token)>,
     /// Where the writers of in-memory streams answer for rows a gap lost (`instance_map`).
     writers: BTreeMap<String, InstanceLocation>,
     /// `worker_replication_secret`.
@@ -86,6 +90,7 @@ impl Feeder {
             device_lists_after: 0,
             typing: BTreeMap::new(),
             retry_reads: false,
+            receipt_gaps: BTreeMap::new(),
             writers,
             replication_secret,
             metrics,
@@ -149,6 +154,13 @@ impl Feeder {
             Update::Rows { stream, token, rows, .. } => self.on_rows(stream, token, rows).await,
             Update::Gap { stream, instance, from, to } if stream.gap_source() == GapSource::WriterHttp => {
                 self.fill_gap(stream, &instance, from, to).await;
+            }
+            Update::Gap { stream: Stream::Receipts, instance, from, to } => {
+                // A writer's gaps are merged while one waits (PostgreSQL down): receipts that came
+                // in between are then sent twice, which a remote takes as the same receipt.
+                let gap = self.receipt_gaps.entry(instance).or_insert((from, to));
+                gap.1 = gap.1.max(to);
+                self.read_receipt_gaps().await;
             }
             Update::Position { stream, token, .. } | Update::Gap { stream, to: token, .. } => {
                 self.doorbell(stream, token).await;
@@ -266,6 +278,38 @@ impl Feeder {
         }
         self.read_to_device().await;
         self.read_device_lists().await;
+        self.read_receipt_gaps().await;
+    }
+
+    /// Receipts announced while replication was down are sent as Synapse's own worker sends
+    /// them after a reconnection: read from `receipts_linearized`, oldest first.
+    async fn read_receipt_gaps(&mut self) {
+        while let Some((instance, (after, up_to))) = self.receipt_gaps.pop_first() {
+            match self.db.receipts_between(&instance, after, up_to, ROWS_PER_READ).await {
+                Ok(rows) => {
+                    let read_up_to = if rows.len() < ROWS_PER_READ as usize {
+                        up_to
+                    } else {
+                        rows.last().map_or(up_to, |(stream_id, _)| *stream_id)
+                    };
+                    debug!(
+                        instance,
+                        rows = rows.len(),
+                        "receipts read back for a replication gap {after}..{read_up_to}"
+                    );
+                    for (_, row) in rows {
+                        self.receipt(row).await;
+                    }
+                    if read_up_to < up_to {
+                        self.receipt_gaps.insert(instance, (read_up_to, up_to));
+                    }
+                }
+                Err(e) => {
+                    self.receipt_gaps.insert(instance, (after, up_to));
+                    return self.failed("reading receipts replication missed", &e);
+                }
+            }
+        }
     }
 
     async fn new_events(&self, token: Token) {

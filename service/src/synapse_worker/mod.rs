@@ -18,7 +18,7 @@ use fedsend_core::{Config, ServerName};
 use fedsend_synapse::config::{DatabaseConfig, TlsVersion, WorkerConfig};
 use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgArgs, PgError, SchemaVersion, SynapseDb};
 use fedsend_synapse::redis_link::{ExternalCache, RedisLink, RedisLinkConfig};
-use fedsend_synapse::replication::ReplicationState;
+use fedsend_synapse::replication::{ReplicationState, Stream};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -151,8 +151,13 @@ async fn run_worker(args: SynapseArgs, worker: WorkerConfig) -> Result<(), Strin
     let ownership =
         Ownership { instance: worker.instance_name.clone(), instances: worker.federation_sender_instances.clone() };
     let devices = DeviceListOptions { share_display_names: worker.sender.allow_device_name_lookup_over_federation };
-    let link = RedisLink::spawn(RedisLinkConfig::new(&worker, 0), ReplicationState::new(&worker.instance_name))
-        .map_err(|e| format!("redis: {e}"))?;
+    // Receipts travel in their rows; ones replication lost are read back from the database
+    // (a gap), so the stream must start where the database is, not at zero.
+    let receipts_position =
+        db.receipts_position().await.map_err(|e| format!("database: reading the receipts position: {e}"))?;
+    let mut replication = ReplicationState::new(&worker.instance_name);
+    replication.seed_floor(Stream::Receipts, receipts_position);
+    let link = RedisLink::spawn(RedisLinkConfig::new(&worker, 0), replication).map_err(|e| format!("redis: {e}"))?;
     let cache = ExternalCache::new(&worker.redis).map_err(|e| format!("redis: {e}"))?;
     let store = SynapseStore::new(db.clone(), ownership.clone(), devices.clone(), cache, link.publisher.clone());
     let (core_events_tx, core_events) = mpsc::unbounded_channel();

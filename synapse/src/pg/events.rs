@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use tracing::warn;
 
 use super::{Ownership, PgError, SynapseDb, parse_server, to_i64, to_u64};
+use crate::replication::ReceiptRow;
 
 /// Extremities offered per catch-up room, as Synapse picks them for new events.
 pub const EXTREMITIES_PER_ROOM_MAX: i64 = 10;
@@ -483,6 +484,51 @@ impl SynapseDb {
             .await?;
         let rows = client.query(&stmt, &[&user_id]).await?;
         Ok(servers(rows.iter().filter_map(|r| r.get::<_, Option<String>>(0))))
+    }
+
+    /// The receipts stream's newest id: where replication of receipts starts, so that the first
+    /// POSITION after start-up is not read as everything since the beginning having been missed.
+    pub async fn receipts_position(&self) -> Result<i64, PgError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached("SELECT COALESCE(MAX(stream_id), 0) FROM receipts_linearized").await?;
+        Ok(client.query_one(&stmt, &[]).await?.get(0))
+    }
+
+    /// Receipts `instance` wrote with stream ids in (`after`, `up_to`], ascending, at most
+    /// `limit`: rows replication announced while this process was not listening (a gap).
+    pub async fn receipts_between(
+        &self,
+        instance: &str,
+        after: i64,
+        up_to: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, ReceiptRow)>, PgError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT stream_id, room_id, receipt_type, user_id, event_id, thread_id, data FROM receipts_linearized
+                 WHERE stream_id > $1 AND stream_id <= $2 AND instance_name = $3 ORDER BY stream_id LIMIT $4",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&after, &up_to, &instance, &i64::from(limit)]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let data: Option<String> = row.get(6);
+                // A row whose data is not JSON still says who read what; its data is dropped.
+                let data =
+                    data.and_then(|text| serde_json::from_str(&text).ok()).unwrap_or_else(|| Value::Object(Map::new()));
+                let receipt = ReceiptRow {
+                    room_id: row.get(1),
+                    receipt_type: row.get(2),
+                    user_id: row.get(3),
+                    event_id: row.get(4),
+                    thread_id: row.get(5),
+                    data,
+                };
+                (row.get(0), receipt)
+            })
+            .collect())
     }
 
     /// The user's newest row in `presence_stream`, if any.

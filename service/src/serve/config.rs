@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ingest_server::IngestLimits;
-use crate::transport::{self, DEFAULT_DENYLIST, IpNet};
+use crate::transport::{self, IpNet, default_denylist};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -314,9 +314,7 @@ impl ServeConfig {
         } else {
             for entry in &transport.ip_allowlist {
                 let Ok(allowed) = entry.parse::<IpNet>() else { continue };
-                let reopened: Vec<&str> = DEFAULT_DENYLIST
-                    .iter()
-                    .copied()
+                let reopened: Vec<&str> = default_denylist()
                     .filter(|denied| denied.parse::<IpNet>().is_ok_and(|denied| allowed.overlaps(&denied)))
                     .collect();
                 if !reopened.is_empty() {

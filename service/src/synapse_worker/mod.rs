@@ -26,8 +26,8 @@ use crate::serve::config::EngineKind;
 use crate::serve::driver::DriverOptions;
 use crate::serve::slots::SlotLimits;
 use crate::serve::{ApiSettings, init_logging, make_engine, start_parts, wait_for_signal};
-use crate::transport::{DEFAULT_DENYLIST, IpNet};
 use crate::transport::{HttpsTransport, TransportConfig};
+use crate::transport::{IpNet, default_denylist};
 use feed::Feeder;
 use store::SynapseStore;
 
@@ -225,7 +225,7 @@ fn covered_by_denylist(range: &str) -> bool {
     let (Ok(address), Ok(prefix_len)) = (address.parse::<std::net::IpAddr>(), prefix_len.parse::<u8>()) else {
         return false;
     };
-    DEFAULT_DENYLIST.iter().any(|deny| {
+    default_denylist().any(|deny| {
         let wider =
             deny.split_once('/').and_then(|(_, len)| len.parse::<u8>().ok()).is_some_and(|len| len <= prefix_len);
         wider && deny.parse::<IpNet>().is_ok_and(|net| net.contains(address))

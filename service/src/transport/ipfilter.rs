@@ -9,6 +9,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+use fedsend_synapse::config::DEFAULT_IP_RANGE_BLOCKLIST;
+
 /// An address range in CIDR notation (`10.0.0.0/8`, `fc00::/7`); a bare address is a single host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IpNet {
@@ -140,34 +142,14 @@ fn prefix_eq(a: &[u8], b: &[u8], prefix_len: u8) -> bool {
     (a[full_bytes] & mask) == (b[full_bytes] & mask)
 }
 
-/// Synapse's default `ip_range_blacklist`, plus the unspecified addresses (`0.0.0.0/8`, `::`),
-/// which some systems route to the local host.
-pub const DEFAULT_DENYLIST: &[&str] = &[
-    "0.0.0.0/8",
-    "127.0.0.0/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "192.0.0.0/24",
-    "169.254.0.0/16",
-    "192.88.99.0/24",
-    "198.18.0.0/15",
-    "192.0.2.0/24",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "::/128",
-    "::1/128",
-    "fe80::/10",
-    "fc00::/7",
-    "2001:db8::/32",
-    "ff00::/8",
-    "fec0::/10",
-    // Local-use NAT64 (RFC 8215): the IPv4 address inside sits where the operator chose, so
-    // it cannot be checked; such prefixes only lead into private networks anyway.
-    "64:ff9b:1::/48",
-];
+/// The addresses refused by default: Synapse's default `ip_range_blacklist`
+/// ([`DEFAULT_IP_RANGE_BLOCKLIST`], one list for both modes), the unspecified addresses, which
+/// some systems route to the local host, and local-use NAT64 (RFC 8215), whose embedded IPv4
+/// address sits where the operator chose, so it cannot be checked (such prefixes only lead
+/// into private networks anyway).
+pub fn default_denylist() -> impl Iterator<Item = &'static str> + Clone {
+    ["0.0.0.0/8", "::/128"].into_iter().chain(DEFAULT_IP_RANGE_BLOCKLIST).chain(["64:ff9b:1::/48"])
+}
 
 /// Why an address is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,10 +179,9 @@ pub(crate) struct IpFilter {
 impl IpFilter {
     pub(crate) fn new(denylist_enabled: bool, allow: &[IpNet]) -> Self {
         let deny = if denylist_enabled {
-            DEFAULT_DENYLIST
-                .iter()
-                // The table above is constant and covered by a test; a typo would panic there.
-                .map(|s| s.parse().expect("DEFAULT_DENYLIST entries are valid"))
+            default_denylist()
+                // The list is constant and covered by a test; a typo would panic there.
+                .map(|s| s.parse().expect("default denylist entries are valid"))
                 .collect()
         } else {
             Vec::new()
@@ -254,7 +235,7 @@ mod tests {
     #[test]
     fn default_denylist_parses_and_matches() {
         let filter = IpFilter::new(true, &[]);
-        assert_eq!(filter.deny.len(), DEFAULT_DENYLIST.len());
+        assert_eq!(filter.deny.len(), default_denylist().count());
         for denied in [
             "127.0.0.1",
             "10.1.2.3",

@@ -47,7 +47,7 @@ use hyper::{Method, Request, StatusCode};
 use serde_json::Value;
 
 pub use discovery::{DEFAULT_FEDERATION_PORT, Resolved, ResolvedVia};
-pub use ipfilter::{DEFAULT_DENYLIST, IpNet};
+pub use ipfilter::{IpNet, default_denylist};
 
 use conn::Sender;
 use discovery::{Host, ServerName, WellKnownCache};
@@ -91,7 +91,7 @@ pub struct TransportConfig {
     pub verify_tls: bool,
     /// PEM file with extra trusted CA certificates (e.g. a private federation's CA).
     pub extra_ca_file: Option<PathBuf>,
-    /// Refuse addresses in [`DEFAULT_DENYLIST`] (SSRF protection); on by default.
+    /// Refuse addresses in [`default_denylist`] (SSRF protection); on by default.
     pub ip_denylist_enabled: bool,
     /// Ranges allowed even when the denylist covers them.
     pub ip_allowlist: Vec<IpNet>,

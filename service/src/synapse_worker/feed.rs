@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::serve::driver::{DriverHandle, now_ms};
 use crate::serve::metrics::Metrics;
+use crate::synapse_worker::presence::PresenceChanges;
 
 /// Rows read from PostgreSQL per query when a doorbell rings.
 const ROWS_PER_READ: u32 = 500;
@@ -46,6 +47,8 @@ pub struct Feeder {
     device_lists_after: u64,
     /// Who is typing in each room, as the typing stream last said (it sends whole sets).
     typing: BTreeMap<String, BTreeSet<String>>,
+    /// Which presence rows are worth sending.
+    presence: PresenceChanges,
     /// A read failed: read everything again at the next retry tick.
     retry_reads: bool,
     /// Receipts replication lost, per writer: (after, up_to] still to be read from the
@@ -89,6 +92,7 @@ impl Feeder {
             to_device_after: 0,
             device_lists_after: 0,
             typing: BTreeMap::new(),
+            presence: PresenceChanges::default(),
             retry_reads: false,
             receipt_gaps: BTreeMap::new(),
             writers,
@@ -400,7 +404,7 @@ impl Feeder {
     }
 
     async fn presence(&mut self, row: PresenceRow) {
-        if !self.is_local(&row.user_id) {
+        if !self.is_local(&row.user_id) || !self.presence.is_news(&row) {
             return;
         }
         let destinations = match self.db.hosts_sharing_room_with(&row.user_id).await {

@@ -7,6 +7,7 @@
 //! those of `fedsend serve`. The README says how an operator switches a deployment over.
 
 pub mod feed;
+pub mod presence;
 pub mod store;
 
 use std::net::SocketAddr;

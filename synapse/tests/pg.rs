@@ -419,7 +419,7 @@ async fn destination_rooms_keep_the_newest_and_create_destinations() {
 async fn fetched_events_keep_rejected_and_broken_ones_as_placeholders() {
     let (db, c) = fresh("fetch").await;
     room_fixture(&c).await;
-    let events = db.fetch_events(0, 100, &HashMap::new()).await.unwrap();
+    let events = db.fetch_events(0, 100, 100, &HashMap::new()).await.unwrap();
     assert_eq!(events.iter().map(|e| e.stream_ordering).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
     let by_id: HashMap<&str, _> = events.iter().map(|e| (e.event_id.as_str(), e)).collect();
     assert!(!by_id["$create"].has_prev_events);
@@ -443,20 +443,25 @@ async fn fetched_events_keep_rejected_and_broken_ones_as_placeholders() {
     assert_eq!(obo.send_on_behalf_of, Some(server("remote.test")));
     assert!(!obo.proactively_send);
     // A page that ends on a rejected event is still full, so the core keeps fetching.
-    let page = db.fetch_events(5, 2, &HashMap::new()).await.unwrap();
+    let page = db.fetch_events(5, 100, 2, &HashMap::new()).await.unwrap();
     assert_eq!(page.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(), ["$rej", "$kc"]);
     // Cached hosts win over the state walk; partial-state rooms use their join-time servers.
     let cached = HashMap::from([("$m1".to_owned(), vec![server("cached.test")])]);
-    assert_eq!(db.fetch_events(3, 1, &cached).await.unwrap()[0].hosts, vec![server("cached.test")]);
+    assert_eq!(db.fetch_events(3, 100, 1, &cached).await.unwrap()[0].hosts, vec![server("cached.test")]);
     c.execute("INSERT INTO partial_state_rooms (room_id) VALUES ($1)", &[&ROOM]).await.unwrap();
     c.execute("INSERT INTO partial_state_rooms_servers (room_id, server_name) VALUES ($1, 'seed.test')", &[&ROOM])
         .await
         .unwrap();
-    let partial = &db.fetch_events(3, 1, &HashMap::new()).await.unwrap()[0];
+    let partial = &db.fetch_events(3, 100, 1, &HashMap::new()).await.unwrap()[0];
     assert_eq!(partial.partial_state_servers, Some(vec![server("seed.test")]));
     assert_eq!(db.max_stream_ordering().await.unwrap(), 9);
-    let ids = db.new_event_ids(7, 10).await.unwrap();
+    let ids = db.new_event_ids(7, 100, 10).await.unwrap();
     assert_eq!(ids.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(), ["$bad", "$obo"]);
+    // Nothing past the announced position, though it is there: a row below it may not be yet.
+    let bounded = db.fetch_events(0, 4, 100, &HashMap::new()).await.unwrap();
+    assert_eq!(bounded.iter().map(|e| e.stream_ordering).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(db.new_event_ids(0, 4, 100).await.unwrap().len(), 4);
+    assert!(db.fetch_events(4, 4, 100, &HashMap::new()).await.unwrap().is_empty());
 }
 
 #[tokio::test]

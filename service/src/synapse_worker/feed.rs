@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::serve::driver::{DriverHandle, now_ms};
 use crate::serve::metrics::Metrics;
 use crate::synapse_worker::presence::PresenceChanges;
+use crate::synapse_worker::store::AnnouncedEvents;
 
 /// Rows read from PostgreSQL per query when a doorbell rings.
 const ROWS_PER_READ: u32 = 500;
@@ -49,6 +50,8 @@ pub struct Feeder {
     typing: BTreeMap<String, BTreeSet<String>>,
     /// Which presence rows are worth sending.
     presence: PresenceChanges,
+    /// How far the store may read events.
+    announced: AnnouncedEvents,
     /// A read failed: read everything again at the next retry tick.
     retry_reads: bool,
     /// Receipts replication lost, per writer: (after, up_to] still to be read from the
@@ -81,6 +84,7 @@ impl Feeder {
         writers: BTreeMap<String, InstanceLocation>,
         replication_secret: Option<String>,
         metrics: Arc<Metrics>,
+        announced: AnnouncedEvents,
     ) -> Self {
         Self {
             db,
@@ -93,6 +97,7 @@ impl Feeder {
             device_lists_after: 0,
             typing: BTreeMap::new(),
             presence: PresenceChanges::default(),
+            announced,
             retry_reads: false,
             receipt_gaps: BTreeMap::new(),
             writers,
@@ -276,10 +281,9 @@ impl Feeder {
 
     async fn read_all(&mut self) {
         self.retry_reads = false;
-        match self.db.max_stream_ordering().await {
-            Ok(up_to) => self.new_events(i64::try_from(up_to).unwrap_or(i64::MAX)).await,
-            Err(e) => self.failed("reading the events stream position", &e),
-        }
+        // Events: only as far as replication announced them persisted (`AnnouncedEvents`); the
+        // POSITION that answers our REPLICATE brings what was stored while no sender ran.
+        self.new_events(i64::try_from(self.announced.get()).unwrap_or(i64::MAX)).await;
         self.read_to_device().await;
         self.read_device_lists().await;
         self.read_receipt_gaps().await;
@@ -316,10 +320,15 @@ impl Feeder {
         }
     }
 
+    /// The events writer announced everything up to `token` persisted. With one writer (the
+    /// main process, or one event persister) that is the stream's position; several event
+    /// persisters each announce their own, and the lowest would be the safe one.
     async fn new_events(&self, token: Token) {
         if let Ok(up_to) = u64::try_from(token)
             && up_to > 0
         {
+            // Raised before the core hears of it, so the store never refuses what it asks for.
+            let up_to = self.announced.raise(up_to);
             self.feed(json!({"type": "new_events", "up_to": up_to})).await;
         }
     }

@@ -30,7 +30,7 @@ use crate::serve::{ApiSettings, init_logging, make_engine, start_parts, wait_for
 use crate::transport::{HttpsTransport, TransportConfig};
 use crate::transport::{IpNet, default_denylist};
 use feed::Feeder;
-use store::SynapseStore;
+use store::{AnnouncedEvents, SynapseStore};
 
 /// Command-line arguments of `fedsend synapse`.
 #[derive(Debug, clap::Args)]
@@ -160,7 +160,9 @@ async fn run_worker(args: SynapseArgs, worker: WorkerConfig) -> Result<(), Strin
     replication.seed_floor(Stream::Receipts, receipts_position);
     let link = RedisLink::spawn(RedisLinkConfig::new(&worker, 0), replication).map_err(|e| format!("redis: {e}"))?;
     let cache = ExternalCache::new(&worker.redis).map_err(|e| format!("redis: {e}"))?;
-    let store = SynapseStore::new(db.clone(), ownership.clone(), devices.clone(), cache, link.publisher.clone());
+    let announced = AnnouncedEvents::default();
+    let store =
+        SynapseStore::new(db.clone(), ownership.clone(), devices, cache, link.publisher.clone(), announced.clone());
     let (core_events_tx, core_events) = mpsc::unbounded_channel();
     let options = DriverOptions {
         core_config_json: core_config_json(&worker, server_name.clone())?,
@@ -209,6 +211,7 @@ async fn run_worker(args: SynapseArgs, worker: WorkerConfig) -> Result<(), Strin
         worker.instance_map.clone(),
         worker.replication_secret.clone(),
         Arc::clone(&running.metrics),
+        announced,
     );
     let feeding = tokio::spawn(feeder.run(link_events, core_events, stopped));
     wait_for_signal().await;

@@ -7,6 +7,8 @@
 //! own streamer does for rows already committed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use fedsend_core::{CatchUpRoom, Changes, PduInfo, Recovered, ServerName};
 use fedsend_synapse::pg::{DeviceListOptions, Ownership, PgError, SynapseDb};
@@ -20,6 +22,28 @@ use crate::serve::store::{Added, NewEvent, Store, StoreError};
 /// Longest a storage call may take before it counts as failed.
 const STORE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The newest events position the writer announced on replication, shared by the feeder
+/// (which raises it before telling the core) and the store (which never reads past it).
+///
+/// Synapse persists events in concurrent transactions, so `events` can show a row while one
+/// below it is still uncommitted; the position replication announces is one below which
+/// everything is persisted. Reading past it, the core would move beyond the late event for
+/// good: with 4 rooms written by 8 clients at once, about 1 event in 100 never left.
+#[derive(Clone, Debug, Default)]
+pub struct AnnouncedEvents(Arc<AtomicU64>);
+
+impl AnnouncedEvents {
+    /// The position, 0 before the first announcement.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Raises the position to `up_to` (never lowers it); returns the position now.
+    pub fn raise(&self, up_to: u64) -> u64 {
+        self.0.fetch_max(up_to, Ordering::AcqRel).max(up_to)
+    }
+}
+
 /// Synapse's tables seen through the core's storage boundary.
 pub struct SynapseStore {
     db: SynapseDb,
@@ -27,6 +51,7 @@ pub struct SynapseStore {
     devices: DeviceListOptions,
     joined_hosts_cache: ExternalCache,
     publisher: Publisher,
+    announced: AnnouncedEvents,
     runtime: Handle,
 }
 
@@ -48,8 +73,9 @@ impl SynapseStore {
         devices: DeviceListOptions,
         joined_hosts_cache: ExternalCache,
         publisher: Publisher,
+        announced: AnnouncedEvents,
     ) -> Self {
-        Self { db, ownership, devices, joined_hosts_cache, publisher, runtime: Handle::current() }
+        Self { db, ownership, devices, joined_hosts_cache, publisher, announced, runtime: Handle::current() }
     }
 
     /// Runs a query to completion, with a bound: a storage call that never returns would
@@ -105,18 +131,24 @@ impl Store for SynapseStore {
         Err(StoreError::Invalid("a Synapse worker reads partial-state rooms from Synapse's database".into()))
     }
 
+    /// What replication announced (0 before it did): the newest row of `events` may have
+    /// uncommitted ones below it (see [`AnnouncedEvents`]).
     fn max_stream_ordering(&mut self) -> Result<u64, StoreError> {
-        self.wait(async { self.db.max_stream_ordering().await.map_err(backend) })
+        Ok(self.announced.get())
     }
 
     fn fetch_events(&mut self, after: u64, limit: u32) -> Result<Vec<PduInfo>, StoreError> {
+        let up_to = self.announced.get();
+        if up_to <= after {
+            return Ok(Vec::new());
+        }
         let db = self.db.clone();
         let cache = &self.joined_hosts_cache;
         self.wait(async move {
             // The event creator caches who was joined before each event for an hour; state
             // groups are the fallback.
             let mut cached_hosts = HashMap::new();
-            for event in db.new_event_ids(after, limit).await.map_err(backend)? {
+            for event in db.new_event_ids(after, up_to, limit).await.map_err(backend)? {
                 match cache.joined_hosts_before_event(&event.event_id).await {
                     Ok(Some(hosts)) => {
                         let hosts: Vec<ServerName> = hosts.iter().filter_map(|h| ServerName::parse(h).ok()).collect();
@@ -126,7 +158,7 @@ impl Store for SynapseStore {
                     Err(e) => warn!("joined-hosts cache unavailable, using state groups: {e}"),
                 }
             }
-            db.fetch_events(after, limit, &cached_hosts).await.map_err(backend)
+            db.fetch_events(after, up_to, limit, &cached_hosts).await.map_err(backend)
         })
     }
 

@@ -197,28 +197,34 @@ impl SynapseDb {
 
     /// The ids of the events [`Self::fetch_events`] would answer with, for looking up cached
     /// hosts first.
-    pub async fn new_event_ids(&self, after: u64, limit: u32) -> Result<Vec<NewEventId>, PgError> {
+    pub async fn new_event_ids(&self, after: u64, up_to: u64, limit: u32) -> Result<Vec<NewEventId>, PgError> {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT stream_ordering, event_id FROM events WHERE stream_ordering > $1 ORDER BY stream_ordering LIMIT $2",
+                "SELECT stream_ordering, event_id FROM events WHERE stream_ordering > $1 AND stream_ordering <= $2
+                 ORDER BY stream_ordering LIMIT $3",
             )
             .await?;
-        let rows = client.query(&stmt, &[&to_i64(after, "stream ordering")?, &i64::from(limit)]).await?;
+        let (after, up_to) = (to_i64(after, "stream ordering")?, to_i64(up_to, "stream ordering")?);
+        let rows = client.query(&stmt, &[&after, &up_to, &i64::from(limit)]).await?;
         Ok(rows
             .iter()
             .map(|r| NewEventId { stream_ordering: to_u64(r.get(0)).unwrap_or(0), event_id: r.get(1) })
             .collect())
     }
 
-    /// Answers `FetchEvents`: one [`PduInfo`] per row of `events` with stream ordering above
-    /// `after`, ascending, at most `limit`. A rejected event, or one whose JSON cannot be
+    /// Answers `FetchEvents`: one [`PduInfo`] per row of `events` with stream ordering in
+    /// (`after`, `up_to`], ascending, at most `limit`. `up_to` must be a position the writer
+    /// announced as persisted: Synapse persists events in concurrent transactions, so a row can
+    /// be visible while one below it is not yet, and reading past the announced position would
+    /// move the sender beyond an event that commits later, which then never leaves. A rejected event, or one whose JSON cannot be
     /// used, is answered as an out-of-band placeholder so the batch keeps its length.
     /// `cached_hosts` maps event ids to their hosts already known (Synapse's joined-hosts
     /// cache); other events' hosts are computed from state groups.
     pub async fn fetch_events(
         &self,
         after: u64,
+        up_to: u64,
         limit: u32,
         cached_hosts: &HashMap<String, Vec<ServerName>>,
     ) -> Result<Vec<PduInfo>, PgError> {
@@ -226,10 +232,11 @@ impl SynapseDb {
         let stmt = client
             .prepare_cached(&format!(
                 "SELECT {EVENT_COLUMNS} {EVENT_JOINS}
-                 WHERE e.stream_ordering > $1 ORDER BY e.stream_ordering LIMIT $2"
+                 WHERE e.stream_ordering > $1 AND e.stream_ordering <= $2 ORDER BY e.stream_ordering LIMIT $3"
             ))
             .await?;
-        let rows = client.query(&stmt, &[&to_i64(after, "stream ordering")?, &i64::from(limit)]).await?;
+        let (after, up_to) = (to_i64(after, "stream ordering")?, to_i64(up_to, "stream ordering")?);
+        let rows = client.query(&stmt, &[&after, &up_to, &i64::from(limit)]).await?;
         let mut group_hosts: HashMap<i64, Vec<String>> = HashMap::new();
         let mut partial: HashMap<String, Option<Vec<ServerName>>> = HashMap::new();
         let mut infos = Vec::with_capacity(rows.len());

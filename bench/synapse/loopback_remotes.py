@@ -21,7 +21,8 @@ A plain-HTTP control port (`GET /_bench/stats`, `GET /_bench/missing`, `POST /_b
 reports per remote and marker group: distinct markers, duplicate PDUs, the transactions that
 carried them, and the time (CLOCK_MONOTONIC, comparable with the driver's `time.monotonic()`)
 of the last marker first seen. When all sockets listen it writes `{"control_port": N}` to the
-`--ready` file.
+`--ready` file. `--transcript FILE` adds a line per transaction received (for finding out how a
+miss or a duplicate came about).
 """
 
 import argparse
@@ -78,8 +79,9 @@ class Remote:
 
 
 class Farm:
-    def __init__(self, remotes):
+    def __init__(self, remotes, transcript):
         self.remotes = remotes
+        self.transcript = transcript  # one line per transaction: what arrived where, in order
         self.phase = "setup"
         self.requests = 0
         self.last_request = 0.0  # monotonic
@@ -104,14 +106,18 @@ class Farm:
         p["edus"] += len(txn.get("edus") or [])
         now = time.monotonic()
         touched = set()
+        markers = []
         for pdu in pdus:
             content = pdu.get("content")
             marker = content.get("body") if isinstance(content, dict) else None
             if not isinstance(marker, str) or "-" not in marker:
+                # Not a burst event: its type and sender, for the transcript.
+                markers.append(f"[{pdu.get('type')}:{pdu.get('sender')}]")
                 continue
             name, _, index = marker.rpartition("-")
             if not index.isdigit():
                 continue
+            markers.append(marker)
             g = remote.group(name)
             n = remote.seen.get(marker, 0)
             remote.seen[marker] = n + 1
@@ -123,6 +129,10 @@ class Farm:
             touched.add(name)
         for name in touched:
             remote.groups[name]["txns"] += 1
+        if self.transcript:
+            self.transcript.write(
+                f"{now:.6f} {remote.port} {txn_id} pdus={len(pdus)} edus={len(txn.get('edus') or [])} {' '.join(markers)}\n"
+            )
 
     def answer(self, remote, method, path, body):
         """(status, JSON body) for one federation request to `remote`."""
@@ -249,7 +259,8 @@ def connection_handler(farm, remote):
 async def main_async(args):
     with open(args.remotes) as f:
         specs = json.load(f)
-    farm = Farm([Remote(s) for s in specs])
+    transcript = open(args.transcript, "w", buffering=1 << 16) if args.transcript else None
+    farm = Farm([Remote(s) for s in specs], transcript)
     servers = []
     for r in farm.remotes:
         servers.append(
@@ -271,12 +282,15 @@ async def main_async(args):
     await stop.wait()
     for s in servers:
         s.close()
+    if transcript:
+        transcript.close()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--remotes", required=True, help="JSON list of {port, signing_key_path, cert_path, cert_key_path}")
     parser.add_argument("--ready", required=True, help="file written once every socket listens")
+    parser.add_argument("--transcript", help="write a line per transaction received: time, port, txn id, markers")
     args = parser.parse_args()
     try:
         asyncio.run(main_async(args))

@@ -2,13 +2,16 @@
 """Synapse's own federation-sender worker and `fedsend synapse` on one deployment, one table.
 
 One run sets up one Synapse deployment (interop/worker/deployment.py): hs1's main process on
-PostgreSQL + Redis with one federation sender instance, `fedsend1`. R remotes (loopback_remotes.py:
-one child process serving R server names `127.0.0.1:PORT` over HTTPS, answering every `/send` at
-once) join K public rooms of hs1 through make_join/send_join, as servers joining over federation
-do, so hs1's database holds them as any joined server. Then, for each sender in turn (the other
-one stopped), a fresh process of that sender is started as `fedsend1` and @alice sends E events
-through hs1's client API as fast as hs1 takes them (C concurrent clients, event i in room i mod K):
-they reach the sender only through Synapse's own persistence and its replication on Redis.
+PostgreSQL + Redis with one federation sender instance, `fedsend1`. Each burst has R remotes and K
+public rooms of hs1 of its own (loopback_remotes.py: one child process serving every server name
+`127.0.0.1:PORT` over HTTPS, answering every `/send` at once); the remotes join their rooms
+through make_join/send_join, as servers joining over federation do, so hs1's database holds them
+as any joined server. Then, for each sender in turn (the other one stopped), a fresh process of
+that sender is started as `fedsend1` and @alice sends E events to the burst's rooms through hs1's
+client API as fast as hs1 takes them (C concurrent clients, event i in room i mod K): they reach
+the sender only through Synapse's own persistence and its replication on Redis. Fresh remotes per
+burst keep the bursts independent: no destination has history from the other sender (why:
+`Bench.setup`).
 
 Measured for the sender process alone (from /proc/PID): CPU seconds (user + system, from just
 before the burst until the remotes went quiet after it), peak RSS (VmHWM; every burst has a new
@@ -67,6 +70,7 @@ JOIN_THREADS = 4
 # Bounded by the size of the burst: 2 000 x 100 drains in well under a minute on 2 cores.
 DRAIN_TIMEOUT_MIN_S = 120
 DRAIN_TIMEOUT_PER_PAIR_S = 0.005
+STALL_S = 20
 
 
 def say(msg):
@@ -159,7 +163,8 @@ class Remotes:
         self.log_path = os.path.join(self.workdir, "remotes.log")
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [python, os.path.join(HERE, "loopback_remotes.py"), "--remotes", spec_path, "--ready", ready],
+            [python, os.path.join(HERE, "loopback_remotes.py"), "--remotes", spec_path, "--ready", ready,
+             "--transcript", os.path.join(self.workdir, "transactions.txt")],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         out.close()
@@ -213,9 +218,8 @@ class Bench:
         self.hs1 = None
         self.remotes = None
         self.sender = None
-        self.rooms = []
 
-    def setup(self):
+    def setup(self, bursts):
         a = self.args
         t0 = time.monotonic()
         self.services = Services(self.workdir, a.services_env, private=a.private_services)
@@ -223,32 +227,49 @@ class Bench:
         self.services.create_database(dbname)
         self.hs1 = MainProcess(os.path.join(self.workdir, "hs1"), self.services, dbname, [INSTANCE], python=sys.executable)
         self.hs1.start()
-        self.remotes = Remotes(self.workdir, a.remotes, sys.executable)
+        # Every burst gets remotes and rooms of its own (`cohort`).
+        self.remotes = Remotes(self.workdir, a.remotes * bursts, sys.executable)
         self.hs1.register("alice", "alice-password")
         self.alice = self.hs1.login("alice", "alice-password", "ALICEDEV")
         self.token = self.alice.session.headers["Authorization"]
-        self.rooms = [self.alice.create_room(f"worker bench {k}") for k in range(a.rooms)]
+        say(f"deployment up in {time.monotonic() - t0:.1f} s: hs1 {self.hs1.server_name}, {a.remotes * bursts} remotes")
+
+    def cohort(self, b):
+        """Burst b's K rooms, with its R remotes joined, made while no sender runs.
+
+        A destination must be new to the sender under test. One that a sender has sent PDUs to
+        has history (`destinations.last_successful_stream_ordering`, `destination_rooms`), and a
+        sender that finds it behind starts it in catch-up, where both senders send only the
+        latest event of each room and leave the rest for the remote to fetch
+        (get_missing_events, which these remotes do not do); Synapse's worker can also leave its
+        last positions unwritten when it is stopped under load. Joining only now keeps the
+        earlier senders from sending anything to these remotes (the joins are relayed to the
+        room's other servers, and hs1 adds dummy events to merge the forward extremities)."""
+        a = self.args
+        t0 = time.monotonic()
+        rooms = [self.alice.create_room(f"worker bench {b}.{k}") for k in range(a.rooms)]
+        origins = self.remotes.origins[b * a.remotes:(b + 1) * a.remotes]
 
         def join_all(origin):
-            for room_id in self.rooms:
+            for room_id in rooms:
                 origin.join(self.hs1, room_id, "wb")
 
-        t1 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(JOIN_THREADS) as pool:
-            list(pool.map(join_all, self.remotes.origins))
+            list(pool.map(join_all, origins))
         joined = dict(
             self.hs1.query(
                 "SELECT room_id, count(*) FROM current_state_events "
-                "WHERE type = 'm.room.member' AND membership = 'join' GROUP BY room_id"
+                "WHERE type = 'm.room.member' AND membership = 'join' AND room_id = ANY(%s) GROUP BY room_id",
+                (rooms,),
             )
         )
-        for room_id in self.rooms:
+        for room_id in rooms:
             if joined.get(room_id) != a.remotes + 1:
-                raise BenchError(f"{room_id} has {joined.get(room_id)} joined members in hs1's database, expected {a.remotes + 1}")
-        say(
-            f"deployment up: hs1 {self.hs1.server_name}, {a.remotes} remotes joined to {a.rooms} rooms "
-            f"({time.monotonic() - t1:.1f} s of joins, {time.monotonic() - t0:.1f} s in all)"
-        )
+                raise BenchError(
+                    f"{room_id} has {joined.get(room_id)} joined members in hs1's database, expected {a.remotes + 1}"
+                )
+        say(f"burst {b + 1}: {a.remotes} new remotes joined to {a.rooms} new rooms in {time.monotonic() - t0:.1f} s")
+        return {"rooms": rooms, "ports": {str(o.port) for o in origins}}
 
     def max_stream_ordering(self):
         return self.hs1.query("SELECT coalesce(max(stream_ordering), 0) FROM events")[0][0]
@@ -259,10 +280,10 @@ class Bench:
         )
         return rows[0][0] if rows else None
 
-    def send_burst(self, group):
-        """E events from @alice through the client API; returns (t_first_sent, t_all_answered)."""
+    def send_burst(self, group, rooms, count):
+        """`count` events from @alice through the client API; returns (t_first_sent, t_all_answered)."""
         a = self.args
-        indexes = iter(range(a.events))
+        indexes = iter(range(count))
         lock = threading.Lock()
         errors = []
 
@@ -274,7 +295,7 @@ class Bench:
                     i = next(indexes, None)
                 if i is None:
                     return
-                room = urllib.parse.quote(self.rooms[i % len(self.rooms)])
+                room = urllib.parse.quote(rooms[i % len(rooms)])
                 url = f"{self.hs1.client_url}/_matrix/client/v3/rooms/{room}/send/m.room.message/{group}-{i}"
                 try:
                     r = s.put(url, json={"msgtype": "m.text", "body": f"{group}-{i}"}, timeout=CLIENT_TIMEOUT_S)
@@ -283,7 +304,7 @@ class Bench:
                 except requests.RequestException as e:
                     errors.append(f"event {i}: {e}")
 
-        threads = [threading.Thread(target=client, name=f"client-{c}") for c in range(a.clients)]
+        threads = [threading.Thread(target=client, name=f"client-{c}") for c in range(min(a.clients, count))]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -301,9 +322,39 @@ class Bench:
         except requests.RequestException as e:
             return f"# could not scrape: {e}\n"
 
-    def phase(self, kind, run):
-        """One burst through a fresh `kind` sender process; returns its measurements."""
+    def wait_delivered(self, group, count, cohort, inst, timeout_s):
+        """Until every remote of `cohort` has `count` events of `group`, the sender has stalled
+        (its position past every event and nothing new for STALL_S) or exited, or the timeout.
+        Returns whether everything arrived."""
+        deadline = time.monotonic() + timeout_s
+        progress, progress_at = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            stats = self.remotes.stats()
+            counts = [r["groups"].get(group, {}).get("distinct", 0)
+                      for port, r in stats["remotes"].items() if port in cohort["ports"]]
+            if all(n >= count for n in counts):
+                return True
+            if inst.proc.poll() is not None:
+                return False
+            if sum(counts) != progress:
+                progress, progress_at = sum(counts), time.monotonic()
+            elif time.monotonic() - progress_at > STALL_S and \
+                    (self.sender_position() or 0) >= self.max_stream_ordering():
+                # The sender's position is past every event and nothing has arrived for a
+                # while: what is missing will not come.
+                say(f"{group}: stalled at {progress:,} pairs with the sender's position past the last event")
+                return False
+            time.sleep(0.2)
+        return False
+
+    def phase(self, kind, run, cohort):
+        """One burst through a fresh `kind` sender process, to `cohort`'s remotes and rooms;
+        returns its measurements."""
         a = self.args
+
+        def mine(stats):
+            return [r for port, r in stats["remotes"].items() if port in cohort["ports"]]
+
         group = f"wb{run}-{kind}"
         inst = SenderInstance(self.hs1, INSTANCE, kind, fedsend_bin=a.fedsend)
         self.sender = inst
@@ -311,8 +362,13 @@ class Bench:
         pid = inst.proc.pid
         try:
             self.remotes.set_phase(f"{group}-start")
-            # Whatever the new process sends on its own at start (nothing is owed: the previous
-            # sender caught up) must be over before the burst is measured.
+            # One event first, delivered everywhere before the burst: Synapse's worker sends what
+            # it owes these remotes (the relayed joins, hs1's dummy events) only when a new event
+            # arrives, fedsend at start; and both open their connections to the remotes. The
+            # burst then measures the steady path of both.
+            self.send_burst(f"{group}-warmup", cohort["rooms"][:1], 1)
+            if not self.wait_delivered(f"{group}-warmup", 1, cohort, inst, DRAIN_TIMEOUT_MIN_S):
+                raise BenchError(f"the {kind} sender did not deliver the warm-up event to every remote")
             self.remotes.wait_quiet()
             before_start = self.remotes.stats()
             rss_before = status_bytes(pid, "VmRSS")
@@ -326,20 +382,15 @@ class Bench:
                 )
                 time.sleep(0.5)
             cpu0, main0, farm0 = cpu_seconds(pid), cpu_seconds(self.hs1.proc.pid), cpu_seconds(self.remotes.proc.pid)
-            t0, t_sent = self.send_burst(group)
+            t0, t_sent = self.send_burst(group, cohort["rooms"], a.events)
             say(f"run {run} {kind}: {a.events} events accepted by hs1 in {t_sent - t0:.1f} s")
 
             expect = a.events
             deadline = time.monotonic() + max(DRAIN_TIMEOUT_MIN_S, DRAIN_TIMEOUT_PER_PAIR_S * a.events * a.remotes)
-            drained = False
-            while time.monotonic() < deadline:
-                stats = self.remotes.stats()
-                if all(r["groups"].get(group, {}).get("distinct", 0) >= expect for r in stats["remotes"].values()):
-                    drained = True
-                    break
-                if inst.proc.poll() is not None:
-                    break
-                time.sleep(0.2)
+            drained = self.wait_delivered(
+                group, expect, cohort, inst,
+                max(DRAIN_TIMEOUT_MIN_S, DRAIN_TIMEOUT_PER_PAIR_S * a.events * a.remotes),
+            )
             # Positions: the next sender must start after this burst, not inside it.
             target = self.max_stream_ordering()
             caught_up = False
@@ -377,12 +428,14 @@ class Bench:
         with open(os.path.join(self.workdir, f"metrics.{group}.after.txt"), "w") as f:
             f.write(metrics_after)
         per_remote = [r["groups"].get(group, {"distinct": 0, "duplicates": 0, "txns": 0, "last_new": 0.0})
-                      for r in stats["remotes"].values()]
-        phases = [r["phases"].get(group, {}) for r in stats["remotes"].values()]
+                      for r in mine(stats)]
+        phases = [r["phases"].get(group, {}) for r in mine(stats)]
         start_phase = [r["phases"].get(f"{group}-start", {}) for r in before_start["remotes"].values()]
         delivered = sum(min(g["distinct"], expect) for g in per_remote)
         t_last = max(g["last_new"] for g in per_remote)
-        missing = {} if drained else self.remotes.missing(group, expect)
+        missing = {} if drained else {
+            port: m for port, m in self.remotes.missing(group, expect).items() if port in cohort["ports"]
+        }
         result = {
             "sender": kind,
             "run": run,
@@ -398,6 +451,10 @@ class Bench:
             "caught_up": caught_up,
             "burst_transactions": sum(g["txns"] for g in per_remote),
             "transactions": sum(p.get("txns", 0) for p in phases),
+            "transactions_to_other_remotes": sum(
+                r["phases"].get(group, {}).get("txns", 0) for port, r in stats["remotes"].items()
+                if port not in cohort["ports"]
+            ),
             "repeated_transactions": sum(p.get("repeated_txns", 0) for p in phases),
             "edus": sum(p.get("edus", 0) for p in phases),
             "startup_transactions": sum(p.get("txns", 0) for p in start_phase),
@@ -555,13 +612,19 @@ def main():
     bench = Bench(args, workdir)
     results, failures = [], []
     try:
-        bench.setup()
+        bench.setup(len(kinds) * args.runs)
+        bursts = itertools.count()
         for run in range(1, args.runs + 1):
             order = kinds if run % 2 else list(reversed(kinds))
             for kind in order:
-                r = bench.phase(kind, run)
+                r = bench.phase(kind, run, bench.cohort(next(bursts)))
                 results.append(r)
                 failures += problems_of(r)
+        # A sender that resent an earlier burst (to that burst's remotes) shows only here.
+        stats = bench.remotes.stats()
+        every = sum(g["duplicates"] for rem in stats["remotes"].values() for g in rem["groups"].values())
+        if every != sum(r["duplicate_pdus"] for r in results):
+            failures.append(f"{every} PDUs were delivered more than once in all, more than within the bursts")
     except (BenchError, HarnessError, requests.RequestException, OSError) as e:
         failures.append(f"{type(e).__name__}: {e}")
     except KeyboardInterrupt:

@@ -56,7 +56,7 @@ for p in (os.path.join(ROOT, "interop"), os.path.join(ROOT, "interop", "worker")
 import requests  # noqa: E402
 
 from deployment import MainProcess, SenderInstance, Services  # noqa: E402
-from harness import HarnessError, Origin, now_ms, wait_until  # noqa: E402
+from harness import HarnessError, Origin, free_port, now_ms, wait_until  # noqa: E402
 
 INSTANCE = "fedsend1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -146,7 +146,13 @@ class Remotes:
         os.makedirs(self.workdir, exist_ok=True)
         # Each Origin picks a free port and writes its signing key and certificate; the child
         # serves them, the Origin objects make the join requests to hs1 with the same keys.
-        self.origins = [Origin(os.path.join(self.workdir, f"r{i}")) for i in range(count)]
+        self.origins = []
+        ports = set()
+        for i in range(count):
+            # The kernel may hand out a port it just gave: each remote needs its own.
+            port = wait_until(lambda: (lambda p: p not in ports and p)(free_port()), 10, "a free port", interval_s=0)
+            ports.add(port)
+            self.origins.append(Origin(os.path.join(self.workdir, f"r{i}"), port=port))
         spec = [
             {
                 "port": o.port,

@@ -637,6 +637,7 @@ def main():
     kinds = [k for k in args.senders.split(",") if k]
     if not kinds or any(k not in ("python", "fedsend") for k in kinds):
         parser.error("--senders: a comma-separated list of python and fedsend")
+    args.fedsend = os.path.abspath(args.fedsend)  # the instance runs in its scratch directory
     if "fedsend" in kinds and not os.access(args.fedsend, os.X_OK):
         parser.error(f"--fedsend {args.fedsend}: not an executable (cargo build --release -p fedsend-host-native)")
 

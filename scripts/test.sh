@@ -104,7 +104,7 @@ stage_bench() {
   # "Service end to end"; ~3 s): counts only.
   tools/python/synapse-venv/bin/python bench/synapse/service_side_by_side.py --events 20 --remotes 5 \
     --synapse-runs 1 --check
-  # Worker mode (BENCHMARKS.md, "Worker mode"; ~40 s, most of it Synapse starting): counts only.
+  # Worker mode (BENCHMARKS.md, "Worker mode"; ~20 s, most of it Synapse starting): counts only.
   tools/python/synapse-venv/bin/python bench/synapse/worker_side_by_side.py --events 20 --remotes 5 \
     --rooms 2 --fedsend target/release/fedsend --check
 }

@@ -10,7 +10,7 @@
 #                 dir, stopped (and the dir removed) when test.sh exits. Their FEDSEND_TEST_*
 #                 variables (see scripts/services.sh) are exported to every later stage, cargo
 #                 tests included. Started automatically before the first stage that uses them
-#                 (native-test, interop, worker) even when `services` is not named, e.g. by
+#                 (native-test, bench, interop, worker) even when `services` is not named, e.g. by
 #                 `scripts/test.sh native-test`. When FEDSEND_TEST_PG_PORT is already set (a dev
 #                 instance: `. DIR/env` after `scripts/services.sh start DIR`), those are used and left running.
 #   wasm          scripts/build-wasm.sh (Node + web bindings, target/fedsend_guest.wasm)
@@ -25,7 +25,10 @@
 #                 Synapse's own sender beside fedsend on a 120-event x 20-server burst (bench/synapse/);
 #                 then the service end to end (`fedsend serve`, 20 events to 5 loopback HTTPS remotes)
 #                 beside Synapse's sender with signing on: every remote must get every event exactly
-#                 once with every signature verified
+#                 once with every signature verified; then Synapse's own federation-sender worker
+#                 and `fedsend synapse` on one deployment (hs1 on the services' PostgreSQL + Redis,
+#                 5 loopback remotes joined over federation, 20 events each): every remote must
+#                 get every event of both bursts exactly once
 #   fuzz          fuzz/fuzz.sh ci: builds the libFuzzer targets of fuzz/ (stable rustc, no nightly)
 #                 and runs each for 10 s from the committed corpus; one line per target (time,
 #                 executions, exec/s, coverage); fails on any crash (fuzz/README.md)
@@ -50,7 +53,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:/usr/local/bin:$PATH"   # rustup's 
 
 all_stages=(setup services wasm native-build native-test simulate bench fuzz no-std node e2e interop worker)
 extra_stages=()                         # valid names, run only when named
-uses_services=(native-test interop worker)
+uses_services=(native-test bench interop worker)
 stages=("$@")
 ((${#stages[@]})) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
@@ -101,6 +104,9 @@ stage_bench() {
   # "Service end to end"; ~3 s): counts only.
   tools/python/synapse-venv/bin/python bench/synapse/service_side_by_side.py --events 20 --remotes 5 \
     --synapse-runs 1 --check
+  # Worker mode (BENCHMARKS.md, "Worker mode"; ~20 s, most of it Synapse starting): counts only.
+  tools/python/synapse-venv/bin/python bench/synapse/worker_side_by_side.py --events 20 --remotes 5 \
+    --rooms 2 --fedsend target/release/fedsend --check
 }
 # Its own workspace and target dir (fuzz/target): the instrumented build shares nothing with
 # target/release.

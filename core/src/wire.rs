@@ -11,6 +11,16 @@ use crate::io::{Input, Recovered};
 use crate::sender::FederationSender;
 use crate::time::Timestamp;
 
+/// Decodes one [`Input`] from JSON text, as [`JsonSender::handle_input`] does.
+///
+/// Not generic, so a crate that decodes inputs itself (the JavaScript bindings) calls this one
+/// compiled decoder: `serde_json::from_str::<Input>` called there compiles a second copy of
+/// the derived decoders, which LTO does not merge (182 KB of the npm module at opt-level 3;
+/// BENCHMARKS.md, "wasm size (issue 17)").
+pub fn input_from_json(text: &str) -> Result<Input, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
 /// A [`FederationSender`] behind JSON text.
 #[derive(Debug)]
 pub struct JsonSender {
@@ -29,7 +39,7 @@ impl JsonSender {
 
     /// Decodes and applies one [`Input`] at `now_ms` (Unix ms).
     pub fn handle_input(&mut self, now_ms: u64, input_json: &str) -> Result<(), String> {
-        let input: Input = serde_json::from_str(input_json).map_err(|e| format!("malformed input: {e}"))?;
+        let input = input_from_json(input_json).map_err(|e| format!("malformed input: {e}"))?;
         self.inner.handle_input(Timestamp(now_ms), input).map_err(|e| e.to_string())
     }
 

@@ -4,7 +4,7 @@
 use fedsend_core::{Config, FederationSender, Input, Output, PduInfo, Recovered, Timestamp};
 use wasm_bindgen::prelude::*;
 
-use crate::js_value::{from_js, to_js};
+use crate::js_value::{input_from_js, to_js};
 
 const START_MS: u64 = 1_700_000_000_000;
 
@@ -58,14 +58,14 @@ impl BoundaryProbe {
     /// Decodes an input from JSON text (what `SenderMachine.handleInput` does first).
     #[wasm_bindgen(js_name = inputFromJson)]
     pub fn input_from_json(&self, text: &str) -> Result<(), JsError> {
-        serde_json::from_str::<Input>(text).map(drop).map_err(|e| JsError::new(&e.to_string()))
+        fedsend_core::wire::input_from_json(text).map(drop).map_err(|e| JsError::new(&e.to_string()))
     }
 
     /// Decodes an input from an object (what `DrivenSender.submit` does first: through
     /// `JSON.stringify`, see js_value.rs).
     #[wasm_bindgen(js_name = inputFromObject)]
     pub fn input_from_object(&self, value: JsValue) -> Result<(), JsError> {
-        from_js::<Input>(&value).map(drop).map_err(|e| JsError::new(&e))
+        input_from_js(&value).map(drop).map_err(|e| JsError::new(&e))
     }
 
     /// The output as JSON text (what `SenderMachine.pollOutput` returns).

@@ -27,7 +27,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
 use crate::ReferenceMemoryStore;
-use crate::js_value::{from_js, to_js};
+use crate::js_value::{from_js, input_from_js, to_js};
 use crate::ms::{ms_from_js, ms_to_js};
 
 /// Longest delay `setTimeout` takes: it stores delays as 32-bit signed integers and fires
@@ -415,7 +415,7 @@ impl DrivenSender {
     /// rejects the promise instead.
     pub fn submit(&self, input: JsValue) -> Result<JsValue, JsValue> {
         let input: Input =
-            from_js(&input).map_err(|e| rejection(&Rejected::Refused(format!("malformed input: {e}"))))?;
+            input_from_js(&input).map_err(|e| rejection(&Rejected::Refused(format!("malformed input: {e}"))))?;
         let receipt = self.driver.submit(input).map_err(|why| rejection(&why))?;
         if receipt.is_settled() {
             return match receipt.now_or_never() {

@@ -15,18 +15,30 @@
 //! the depth limit the JSON parser has. Through the text, an input means what it meant with
 //! the raw `Machine`, with the same error messages.
 
+use fedsend_core::Input;
+use fedsend_core::wire::input_from_json;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use wasm_bindgen::JsValue;
 
 /// Decodes a JavaScript value as `T`; the error is serde_json's sentence.
 pub(crate) fn from_js<T: DeserializeOwned>(value: &JsValue) -> Result<T, String> {
+    serde_json::from_str(&json_text(value)?).map_err(|e| e.to_string())
+}
+
+/// [`from_js`] for an [`Input`], through the core's own decoder: `from_js::<Input>` would
+/// compile a second copy of it and its nested types into the module (182 KB; BENCHMARKS.md,
+/// "wasm size (issue 17)").
+pub(crate) fn input_from_js(value: &JsValue) -> Result<Input, String> {
+    input_from_json(&json_text(value)?).map_err(|e| e.to_string())
+}
+
+fn json_text(value: &JsValue) -> Result<String, String> {
     // JSON.stringify answers undefined (not a string) for undefined, functions and symbols.
-    let text = js_sys::JSON::stringify(value)
+    js_sys::JSON::stringify(value)
         .ok()
         .and_then(|text| text.as_string())
-        .ok_or_else(|| String::from("expected a JSON value"))?;
-    serde_json::from_str(&text).map_err(|e| e.to_string())
+        .ok_or_else(|| String::from("expected a JSON value"))
 }
 
 /// Encodes `value` as plain JavaScript objects.

@@ -45,8 +45,9 @@ const ui = {
   frames: [], // { ms, virt, real }
   dirty: true,
   charted: null, // the newest sample the charts show (they change once per sample)
-  // ?worker=1: the world runs in a Web Worker (lib/sim-worker.mjs); this thread folds and draws.
-  worker: q.get('worker') === '1',
+  // The world runs in a Web Worker (lib/sim-worker.mjs) and this thread folds and draws;
+  // ?worker=0 runs it here, between the frames.
+  worker: q.get('worker') !== '0' && typeof Worker === 'function',
   folded: 0, // ms spent folding the worker's batches since the last frame
   frameNow: null, // virtual time at the last frame (worker mode)
 };

@@ -1,4 +1,4 @@
-// The live run in a Web Worker (the page's `?worker=1`): the simulated world and the core
+// The live run in a Web Worker (the page's default; `?worker=0` keeps it on the page's thread): the simulated world and the core
 // advance here, paced to the speed the page asks for, and the page's main thread only folds
 // what they wrote and draws (lib/worker-run.mjs is the page's side). The ticks, the workload
 // and the actions are LiveRun's, as on the main thread, so a run is the same run either way:
@@ -73,10 +73,12 @@ function send(force) {
   if (withStats) statsAt = now;
   const log = run.log.slice(logged);
   logged = run.log.length;
+  // The partition as it will be once the queued actions apply, so that the page's button does
+  // not flip back while they wait for the next tick.
+  let partitioned = run.partitioned;
+  for (const { op } of run.pending) if (op === 'partition' || op === 'heal') partitioned = op === 'partition';
   waiting = true;
-  postMessage({
-    type: 'batch', trace, stats, now: run.now, log, partitioned: run.partitioned, restartedAt: run.restartedAt, simMs, ticks,
-  });
+  postMessage({ type: 'batch', trace, stats, now: run.now, log, partitioned, restartedAt: run.restartedAt, simMs, ticks });
 }
 
 function handle(message) {

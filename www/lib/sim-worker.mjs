@@ -6,11 +6,16 @@
 //
 // Page → worker: { type: 'start', params, schedule } | { type: 'speed', speed, paused } |
 //   { type: 'act', action } | { type: 'step', ticks } | { type: 'ack' } (a batch was folded)
-// Worker → page: { type: 'batch', trace, stats, now, log, partitioned, restartedAt, simMs, ticks }
+// Worker → page: { type: 'batch', lines, digest, stats, now, log, partitioned, restartedAt, simMs, ticks }
 //   | { type: 'error', message }
+//
+// The trace is parsed here and sent as objects, each `send` line with only the types of its
+// EDUs (all the page's Model reads of them): most of the trace's bytes are EDU contents, and
+// parsing them was the largest cost left on the page's thread. The digest of the trace text is
+// kept here too, over the same text as on the page's thread.
 
 import init, { LiveSimulation } from '../pkg/fedsend_wasm.js';
-import { LiveRun, TICK_MS } from './live.mjs';
+import { LiveRun, TICK_MS, fnv } from './live.mjs';
 
 const SLICE_MS = 20; // simulation between two looks at the page's messages
 const STATS_MS = 33; // least time between two readings of the core's figures (~300 KB of JSON at 1 000)
@@ -26,6 +31,14 @@ let logged = 0;
 let simMs = 0;
 let ticks = 0;
 let pending = false; // a turn of `pump` is scheduled
+let digest = 0x811c9dc5; // Model's digest of the trace so far
+
+/** A trace line as the page's Model folds it. */
+function slim(text) {
+  const line = JSON.parse(text);
+  if (line.kind === 'send') line.edus = line.edus.map(({ edu_type }) => ({ edu_type }));
+  return line;
+}
 
 // A turn without setTimeout's clamp (4 ms once nested), so that the worker runs flat out when
 // it is behind and still sees the page's messages between slices.
@@ -69,6 +82,11 @@ function send(force) {
   const trace = run.sim.takeTrace();
   const withStats = force || now - statsAt >= STATS_MS;
   if (!trace && !withStats) return;
+  let lines = [];
+  if (trace) {
+    digest = fnv(digest, `${trace}\n`);
+    lines = trace.split('\n').map(slim);
+  }
   const stats = withStats ? run.sim.destinationStats() : null;
   if (withStats) statsAt = now;
   const log = run.log.slice(logged);
@@ -78,7 +96,7 @@ function send(force) {
   let partitioned = run.partitioned;
   for (const { op } of run.pending) if (op === 'partition' || op === 'heal') partitioned = op === 'partition';
   waiting = true;
-  postMessage({ type: 'batch', trace, stats, now: run.now, log, partitioned, restartedAt: run.restartedAt, simMs, ticks });
+  postMessage({ type: 'batch', lines, digest, stats, now: run.now, log, partitioned, restartedAt: run.restartedAt, simMs, ticks });
 }
 
 function handle(message) {
@@ -91,6 +109,7 @@ function handle(message) {
       logged = 0;
       waiting = false;
       statsAt = -Infinity;
+      digest = 0x811c9dc5;
       send(true);
       break;
     case 'speed':

@@ -35,7 +35,9 @@ export class WorkerRun {
   }
 
   fold(m) {
-    this.model.addTraceText(m.trace);
+    // Lines come parsed (the worker's digest is over their text, as addTraceText's would be).
+    for (const line of m.lines) this.model.addLine(line);
+    this.model.digest = m.digest;
     this.now = m.now;
     if (m.stats !== null) this.model.setStats(m.stats, m.now);
     else this.model.now = Math.max(this.model.now, m.now);

@@ -53,7 +53,7 @@ fn main() {
         if step.starts_with("{\"op\":\"advance\"") {
             ticks += 1;
             fold(&mut sim, &mut digest);
-            if ticks % sync_ticks == 0 {
+            if ticks.is_multiple_of(sync_ticks) {
                 stats_bytes += sim.destination_stats().len();
             }
         }

@@ -1,7 +1,7 @@
 // The visualiser: the fedsend core compiled to wasm, with the simulated world, in the page.
 //
 // Two modes, chosen by the URL:
-// - live (default; ?seed=&n=&rooms=&rate=&edus=&presence=&todevice=&devices=&speed=&select=&log=):
+// - live (default; ?seed=&n=&rooms=&rate=&edus=&presence=&todevice=&devices=&speed=&select=&log=&worker=):
 //   our server and N remote
 //   servers in virtual time, a seeded workload, and controls to break the network and the
 //   sender (lib/live.mjs: LiveRun). Same seed and actions → same run (the digest in the
@@ -17,6 +17,7 @@ import {
   DEFAULT_PARAMS, LiveRun, MIXES, ScenarioReplay, START_MS, TICK_MS, decodeLog, encodeLog, traceCounts,
 } from './lib/live.mjs';
 import { remoteServers, serverOf } from './lib/trace.mjs';
+import { WorkerRun } from './lib/worker-run.mjs';
 import { LABELS, STATES, drawLag, drawSeries, drawTimeline, drawWorld, forgetSize, formatMs, hit } from './lib/draw.mjs';
 
 const $ = (id) => document.getElementById(id);
@@ -44,6 +45,11 @@ const ui = {
   frames: [], // { ms, virt, real }
   dirty: true,
   charted: null, // the newest sample the charts show (they change once per sample)
+  // The world runs in a Web Worker (lib/sim-worker.mjs) and this thread folds and draws;
+  // ?worker=0 runs it here, between the frames.
+  worker: q.get('worker') !== '0' && typeof Worker === 'function',
+  folded: 0, // ms spent folding the worker's batches since the last frame
+  frameNow: null, // virtual time at the last frame (worker mode)
 };
 
 function intParam(name, fallback, min, max) {
@@ -100,7 +106,21 @@ function startLive() {
     setUrl({ log: null });
   }
   ui.failed = false;
-  ui.run = new LiveRun(LiveSimulation, params, schedule);
+  ui.run = ui.worker
+    ? new WorkerRun(params, schedule, {
+      onBatch: (ms) => {
+        ui.folded += ms;
+        ui.dirty = true;
+      },
+      onError: (message) => {
+        ui.failed = true;
+        setSpeed(0);
+        fail(new Error(message));
+      },
+    })
+    : new LiveRun(LiveSimulation, params, schedule);
+  ui.run.setSpeed?.(ui.speed, ui.paused);
+  ui.frameNow = null;
   ui.logged = 0;
   ui.debt = 0;
   ui.frames = [];
@@ -117,6 +137,7 @@ function startLive() {
 function setSpeed(speed) {
   ui.paused = speed === 0;
   if (speed > 0) ui.speed = speed;
+  ui.run?.setSpeed?.(ui.speed, ui.paused);
   for (const b of document.querySelectorAll('[data-speed]')) b.classList.toggle('on', !ui.paused && Number(b.dataset.speed) === ui.speed);
   $('pause').classList.toggle('on', ui.paused);
   setUrl({ speed: ui.paused ? 0 : ui.speed });
@@ -136,7 +157,33 @@ function act(action) {
   setStatus(`ok: ${action.op}${action.host ? ` ${action.host}` : ''} (applied at the next tick)`);
 }
 
+/** A frame with the world in the worker: the batches were folded as they came (`ui.folded`);
+ * only the drawing is left. Frame time is the folding and drawing done on this thread. */
+function workerFrame(ts) {
+  const run = ui.run;
+  const real = ui.lastTs === null ? 0 : Math.min(250, ts - ui.lastTs);
+  ui.lastTs = ts;
+  const t0 = performance.now();
+  if (run.log.length !== ui.logged) {
+    ui.logged = run.log.length;
+    setUrl({ log: encodeLog(run.log) || null });
+  }
+  if (ui.dirty) render();
+  const draw = performance.now() - t0;
+  const fold = ui.folded;
+  ui.folded = 0;
+  const virt = ui.frameNow === null ? 0 : run.now - ui.frameNow;
+  ui.frameNow = run.now;
+  ui.frames.push({ ms: fold + draw, sim: 0, fold, draw, virt, real });
+  if (ui.frames.length > 240) ui.frames.shift();
+  showPerf();
+}
+
 function liveFrame(ts) {
+  if (ui.worker) {
+    workerFrame(ts);
+    return;
+  }
   const run = ui.run;
   const real = ui.lastTs === null ? 0 : Math.min(250, ts - ui.lastTs);
   ui.lastTs = ts;
@@ -444,7 +491,7 @@ function wireLive() {
     setSpeed(0);
     if (ui.failed) return;
     try {
-      ui.run.run(1000 / TICK_MS);
+      ui.run.run(1000 / TICK_MS); // with the worker, the batch arrives and is drawn later
       ui.dirty = true;
       liveFrame(performance.now());
     } catch (e) {

@@ -64,4 +64,10 @@ impl JsonSender {
     pub fn machine(&self) -> &FederationSender {
         &self.inner
     }
+
+    /// The machine itself, to feed and drain typed values when the host is in the same
+    /// process (the simulated world), with no encoding either way.
+    pub fn machine_mut(&mut self) -> &mut FederationSender {
+        &mut self.inner
+    }
 }

@@ -56,6 +56,12 @@ pub trait JsonEngine {
     fn destination_stats(&mut self) -> Option<String> {
         None
     }
+    /// The core itself when it is linked into this process, so that a host holding typed
+    /// values (the simulated world) feeds and drains it without encoding anything. Engines
+    /// behind a real boundary (wasm, JavaScript) keep the default.
+    fn linked_core(&mut self) -> Option<&mut FederationSender> {
+        None
+    }
 }
 
 /// A [`JsonEngine`] as a typed [`Machine`]: inputs encoded, outputs decoded.

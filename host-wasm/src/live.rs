@@ -1,10 +1,10 @@
 //! `LiveSimulation` and `ScenarioStepper`: the simulated world and the core, both inside the
 //! wasm module, driven one step at a time from JavaScript (the browser visualiser).
 //!
-//! The engine is `fedsend_sim::NativeEngine` (the core linked into the same module), so no
-//! message crosses the JavaScript boundary between the world and the core; JavaScript only
-//! sends steps in and takes trace lines and per-destination figures out. That is what lets the
-//! page run a thousand destinations at 100× virtual speed.
+//! The engine is `fedsend_sim::NativeEngine` (the core linked into the same module), which the
+//! world drives with typed inputs and outputs, so nothing between the world and the core is
+//! encoded, let alone crosses the JavaScript boundary; JavaScript only sends steps in and takes
+//! trace lines and per-destination figures out (the visualiser does so from a Web Worker).
 //!
 //! ```js
 //! const sim = new LiveSimulation(headerJson);      // {"server_name":…,"seed":…,"config":{…},"steps":[…]}

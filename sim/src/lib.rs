@@ -35,7 +35,8 @@ pub use world::{LiveRun, ScenarioRun};
 /// same engines for real).
 pub use fedsend_driver::JsonEngine as Engine;
 
-/// The core linked natively, through the same JSON facade every other engine uses.
+/// The core linked natively, through the same JSON facade every other engine uses; the world
+/// drives it typed ([`Engine::linked_core`]), with the same trace as through the facade.
 #[derive(Debug, Default)]
 pub struct NativeEngine(Option<fedsend_core::wire::JsonSender>);
 
@@ -61,6 +62,9 @@ impl Engine for NativeEngine {
     }
     fn destination_stats(&mut self) -> Option<String> {
         Some(self.0.as_ref()?.destination_stats())
+    }
+    fn linked_core(&mut self) -> Option<&mut fedsend_core::FederationSender> {
+        Some(self.0.as_mut()?.machine_mut())
     }
 }
 

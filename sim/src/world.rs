@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 
 use fedsend_core::{
     CatchUpRoom, Config, DestinationState, Event as CoreEvent, Extremity, Input, Output, PduInfo, ServerName,
-    TransactionResult, server_of,
+    Timestamp, TransactionResult, server_of,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -72,7 +72,7 @@ struct Remote {
     latency_ms: u64,
     /// Transactions this remote accepted, by id, with their body: a repeat is answered from
     /// here, as the spec asks receivers to do.
-    accepted: BTreeMap<String, String>,
+    accepted: BTreeMap<String, alloc::sync::Arc<str>>,
 }
 
 impl Default for Remote {
@@ -114,15 +114,14 @@ struct PersistedLine<'a> {
     sender: &'a str,
 }
 
+/// A `send` line up to its `pdus`; `edus` (JSON text) and `bytes` follow (see [`send_line`]).
 #[derive(Serialize)]
-struct SendLine<'a> {
+struct SendHead<'a> {
     t: u64,
     kind: &'static str,
     dest: &'a str,
     txn_id: &'a str,
     pdus: &'a [alloc::sync::Arc<str>],
-    edus: &'a [Value],
-    bytes: usize,
 }
 
 #[derive(Serialize)]
@@ -1040,19 +1039,35 @@ impl World {
         if let (false, Some(checker)) = (staggered, self.checker.as_mut()) {
             checker.on_delivery(self.now);
         }
-        let text = serde_json::to_string(&input).map_err(|e| e.to_string())?;
         let refusable = self.refusals_allowed && is_command(&input);
         let before = refusable.then(|| (engine.destination_stats(), engine.poll_timeout()));
-        if let Err(e) = engine.handle_input(self.now, &text) {
-            // Name the input by its type only: a whole input can be megabytes.
-            let kind = input_kind(&input);
+        // Name a refused input by its type only: a whole input can be megabytes.
+        let (refused, input) = match engine.linked_core() {
+            // The core in this process takes the value itself, which encoding it and parsing it
+            // back would only copy; the checker still needs it afterwards.
+            Some(core) => {
+                let kept = self.checker.is_some().then(|| input.clone());
+                let kind = VariantName::of(&input);
+                let refused = core.handle_input(Timestamp(self.now), input).err().map(|e| (e.to_string(), kind));
+                (refused, kept)
+            }
+            None => {
+                let text = serde_json::to_string(&input).map_err(|e| e.to_string())?;
+                match engine.handle_input(self.now, &text) {
+                    Ok(()) => (None, Some(input)),
+                    Err(e) => (Some((e, VariantName::of(&input))), None),
+                }
+            }
+        };
+        if let Some((e, kind)) = refused {
+            let kind = kind.as_str();
             let Some((stats_before, deadline_before)) = before else {
                 return Err(format!("engine refused a {kind} input: {e}"));
             };
-            return self.check_refusal(engine, &kind, &e, stats_before, deadline_before);
+            return self.check_refusal(engine, kind, &e, stats_before, deadline_before);
         }
-        if let Some(checker) = self.checker.as_mut() {
-            checker.on_input_accepted(self.now, &input);
+        if let (Some(checker), Some(input)) = (self.checker.as_mut(), input.as_ref()) {
+            checker.on_input_accepted(self.now, input);
         }
         self.drain(engine, emit)
     }
@@ -1095,19 +1110,32 @@ impl World {
     }
 
     fn drain(&mut self, engine: &mut dyn Engine, emit: &mut dyn FnMut(&str)) -> StepResult {
-        while let Some(text) = engine.poll_output() {
-            let output: Output = serde_json::from_str(&text)
-                .map_err(|e| format!("engine produced an undecodable output {text}: {e}"))?;
-            self.perform(output, emit)?;
+        loop {
+            let (output, linked) = match engine.linked_core() {
+                Some(core) => match core.poll_output() {
+                    Some(output) => (output, true),
+                    None => break,
+                },
+                None => match engine.poll_output() {
+                    Some(text) => (
+                        serde_json::from_str(&text)
+                            .map_err(|e| format!("engine produced an undecodable output {text}: {e}"))?,
+                        false,
+                    ),
+                    None => break,
+                },
+            };
+            self.perform(output, linked, emit)?;
         }
         self.engine_deadline = engine.poll_timeout();
         Ok(())
     }
 
-    fn perform(&mut self, output: Output, emit: &mut dyn FnMut(&str)) -> StepResult {
+    /// Does what `output` asks; `linked`: it came from the core in this process (see `transmit`).
+    fn perform(&mut self, output: Output, linked: bool, emit: &mut dyn FnMut(&str)) -> StepResult {
         let now = self.now;
         match output {
-            Output::SendTransaction(txn) => self.transmit(txn, emit),
+            Output::SendTransaction(txn) => self.transmit(txn, linked, emit),
             Output::FetchEvents { request, after, limit } => {
                 // Stream orderings are 1-based positions in `events`.
                 let from = usize::try_from(after).unwrap_or(usize::MAX).min(self.events.len());
@@ -1215,20 +1243,39 @@ impl World {
     }
 
     /// A transaction leaves: trace it, let the remote decide, schedule the answer.
-    fn transmit(&mut self, txn: fedsend_core::OutgoingTransaction, emit: &mut dyn FnMut(&str)) -> StepResult {
+    ///
+    /// The trace shows its EDUs as they are. A body built by the core in this process (`linked`)
+    /// has them as serde_json wrote them, which is exactly the text re-encoding them after
+    /// parsing gives, so their text is cut out of the body; the EDUs are parsed only when a
+    /// checker or a reject rule reads them. Any other engine's body is parsed, as a receiver
+    /// would.
+    fn transmit(
+        &mut self,
+        txn: fedsend_core::OutgoingTransaction,
+        linked: bool,
+        emit: &mut dyn FnMut(&str),
+    ) -> StepResult {
         let now = self.now;
-        let body: Value = serde_json::from_str(&txn.body).map_err(|e| format!("transaction body is not JSON: {e}"))?;
-        let edus: Vec<Value> = body.get("edus").and_then(Value::as_array).cloned().unwrap_or_default();
-        emit(&line(&SendLine {
-            t: now,
-            kind: "send",
-            dest: txn.destination.as_str(),
-            txn_id: &txn.txn_id,
-            pdus: &txn.pdu_ids,
-            edus: &edus,
-            bytes: txn.body.len(),
-        }));
         let host = txn.destination.as_str().to_string();
+        let needs_values =
+            self.checker.is_some() || self.rejects.iter().any(|rule| rule.host == host && !rule.edu_types.is_empty());
+        let cut = if linked { edus_text(&txn.body) } else { None };
+        let (edus_json, edus): (String, Vec<Value>) = match cut {
+            Some(text) if !needs_values => (String::from(text), Vec::new()),
+            _ => {
+                let body: Value =
+                    serde_json::from_str(&txn.body).map_err(|e| format!("transaction body is not JSON: {e}"))?;
+                let edus: Vec<Value> = body.get("edus").and_then(Value::as_array).cloned().unwrap_or_default();
+                let text = match cut {
+                    Some(text) => String::from(text),
+                    None => serde_json::to_string(&edus).map_err(|e| e.to_string())?,
+                };
+                (text, edus)
+            }
+        };
+        let head =
+            SendHead { t: now, kind: "send", dest: txn.destination.as_str(), txn_id: &txn.txn_id, pdus: &txn.pdu_ids };
+        emit(&send_line(&head, &edus_json, txn.body.len()));
         if host == self.server_name {
             return Err(String::from("the sender sent a transaction to ourselves"));
         }
@@ -1303,7 +1350,7 @@ impl World {
                 }
                 Some(_) => {}
                 None => {
-                    remote.accepted.insert(txn.txn_id.clone(), txn.body.to_string());
+                    remote.accepted.insert(txn.txn_id.clone(), txn.body.clone());
                     if let Some(checker) = self.checker.as_mut() {
                         checker.on_accepted(&host, &txn.pdu_ids, &edus)?;
                     }
@@ -1373,10 +1420,10 @@ impl World {
                 self.input(engine, emit, input)
             }
             Delivery::PersistAck { request, changes } => {
-                self.durable.apply(&changes);
                 if let Some(checker) = self.checker.as_mut() {
                     checker.on_durable(&changes);
                 }
+                self.durable.apply_owned(changes);
                 self.input(engine, emit, Input::Persisted { request })
             }
         }
@@ -1398,11 +1445,94 @@ fn is_command(input: &Input) -> bool {
     )
 }
 
-fn input_kind(input: &Input) -> String {
-    serde_json::to_value(input)
-        .ok()
-        .and_then(|v| v.get("type").and_then(Value::as_str).map(String::from))
-        .unwrap_or_default()
+/// An input's `type` as it is encoded (its variant's name in snake_case), read from the head of
+/// its `Debug` text: the typed path has handed the input over by the time a refusal needs the
+/// name, and formatting stops after the name, so it costs nothing worth avoiding.
+struct VariantName {
+    text: [u8; 40],
+    len: usize,
+}
+
+impl VariantName {
+    fn of(input: &Input) -> Self {
+        use core::fmt::Write;
+        let mut name = Self { text: [0; 40], len: 0 };
+        // Stops with an error at the first character after the name.
+        let _ = write!(name, "{input:?}");
+        name
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII letters, digits and '_' are ever written.
+        core::str::from_utf8(&self.text[..self.len]).unwrap_or_default()
+    }
+}
+
+impl core::fmt::Write for VariantName {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for c in s.bytes() {
+            if !c.is_ascii_alphanumeric() || self.len + 2 > self.text.len() {
+                return Err(core::fmt::Error);
+            }
+            if c.is_ascii_uppercase() && self.len > 0 {
+                self.text[self.len] = b'_';
+                self.len += 1;
+            }
+            self.text[self.len] = c.to_ascii_lowercase();
+            self.len += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A `send` trace line: `head`'s members, then `edus` (JSON text of the array) and `bytes`,
+/// the order the line always had.
+fn send_line(head: &SendHead<'_>, edus: &str, bytes: usize) -> String {
+    let mut text = line(head);
+    text.pop(); // the head's closing brace
+    text.push_str(",\"edus\":");
+    text.push_str(edus);
+    // Writing to a String cannot fail.
+    let _ = core::fmt::Write::write_fmt(&mut text, format_args!(",\"bytes\":{bytes}}}"));
+    text
+}
+
+/// The text of the `edus` array of a body the core built (`{"edus":[…],"origin":…`, or no
+/// `edus` member when it has none), found by matching brackets outside strings; `None` for
+/// any other layout.
+fn edus_text(body: &str) -> Option<&str> {
+    let Some(rest) = body.strip_prefix("{\"edus\":") else {
+        return body.starts_with("{\"origin\":").then_some("[]");
+    };
+    let bytes = rest.as_bytes();
+    if bytes.first() != Some(&b'[') {
+        return None;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return rest.get(..=i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Destination figures without those the clock alone changes (a refused input still moves
@@ -1448,4 +1578,42 @@ fn check_id(id: &str, sigil: char, what: &str) -> StepResult {
             _ => server_of(id).is_some_and(|s| ServerName::parse(s).is_ok()),
         };
     if valid { Ok(()) } else { Err(format!("invalid {what} id {id:?}")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_name_is_the_encoded_type() {
+        let destination = ServerName::parse("far.test").unwrap();
+        let inputs = [
+            Input::Timeout,
+            Input::NewEvents { up_to: 3 },
+            Input::RemoteUp { destination: destination.clone() },
+            Input::Persisted { request: fedsend_core::RequestId(1) },
+            Input::StoredDeviceListPokes { pokes: Vec::new() },
+            Input::TransactionDone { request: fedsend_core::RequestId(2), result: TransactionResult::Timeout },
+        ];
+        for input in &inputs {
+            let encoded = serde_json::to_value(input).unwrap();
+            assert_eq!(VariantName::of(input).as_str(), encoded["type"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn the_edus_of_a_body_are_cut_out_as_encoded() {
+        let edus = json!([
+            {"content": {"a]": "}\"[", "n": [1.5, -0.0, {"x": "\\\"]"}], "u": "é\u{1}"}, "edu_type": "m.x"},
+            {"content": {}, "edu_type": "m.typing"}
+        ]);
+        let text = serde_json::to_string(&edus).unwrap();
+        let body = format!("{{\"edus\":{text},\"origin\":\"h.test\",\"origin_server_ts\":1,\"pdus\":[]}}");
+        assert_eq!(edus_text(&body), Some(text.as_str()));
+        let parsed: Value = serde_json::from_str(edus_text(&body).unwrap()).unwrap();
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), text);
+        assert_eq!(edus_text("{\"origin\":\"h.test\",\"origin_server_ts\":1,\"pdus\":[]}"), Some("[]"));
+        assert_eq!(edus_text("{ \"edus\": []}"), None);
+        assert_eq!(edus_text("{\"edus\":[{\"a\":1}"), None);
+    }
 }

@@ -382,8 +382,10 @@ export class Model {
  * `LiveSimulation` is the class from whichever wasm-bindgen build the caller loaded.
  */
 export class LiveRun {
-  /** `schedule`: actions to apply at given ticks, [{ tick, action }] (a recorded `log`). */
-  constructor(LiveSimulation, params, schedule = []) {
+  /** `schedule`: actions to apply at given ticks, [{ tick, action }] (a recorded `log`).
+   * `fold: false` leaves the trace and the figures to the caller (`sim.takeTrace()`, as the
+   * Web Worker does, whose page folds them), the header's trace included. */
+  constructor(LiveSimulation, params, schedule = [], { fold = true } = {}) {
     this.params = { ...DEFAULT_PARAMS, ...params };
     this.world = buildWorld(this.params);
     this.random = prng(fnv(0x811c9dc5, `workload:${this.params.seed}`));
@@ -418,7 +420,7 @@ export class LiveRun {
     this.partitioned = false;
     this.restartedAt = null;
     this.lastSample = -Infinity;
-    this.sync();
+    if (fold) this.sync();
   }
 
   free() {

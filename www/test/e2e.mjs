@@ -8,7 +8,8 @@
 // and a result line; exit status 0 = pass. Needs www/pkg (scripts/build-wasm.sh).
 //
 // Checks (all by default, or the named ones): live, mix, backoff, restart, faults, determinism,
-// traces, driven, replay, demo, perf. `perf` prints the frame time with 1 000 destinations at 100×, and
+// worker, traces, driven, replay, demo, perf. `worker`: the world in a Web Worker (the default) and on
+// the page's thread (`worker=0`) give the same run. `perf` prints the frame time with 1 000 destinations at 100×, and
 // how fast the same world runs with nothing drawn (figures: BENCHMARKS.md).
 // `traces` is the exception to asserting from the DOM: it runs every shipped scenario through
 // runScenario in the page (test/traces.html) and compares the whole trace texts, byte for byte,
@@ -65,12 +66,21 @@ async function shot(page, name) {
   return relative(process.cwd(), path);
 }
 
+/** Clicks "step 1 s" and waits until the page shows its second (with the world in a Web
+ * Worker, the default, it arrives a moment after the click). */
+async function step(page) {
+  const t0 = (await summary(page)).now;
+  await page.click('#step');
+  await page.waitForFunction((t) => Number(document.getElementById('summary').dataset.now) >= t, t0 + 1000,
+    { timeout: TIMEOUT_MS, polling: 20 });
+}
+
 /** Clicks "step 1 s" until `until(detail)` or `max` steps; returns the virtual ms stepped. */
 async function stepUntil(page, until, max) {
   const t0 = (await summary(page)).now;
   for (let i = 0; i < max; i += 1) {
     if (until(await detail(page))) break;
-    await page.click('#step');
+    await step(page);
   }
   return (await summary(page)).now - t0;
 }
@@ -245,6 +255,32 @@ const CHECKS = {
     const d = (await summary(page)).digest;
     expect(d === a, `the recorded URL replayed to digest ${d}, want ${a} (${recorded})`);
     return `seed 11 twice: ${a} = ${b}; seed 12: ${c}; replayed from the URL's action log: ${d}`;
+  },
+
+  async worker(page) {
+    // The world runs in a Web Worker unless `worker=0`: stepped with the same seed and the
+    // same action, both must show the same run (digest, sends); then, let run in the worker,
+    // virtual time moves and transactions are delivered.
+    const stepped = async (worker) => {
+      await ready(page, `?seed=5&n=20&rate=5&speed=0&select=s0002.example${worker ? '' : '&worker=0'}`);
+      for (let i = 1; i <= 6; i += 1) {
+        if (i === 3) await page.click('[data-action=down]');
+        await step(page);
+      }
+      return summary(page);
+    };
+    const here = await stepped(false);
+    const there = await stepped(true);
+    expect(here.digest === there.digest && here.sends === there.sends,
+      `stepped with the world in a worker: digest ${there.digest}, ${there.sends} sends; on the page: ${here.digest}, ${here.sends}`);
+    expect(new URL(page.url()).searchParams.get('log')?.includes(':down:s0002.example'), `no action log in ${page.url()}`);
+    await ready(page, '?seed=1&n=30&speed=10');
+    await page.waitForFunction(() => {
+      const s = document.getElementById('summary').dataset;
+      return Number(s.now) >= 5000 && Number(s.delivered) > 0;
+    }, null, { timeout: TIMEOUT_MS, polling: 100 });
+    const s = await summary(page);
+    return `stepped 6 s with a down: digest ${there.digest} = ${here.digest}, ${there.sends} sends; running at 10×: t=+${s.now} ms, ${s.delivered} PDUs delivered`;
   },
 
   async traces(page) {
@@ -423,16 +459,20 @@ const CHECKS = {
     // The default workload (2 events/s, rooms of ~330 servers: ~650 transactions/s against the
     // global cap of 128 in flight), then a light one (0.2 events/s); both with the default EDU
     // mix, whose device-list changes go to all 1 000 servers.
+    // Both with the world in a Web Worker (the default), where the frame time is the folding
+    // and drawing left to the page's thread, then on the page's thread (`worker=0`), where the
+    // simulation shares the frames.
     const lines = [];
     let file;
-    for (const rate of [2, 0.2]) {
-      await ready(page, `?seed=1&n=1000&rate=${rate}&speed=100`);
+    for (const [rate, worker] of [[2, true], [0.2, true], [2, false], [0.2, false]]) {
+      await ready(page, `?seed=1&n=1000&rate=${rate}&speed=100${worker ? '' : '&worker=0'}`);
       await page.waitForTimeout(6000);
       const perf = await page.$eval('#perf', (el) => ({ ...el.dataset }));
       const s = await summary(page);
       expect(Number(perf.frames) > 10, `only ${perf.frames} frames in 6 s`);
       file ??= await shot(page, '1000');
-      const line = `1000 destinations at 100×, ${rate} events/s: frame time mean ${perf.frameMean} ms, p95 ${perf.frameP95} ms, max ${perf.frameMax} ms over ${perf.frames} frames (simulation ${perf.simMean}, folding ${perf.foldMean}, drawing ${perf.drawMean} ms per frame); virtual time ran at ${perf.effectiveSpeed}× (t=+${s.now} ms, ${s.sends} sends)`;
+      const where = worker ? ', world in a worker' : ', world on the page\'s thread';
+      const line = `1000 destinations at 100×, ${rate} events/s${where}: frame time mean ${perf.frameMean} ms, p95 ${perf.frameP95} ms, max ${perf.frameMax} ms over ${perf.frames} frames (simulation ${perf.simMean}, folding ${perf.foldMean}, drawing ${perf.drawMean} ms per frame); virtual time ran at ${perf.effectiveSpeed}× (t=+${s.now} ms, ${s.sends} sends)`;
       console.log(`perf: ${line}`);
       lines.push(line);
     }

@@ -531,10 +531,10 @@ impl CommandLoop<'_> {
                 }
                 command = commands.recv() => match command {
                     Some(command) => {
-                        self.on_command(command, &mut commands);
-                        // Commands that write (events, partial state) blocked on the store:
-                        // see `store_call`.
-                        PollAgain::default().await;
+                        if self.on_command(command, &mut commands) {
+                            // It blocked on the store: see `store_call`.
+                            PollAgain::default().await;
+                        }
                     }
                     None => break,
                 },
@@ -543,14 +543,19 @@ impl CommandLoop<'_> {
         self.driver.stop();
     }
 
-    fn on_command(&self, command: Command, commands: &mut mpsc::Receiver<Command>) {
+    /// Performs `command`; true if it called the store (which blocks the thread).
+    fn on_command(&self, command: Command, commands: &mut mpsc::Receiver<Command>) -> bool {
         match command {
             Command::Input { input, reply } => self.submit(input, reply),
-            Command::Event { event, reply } => self.on_events(vec![(*event, reply)], commands),
+            Command::Event { event, reply } => {
+                self.on_events(vec![(*event, reply)], commands);
+                return true;
+            }
             Command::PartialState { room_id, servers, reply } => {
                 let result = blocking(|| self.store.borrow_mut().set_partial_state(&room_id, servers.as_deref()))
                     .map_err(Rejection::from_store);
                 let _ = reply.send(result);
+                return true;
             }
             Command::Stats { reply } => {
                 let stats = self.driver.destination_stats();
@@ -558,6 +563,7 @@ impl CommandLoop<'_> {
                 let _ = reply.send(stats);
             }
         }
+        false
     }
 
     fn submit(&self, input: Value, reply: Reply<()>) {

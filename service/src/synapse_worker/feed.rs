@@ -52,6 +52,8 @@ pub struct Feeder {
     presence: PresenceChanges,
     /// How far the store may read events.
     announced: AnnouncedEvents,
+    /// The newest events position for `announce_events` to tell the core.
+    events_announcer: watch::Sender<u64>,
     /// A read failed: read everything again at the next retry tick.
     retry_reads: bool,
     /// Receipts replication lost, per writer: (after, up_to] still to be read from the
@@ -98,6 +100,7 @@ impl Feeder {
             typing: BTreeMap::new(),
             presence: PresenceChanges::default(),
             announced,
+            events_announcer: watch::Sender::new(0),
             retry_reads: false,
             receipt_gaps: BTreeMap::new(),
             writers,
@@ -114,6 +117,7 @@ impl Feeder {
         mut core_events: mpsc::UnboundedReceiver<Event>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let announcing = tokio::spawn(announce_events(self.driver.clone(), self.events_announcer.subscribe()));
         // Work stored while no sender ran is read at once, not at the next event.
         self.read_all().await;
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
@@ -136,6 +140,7 @@ impl Feeder {
                 }
             }
         }
+        announcing.abort();
     }
 
     async fn on_core_event(&mut self, event: Event) {
@@ -323,13 +328,21 @@ impl Feeder {
     /// The events writer announced everything up to `token` persisted. With one writer (the
     /// main process, or one event persister) that is the stream's position; several event
     /// persisters each announce their own, and the lowest would be the safe one.
+    ///
+    /// Raised at once and told to the core by a task of its own (`announce_events`), so the
+    /// position keeps up with replication while the core is busy: the store reads up to it, and
+    /// a position that moved one event per storage call would make every fetch one event long.
     async fn new_events(&self, token: Token) {
         if let Ok(up_to) = u64::try_from(token)
             && up_to > 0
         {
             // Raised before the core hears of it, so the store never refuses what it asks for.
             let up_to = self.announced.raise(up_to);
-            self.feed(json!({"type": "new_events", "up_to": up_to})).await;
+            self.events_announcer.send_if_modified(|told| {
+                let newer = up_to > *told;
+                *told = (*told).max(up_to);
+                newer
+            });
         }
     }
 
@@ -451,6 +464,17 @@ impl Feeder {
                 self.failed("reading the servers in a room", &e);
                 None
             }
+        }
+    }
+}
+
+/// Tells the core the newest announced events position; announcements that came while it was
+/// busy become one input.
+async fn announce_events(driver: DriverHandle, mut position: watch::Receiver<u64>) {
+    while position.changed().await.is_ok() {
+        let up_to = *position.borrow_and_update();
+        if let Err(e) = driver.input(json!({"type": "new_events", "up_to": up_to})).await {
+            warn!("the core refused an events position: {}", e.error);
         }
     }
 }

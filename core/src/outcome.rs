@@ -182,7 +182,7 @@ impl Destination {
             {
                 // Fall back to the event we owe, without the extremities.
                 room.extremities.clear();
-                queue.catch_up_rooms.rooms.push_front(room);
+                queue.catch_up_rooms.rooms.push_front(*room);
             }
             Some(room) => {
                 for item in frozen.items.iter() {

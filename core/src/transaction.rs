@@ -7,6 +7,7 @@
 //! host may sign it as it is. A built transaction is frozen: retried with the same id and the
 //! same bytes until the destination answers (docs/design.md, "Frozen transactions").
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -33,8 +34,9 @@ pub(crate) struct FrozenTransaction {
     /// Every `destination_rooms` row up to this stream ordering is delivered on success.
     pub(crate) delivered_up_to: Option<u64>,
     /// For a catch-up transaction: the room it catches up, kept to fall back to the owed
-    /// event alone if the destination rejects the extremities.
-    pub(crate) catch_up: Option<CatchUpRoom>,
+    /// event alone if the destination rejects the extremities. Boxed: every queue holds room
+    /// for a frozen transaction, and most are not catch-up ones.
+    pub(crate) catch_up: Option<Box<CatchUpRoom>>,
 }
 
 impl FrozenTransaction {
@@ -149,7 +151,7 @@ impl TransactionBuilder {
             attempts: 0,
             rejections: 0,
             delivered_up_to,
-            catch_up,
+            catch_up: catch_up.map(Box::new),
         }
     }
 }
@@ -275,12 +277,7 @@ pub(crate) fn build_body(origin: &ServerName, origin_server_ts: u64, pdus: &[&st
 /// assembly needs it for every transaction to apply the byte cap.
 pub(crate) fn empty_body_len(origin: &ServerName, origin_server_ts: u64) -> u64 {
     const FIXED: &str = r#"{"origin":"","origin_server_ts":,"pdus":[]}"#;
-    let mut digits = 1;
-    let mut rest = origin_server_ts / 10;
-    while rest > 0 {
-        digits += 1;
-        rest /= 10;
-    }
+    let digits = origin_server_ts.checked_ilog10().unwrap_or(0) as usize + 1;
     (FIXED.len() + origin.as_str().len() + digits) as u64
 }
 
@@ -327,7 +324,7 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(serde_json::to_string(&parsed).unwrap(), body, "keys must already be sorted");
         assert_eq!(build_body(&origin, 5, &[], &[]), r#"{"origin":"test","origin_server_ts":5,"pdus":[]}"#);
-        for ts in [0, 5, 9, 10, 1_000_000, u64::MAX] {
+        for ts in [0, 5, 9, 10, 99, 100, 999_999, 1_000_000, 1_764_000_000_000, u64::MAX] {
             assert_eq!(empty_body_len(&origin, ts), build_body(&origin, ts, &[], &[]).len() as u64, "{ts}");
             let mut text = String::from("x");
             push_decimal(&mut text, ts);

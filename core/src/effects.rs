@@ -4,14 +4,13 @@
 //! is what lets a destination's logic be methods on the destination.
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
-use alloc::string::String;
-use alloc::sync::Arc;
+
 use alloc::vec::Vec;
 
 use crate::directory::{DestId, Directory};
 use crate::error::InputError;
 use crate::event::Event;
-use crate::io::{Changes, DestinationRoom, Output};
+use crate::io::{Changes, Output};
 use crate::rng::Prng;
 use crate::time::Timestamp;
 use crate::types::{RequestId, ServerName};
@@ -49,7 +48,7 @@ pub(crate) enum PendingRequest {
     },
     /// `fanout_from`: for a batch that advances `events_out_pos`, the position before it.
     Persist {
-        batch: KeptBatch,
+        changes: Changes,
         fanout_from: Option<u64>,
     },
     Transaction {
@@ -67,83 +66,6 @@ impl PendingRequest {
             Self::Persist { .. } => "persisted",
             Self::Transaction { .. } => "transaction_done",
         }
-    }
-}
-
-/// A `Persist` batch as kept for its retry after a storage failure: the batch without its
-/// `destination_rooms` rows, and the rows with each room id shared by the rows of that room.
-/// A fan-out writes a row per destination of a room; copying the room id of each would cost
-/// an allocation per (event, destination) for a copy that is almost never used.
-#[derive(Clone, Debug)]
-pub(crate) struct KeptBatch {
-    rest: Changes,
-    rows: Vec<(ServerName, Arc<str>, u64)>,
-}
-
-/// Rooms a batch's rows are checked against before a room id is copied: rows come sorted by
-/// destination, then room, so the rooms of one fan-out repeat at this distance or less.
-const KEPT_ROOMS_MAX: usize = 8;
-
-impl KeptBatch {
-    pub(crate) fn of(changes: &Changes) -> Self {
-        let Changes {
-            incarnation,
-            events_out_pos,
-            destination_rooms,
-            destinations,
-            to_device_outbox,
-            to_device_deleted,
-            device_list_pokes,
-            device_list_pokes_deleted,
-            device_list_positions,
-        } = changes;
-        let rest = Changes {
-            incarnation: *incarnation,
-            events_out_pos: *events_out_pos,
-            destination_rooms: Vec::new(),
-            destinations: destinations.clone(),
-            to_device_outbox: to_device_outbox.clone(),
-            to_device_deleted: to_device_deleted.clone(),
-            device_list_pokes: device_list_pokes.clone(),
-            device_list_pokes_deleted: device_list_pokes_deleted.clone(),
-            device_list_positions: device_list_positions.clone(),
-        };
-        let mut rooms: Vec<Arc<str>> = Vec::new();
-        let mut rows = Vec::with_capacity(destination_rooms.len());
-        for row in destination_rooms {
-            let room = match rooms.iter().rev().find(|room| ***room == *row.room_id) {
-                Some(room) => room.clone(),
-                None => {
-                    let room: Arc<str> = Arc::from(row.room_id.as_str());
-                    if rooms.len() == KEPT_ROOMS_MAX {
-                        rooms.remove(0);
-                    }
-                    rooms.push(room.clone());
-                    room
-                }
-            };
-            rows.push((row.destination.clone(), room, row.stream_ordering));
-        }
-        Self { rest, rows }
-    }
-
-    pub(crate) fn incarnation(&self) -> Option<u64> {
-        self.rest.incarnation
-    }
-
-    /// The batch as it was emitted.
-    pub(crate) fn into_changes(self) -> Changes {
-        let mut changes = self.rest;
-        changes.destination_rooms = self
-            .rows
-            .into_iter()
-            .map(|(destination, room, stream_ordering)| DestinationRoom {
-                destination,
-                room_id: String::from(&*room),
-                stream_ordering,
-            })
-            .collect();
-        changes
     }
 }
 
@@ -386,41 +308,6 @@ mod tests {
         ));
         assert!(fx.take_request(second).is_ok(), "put back");
         assert!(matches!(fx.take_request(second), Err(InputError::UnknownRequest(_))));
-    }
-
-    #[test]
-    fn a_kept_batch_gives_back_the_batch_with_room_ids_shared() {
-        let room =
-            |d: &str, r: &str, s| DestinationRoom { destination: name(d), room_id: r.into(), stream_ordering: s };
-        let rooms = (0..20).map(|i| alloc::format!("!r{}", i % 10));
-        let changes = Changes {
-            incarnation: Some(3),
-            events_out_pos: Some(9),
-            destination_rooms: rooms.enumerate().map(|(i, r)| room(&alloc::format!("d{i}.test"), &r, 5)).collect(),
-            destinations: alloc::vec![DestinationState {
-                destination: name("a.test"),
-                retry_last_ts: 1,
-                retry_interval: 2,
-                failure_ts: Some(3),
-                last_successful_stream_ordering: Some(4),
-            }],
-            ..Changes::default()
-        };
-        let kept = KeptBatch::of(&changes);
-        assert_eq!(kept.incarnation(), Some(3));
-        let distinct = |kept: &KeptBatch| {
-            let mut pointers: Vec<*const u8> = kept.rows.iter().map(|(_, r, _)| r.as_ptr()).collect();
-            pointers.sort_unstable();
-            pointers.dedup();
-            pointers.len()
-        };
-        assert_eq!(distinct(&kept), 20, "ten rooms alternating beyond the rooms looked back at");
-        let same_room = Changes {
-            destination_rooms: alloc::vec![room("a.test", "!r", 1), room("b.test", "!r", 2)],
-            ..changes.clone()
-        };
-        assert_eq!(distinct(&KeptBatch::of(&same_room)), 1);
-        assert_eq!(kept.into_changes(), changes);
     }
 
     #[test]

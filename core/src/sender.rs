@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::destination::{Activity, Destination, Driving};
 use crate::directory::{DestId, Directory};
 use crate::edu::EduEntry;
-use crate::effects::{Effects, KeptBatch, PendingRequest, Timer, compact};
+use crate::effects::{Effects, PendingRequest, Timer, compact};
 use crate::error::{ConfigError, InputError};
 use crate::event::Event;
 use crate::fan_out::{FanOut, Router};
@@ -286,15 +286,15 @@ impl FederationSender {
     }
 
     fn persisted(&mut self, request: RequestId) -> Result<(), InputError> {
-        let (batch, fanout_from) = match self.fx.take_request(request)? {
-            PendingRequest::Persist { batch, fanout_from } => (batch, fanout_from),
+        let (changes, fanout_from) = match self.fx.take_request(request)? {
+            PendingRequest::Persist { changes, fanout_from } => (changes, fanout_from),
             other => return Err(self.fx.wrong_answer(request, other)),
         };
         // Positions held back behind this batch may be claimed now.
         if let Some(claimable) = fanout_from.and_then(|from| self.fan_out.batch_durable(from)) {
             self.fx.changes.events_out_pos = Some(claimable);
         }
-        if batch.incarnation() == Some(self.incarnation) && !self.incarnation_durable {
+        if changes.incarnation == Some(self.incarnation) && !self.incarnation_durable {
             self.incarnation_durable = true;
             // Queues held back until transaction ids were safe may go now.
             for id in self.destinations.ids_in_name_order() {
@@ -384,8 +384,7 @@ impl FederationSender {
                 let limit = self.config.catch_up_waker_page_max;
                 self.fx.output(Output::LoadOutstanding { request, after, limit });
             }
-            PendingRequest::Persist { batch, fanout_from, .. } => {
-                let mut changes = batch.into_changes();
+            PendingRequest::Persist { mut changes, fanout_from, .. } => {
                 // Claimed again, capped, once this batch lands.
                 changes.events_out_pos = None;
                 for row in &mut changes.destinations {
@@ -393,7 +392,7 @@ impl FederationSender {
                         *row = current.state(&row.destination);
                     }
                 }
-                let pending = PendingRequest::Persist { batch: KeptBatch::of(&changes), fanout_from };
+                let pending = PendingRequest::Persist { changes: changes.clone(), fanout_from };
                 let request = self.fx.request(pending);
                 self.fx.output(Output::Persist { request, changes });
             }
@@ -537,7 +536,7 @@ impl FederationSender {
             // of rows still stored (it would overwrite an undelivered message).
             changes.incarnation = Some(self.incarnation);
         }
-        let request = self.fx.request(PendingRequest::Persist { batch: KeptBatch::of(&changes), fanout_from });
+        let request = self.fx.request(PendingRequest::Persist { changes: changes.clone(), fanout_from });
         self.fx.output(Output::Persist { request, changes });
     }
 }

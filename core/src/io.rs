@@ -405,8 +405,9 @@ impl Default for ServerName {
 pub struct DestinationRoom {
     /// The destination.
     pub destination: ServerName,
-    /// The room. Shared text: a fan-out writes a row for every destination of the room, and
-    /// the batch is kept for a retry, so a clone is a reference-count bump, not a copy.
+    /// The room.
+    // Shared text: a fan-out writes a row for every destination of the room, and the batch is
+    // kept for a retry, so a clone is a reference-count bump, not a copy.
     pub room_id: Arc<str>,
     /// Stream ordering of the newest event for that pair.
     pub stream_ordering: u64,

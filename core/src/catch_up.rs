@@ -234,7 +234,7 @@ impl Destination {
         }
         chosen.truncate(fitting.max(1));
         let up_to = room.stream_ordering;
-        Some(builder.freeze(&config.server_name, now_ms, chosen, Vec::new(), Some(up_to), Some(room)))
+        Some(builder.freeze(&config.server_name, now_ms, &mut chosen, Vec::new(), Some(up_to), Some(room)))
     }
 }
 
@@ -358,9 +358,9 @@ mod tests {
             let plain = crate::edu::EduEntry::new("org.example.test", &json!({"n": 1}));
             let typing = crate::edu::EduEntry::new("m.typing", &json!({"n": 2}));
             destination.queue().frozen = Some(FrozenTransaction {
-                txn_id: "1.1".into(),
+                txn_id: TransactionBuilder::new(1).next_txn_id(),
                 body: Arc::from("{}"),
-                items: Vec::new(),
+                items: Arc::new([]),
                 edus: alloc::vec![plain, typing],
                 attempts: 3,
                 rejections: 0,

@@ -48,7 +48,7 @@ pub(crate) struct Destination {
 /// What a destination holds in memory while it has something to send.
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
-    pub(crate) pending_pdus: VecDeque<Arc<PduEntry>>,
+    pub(crate) pending_pdus: PduQueue,
     pub(crate) isolation: Isolation,
     pub(crate) frozen: Option<FrozenTransaction>,
     pub(crate) activity: Activity,
@@ -56,6 +56,68 @@ pub(crate) struct Queue {
     pub(crate) http_failures: u32,
     pub(crate) catch_up_rooms: CatchUpRooms,
     pub(crate) edus: EduQueue,
+}
+
+/// A destination's PDUs waiting for a transaction, oldest first. The oldest sits beside the
+/// deque: a fan-out queues one PDU for each destination and takes it into a transaction in
+/// the same input, so for the usual queue of one PDU there is no buffer to allocate (the queue
+/// itself is dropped when it is idle, D6, so the buffer would be made again for every event).
+#[derive(Debug, Default)]
+pub(crate) struct PduQueue {
+    /// The oldest; `None` only when the queue is empty.
+    first: Option<Arc<PduEntry>>,
+    rest: VecDeque<Arc<PduEntry>>,
+}
+
+impl PduQueue {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(crate) fn front(&self) -> Option<&Arc<PduEntry>> {
+        self.first.as_ref()
+    }
+
+    pub(crate) fn push_back(&mut self, entry: Arc<PduEntry>) {
+        if self.first.is_none() {
+            self.first = Some(entry);
+        } else {
+            self.rest.push_back(entry);
+        }
+    }
+
+    pub(crate) fn push_front(&mut self, entry: Arc<PduEntry>) {
+        if let Some(previous) = self.first.replace(entry) {
+            self.rest.push_front(previous);
+        }
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Arc<PduEntry>> {
+        let first = self.first.take();
+        self.first = self.rest.pop_front();
+        first
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<PduEntry>> {
+        self.first.iter().chain(&self.rest)
+    }
+}
+
+impl Extend<Arc<PduEntry>> for PduQueue {
+    fn extend<I: IntoIterator<Item = Arc<PduEntry>>>(&mut self, entries: I) {
+        for entry in entries {
+            self.push_back(entry);
+        }
+    }
 }
 
 /// What a queue is doing right now. (The reported [`DestinationPhase`] is derived from it
@@ -348,6 +410,26 @@ pub(crate) mod tests {
             json: Arc::from(alloc::format!("{{\"event_id\":\"{id}\"}}")),
             queued_at_ms: 1,
         })
+    }
+
+    #[test]
+    fn the_pdu_queue_is_first_in_first_out_with_its_oldest_beside_the_deque() {
+        let ids = |queue: &PduQueue| queue.iter().map(|p| p.stream_ordering).collect::<Vec<_>>();
+        let mut queue = PduQueue::default();
+        assert!(queue.is_empty() && queue.front().is_none() && queue.pop_front().is_none());
+        queue.extend([pdu("$1", 1), pdu("$2", 2), pdu("$3", 3)]);
+        assert_eq!((ids(&queue), queue.len()), (alloc::vec![1, 2, 3], 3));
+        assert_eq!(queue.pop_front().map(|p| p.stream_ordering), Some(1));
+        queue.push_front(pdu("$0", 0));
+        assert_eq!(ids(&queue), [0, 2, 3]);
+        assert_eq!(queue.front().map(|p| p.stream_ordering), Some(0));
+        while queue.pop_front().is_some() {}
+        assert!(queue.is_empty() && queue.len() == 0);
+        queue.push_front(pdu("$4", 4));
+        queue.push_back(pdu("$5", 5));
+        assert_eq!(ids(&queue), [4, 5]);
+        queue.clear();
+        assert!(queue.is_empty() && queue.iter().next().is_none());
     }
 
     /// Drives `destination` once with a fresh builder and limiter; returns the outputs.

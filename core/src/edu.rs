@@ -338,7 +338,7 @@ impl EduQueue {
         fits: &mut dyn FnMut(usize) -> Fit,
     ) -> Taken {
         let mut taken = Taken::default();
-        if limit == 0 {
+        if limit == 0 || self.is_empty() {
             return taken;
         }
         if !take_front(&mut self.requeued, limit, &mut taken, fits) {

@@ -191,7 +191,7 @@ pub(crate) struct Router {
     last_targets: Vec<DestId>,
     /// The last event's room and its rows in `Changes::destination_rooms`, one per target in
     /// target order, while the batch holding them is being built.
-    last_rows: Option<(String, usize)>,
+    last_rows: Option<(Arc<str>, usize)>,
 }
 
 impl Router {
@@ -292,7 +292,7 @@ impl Router {
         let rows = &mut fx.changes.destination_rooms;
         if same_targets
             && let Some((room, start)) = &self.last_rows
-            && *room == room_id
+            && **room == *room_id
             && let Some(previous) = rows.get_mut(*start..*start + self.last_targets.len())
         {
             for row in previous {
@@ -302,6 +302,7 @@ impl Router {
         }
         let start = rows.len();
         rows.reserve(self.last_targets.len());
+        let room_id: Arc<str> = Arc::from(room_id);
         for &id in &self.last_targets {
             rows.push(DestinationRoom {
                 destination: destinations.name(id).clone(),

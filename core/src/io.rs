@@ -406,7 +406,9 @@ pub struct DestinationRoom {
     /// The destination.
     pub destination: ServerName,
     /// The room.
-    pub room_id: String,
+    // Shared text: a fan-out writes a row for every destination of the room, and the batch is
+    // kept for a retry, so a clone is a reference-count bump, not a copy.
+    pub room_id: Arc<str>,
     /// Stream ordering of the newest event for that pair.
     pub stream_ordering: u64,
 }

@@ -122,7 +122,7 @@ impl Destination {
         if let (false, Some(frozen)) = (pdu_errors.is_empty(), &frozen) {
             fx.report(Event::PduErrors {
                 destination: name.clone(),
-                txn_id: frozen.txn_id.clone(),
+                txn_id: frozen.txn_id.to_text(),
                 errors: pdu_errors,
             });
         }
@@ -182,18 +182,18 @@ impl Destination {
             {
                 // Fall back to the event we owe, without the extremities.
                 room.extremities.clear();
-                queue.catch_up_rooms.rooms.push_front(room);
+                queue.catch_up_rooms.rooms.push_front(*room);
             }
             Some(room) => {
-                for item in &frozen.items {
+                for item in frozen.items.iter() {
                     self.give_up(name, fx, item, reason.clone());
                 }
                 self.catch_up_room_done(name, fx, room.stream_ordering);
             }
             None if frozen.items.len() + edu_units(&frozen.edus) > 1 => {
                 let count = (frozen.items.len() + edu_units(&frozen.edus)) as u32;
-                for item in frozen.items.into_iter().rev() {
-                    queue.pending_pdus.push_front(item);
+                for item in frozen.items.iter().rev() {
+                    queue.pending_pdus.push_front(item.clone());
                 }
                 for edu in frozen.edus.into_iter().rev() {
                     queue.edus.push_front(edu);
@@ -201,7 +201,7 @@ impl Destination {
                 queue.isolation.split(count);
             }
             None => {
-                for item in &frozen.items {
+                for item in frozen.items.iter() {
                     self.give_up(name, fx, item, reason.clone());
                 }
                 for edu in &frozen.edus {

@@ -7,6 +7,7 @@
 //! host may sign it as it is. A built transaction is frozen: retried with the same id and the
 //! same bytes until the destination answers (docs/design.md, "Frozen transactions").
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -22,9 +23,10 @@ use crate::types::{RequestId, ServerName};
 /// A built transaction: retried byte for byte until the destination answers 2xx.
 #[derive(Debug)]
 pub(crate) struct FrozenTransaction {
-    pub(crate) txn_id: String,
+    pub(crate) txn_id: TxnId,
     pub(crate) body: Arc<str>,
-    pub(crate) items: Vec<Arc<PduEntry>>,
+    /// Shared, like the body, by the destinations that froze the same PDUs at the same instant.
+    pub(crate) items: Arc<[Arc<PduEntry>]>,
     pub(crate) edus: Vec<EduEntry>,
     pub(crate) attempts: u32,
     /// Permanent rejections (4xx other than 401/408/429) of this exact transaction.
@@ -32,8 +34,9 @@ pub(crate) struct FrozenTransaction {
     /// Every `destination_rooms` row up to this stream ordering is delivered on success.
     pub(crate) delivered_up_to: Option<u64>,
     /// For a catch-up transaction: the room it catches up, kept to fall back to the owed
-    /// event alone if the destination rejects the extremities.
-    pub(crate) catch_up: Option<CatchUpRoom>,
+    /// event alone if the destination rejects the extremities. Boxed: every queue holds room
+    /// for a frozen transaction, and most are not catch-up ones.
+    pub(crate) catch_up: Option<Box<CatchUpRoom>>,
 }
 
 impl FrozenTransaction {
@@ -49,7 +52,7 @@ impl FrozenTransaction {
         OutgoingTransaction {
             request,
             destination: destination.clone(),
-            txn_id: self.txn_id.clone(),
+            txn_id: self.txn_id.to_text(),
             attempt: self.attempts,
             pdu_ids: self.pdu_ids(),
             body: self.body.clone(),
@@ -57,8 +60,27 @@ impl FrozenTransaction {
     }
 }
 
+/// A transaction id, `{incarnation}.{counter}`, kept as its two numbers and written out only
+/// for an attempt's output or a report: a fan-out freezes a transaction for every destination,
+/// most of which wait for an in-flight slot before they are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TxnId {
+    incarnation: u64,
+    counter: u64,
+}
+
+impl TxnId {
+    pub(crate) fn to_text(self) -> String {
+        let mut id = String::with_capacity(41);
+        push_decimal(&mut id, self.incarnation);
+        id.push('.');
+        push_decimal(&mut id, self.counter);
+        id
+    }
+}
+
 /// The PDU-only body built last, with its time and PDUs.
-type SharedBody = (u64, Vec<Arc<PduEntry>>, Arc<str>);
+type SharedBody = (u64, Arc<[Arc<PduEntry>]>, Arc<str>);
 
 /// Transaction ids and bodies. Ids are `{incarnation}.{counter}`: the incarnation is
 /// persisted before any transaction leaves, so ids never repeat across restarts.
@@ -69,49 +91,56 @@ pub(crate) struct TransactionBuilder {
     /// A body names no destination: when an event fans out to many destinations at once,
     /// they all freeze the same PDUs at the same instant and share one body.
     last_body: Option<SharedBody>,
+    /// The PDUs of the transaction being built, taken from a queue: kept between builds so
+    /// that a transaction sharing the last body (and its PDU list) allocates nothing for them.
+    taking: Vec<Arc<PduEntry>>,
 }
 
 impl TransactionBuilder {
     pub(crate) fn new(incarnation: u64) -> Self {
-        Self { incarnation, counter: 0, last_body: None }
+        Self { incarnation, counter: 0, last_body: None, taking: Vec::new() }
     }
 
-    fn next_txn_id(&mut self) -> String {
+    pub(crate) fn next_txn_id(&mut self) -> TxnId {
         self.counter += 1;
-        // Built without `format!`, which costs as much as the rest of a small body.
-        let mut id = String::with_capacity(24);
-        push_decimal(&mut id, self.incarnation);
-        id.push('.');
-        push_decimal(&mut id, self.counter);
-        id
+        TxnId { incarnation: self.incarnation, counter: self.counter }
     }
 
-    /// Freezes a transaction of `items` and `edus` at `now_ms`.
+    /// Freezes a transaction of `items` (drained) and `edus` at `now_ms`.
     pub(crate) fn freeze(
         &mut self,
         origin: &ServerName,
         now_ms: u64,
-        items: Vec<Arc<PduEntry>>,
+        items: &mut Vec<Arc<PduEntry>>,
         edus: Vec<EduEntry>,
         delivered_up_to: Option<u64>,
         catch_up: Option<CatchUpRoom>,
     ) -> FrozenTransaction {
-        let shared = edus.is_empty()
-            && self.last_body.as_ref().is_some_and(|(ts, last_items, _)| {
-                *ts == now_ms
+        let shared = match &self.last_body {
+            Some((ts, last_items, body))
+                if edus.is_empty()
+                    && *ts == now_ms
                     && last_items.len() == items.len()
-                    && last_items.iter().zip(&items).all(|(a, b)| Arc::ptr_eq(a, b))
-            });
-        let body = match &self.last_body {
-            Some((_, _, body)) if shared => body.clone(),
-            _ => {
+                    && last_items.iter().zip(items.iter()).all(|(a, b)| Arc::ptr_eq(a, b)) =>
+            {
+                Some((last_items.clone(), body.clone()))
+            }
+            _ => None,
+        };
+        let (items, body) = match shared {
+            Some(shared) => {
+                items.clear();
+                shared
+            }
+            None => {
                 let jsons: Vec<&str> = items.iter().map(|p| &*p.json).collect();
                 let edu_jsons: Vec<&str> = edus.iter().map(|e| &*e.json).collect();
                 let body: Arc<str> = Arc::from(build_body(origin, now_ms, &jsons, &edu_jsons));
+                let items: Arc<[Arc<PduEntry>]> = items.drain(..).collect();
                 if edus.is_empty() {
                     self.last_body = Some((now_ms, items.clone(), body.clone()));
                 }
-                body
+                (items, body)
             }
         };
         FrozenTransaction {
@@ -122,7 +151,7 @@ impl TransactionBuilder {
             attempts: 0,
             rejections: 0,
             delivered_up_to,
-            catch_up,
+            catch_up: catch_up.map(Box::new),
         }
     }
 }
@@ -175,7 +204,7 @@ impl Destination {
         // exceed either count limit on its own.
         let pdu_max = config.pdus_per_transaction_max;
         let count_max = if with_pdus { isolating.map_or(pdu_max, |limit| limit.min(pdu_max)) as usize } else { 0 };
-        let mut taken: Vec<Arc<PduEntry>> = Vec::new();
+        let mut taken = core::mem::take(&mut builder.taking);
         let mut too_large: Vec<Arc<PduEntry>> = Vec::new();
         while taken.len() < count_max {
             let Some(next) = queue.pending_pdus.front() else { break };
@@ -198,10 +227,13 @@ impl Destination {
             self.give_up_edu(name, fx, edu, reason());
         }
         if taken.is_empty() && edus.is_empty() {
+            builder.taking = taken;
             return None;
         }
         let delivered_up_to = taken.iter().map(|p| p.stream_ordering).max();
-        Some(builder.freeze(&config.server_name, now_ms, taken, edus, delivered_up_to, None))
+        let frozen = builder.freeze(&config.server_name, now_ms, &mut taken, edus, delivered_up_to, None);
+        builder.taking = taken;
+        Some(frozen)
     }
 }
 
@@ -245,12 +277,7 @@ pub(crate) fn build_body(origin: &ServerName, origin_server_ts: u64, pdus: &[&st
 /// assembly needs it for every transaction to apply the byte cap.
 pub(crate) fn empty_body_len(origin: &ServerName, origin_server_ts: u64) -> u64 {
     const FIXED: &str = r#"{"origin":"","origin_server_ts":,"pdus":[]}"#;
-    let mut digits = 1;
-    let mut rest = origin_server_ts / 10;
-    while rest > 0 {
-        digits += 1;
-        rest /= 10;
-    }
+    let digits = origin_server_ts.checked_ilog10().unwrap_or(0) as usize + 1;
     (FIXED.len() + origin.as_str().len() + digits) as u64
 }
 
@@ -268,9 +295,8 @@ pub(crate) fn push_decimal(out: &mut String, value: u64) {
             break;
         }
     }
-    for &digit in &digits[at..] {
-        out.push(char::from(digit));
-    }
+    // ASCII digits: always UTF-8, so this never falls back.
+    out.push_str(core::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 fn push_joined(body: &mut String, items: &[&str]) {
@@ -298,7 +324,7 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(serde_json::to_string(&parsed).unwrap(), body, "keys must already be sorted");
         assert_eq!(build_body(&origin, 5, &[], &[]), r#"{"origin":"test","origin_server_ts":5,"pdus":[]}"#);
-        for ts in [0, 5, 9, 10, 1_000_000, u64::MAX] {
+        for ts in [0, 5, 9, 10, 99, 100, 999_999, 1_000_000, 1_764_000_000_000, u64::MAX] {
             assert_eq!(empty_body_len(&origin, ts), build_body(&origin, ts, &[], &[]).len() as u64, "{ts}");
             let mut text = String::from("x");
             push_decimal(&mut text, ts);
@@ -317,11 +343,13 @@ mod tests {
         let origin = ServerName::parse("us.test").unwrap();
         let mut builder = TransactionBuilder::new(7);
         let shared = alloc::vec![pdu("$1", 30)];
-        let a = builder.freeze(&origin, 5, shared.clone(), Vec::new(), Some(1), None);
-        let b = builder.freeze(&origin, 5, shared.clone(), Vec::new(), Some(1), None);
-        let later = builder.freeze(&origin, 6, shared, Vec::new(), Some(1), None);
-        assert_eq!((a.txn_id.as_str(), b.txn_id.as_str(), later.txn_id.as_str()), ("7.1", "7.2", "7.3"));
+        let a = builder.freeze(&origin, 5, &mut shared.clone(), Vec::new(), Some(1), None);
+        let b = builder.freeze(&origin, 5, &mut shared.clone(), Vec::new(), Some(1), None);
+        let later = builder.freeze(&origin, 6, &mut shared.clone(), Vec::new(), Some(1), None);
+        let ids = [a.txn_id, b.txn_id, later.txn_id].map(TxnId::to_text);
+        assert_eq!(ids, ["7.1", "7.2", "7.3"]);
         assert!(Arc::ptr_eq(&a.body, &b.body), "same PDUs at the same instant: one body");
+        assert!(Arc::ptr_eq(&a.items, &b.items), "and one list of them");
         assert!(!Arc::ptr_eq(&a.body, &later.body));
         let mut frozen = a;
         let first = frozen.attempt(RequestId(1), &origin);

@@ -115,7 +115,7 @@ fn a_failed_catch_up_query_waits_for_the_failed_write_holding_its_rows() {
         match output {
             Output::LoadCatchUp { request, .. } => failed.push(request),
             Output::Persist { request, changes } => {
-                assert!(changes.destination_rooms.iter().any(|r| r.room_id == "!a:test"), "{changes:?}");
+                assert!(changes.destination_rooms.iter().any(|r| &*r.room_id == "!a:test"), "{changes:?}");
                 failed.push(request);
             }
             _ => {}

@@ -43,7 +43,7 @@ impl MemoryStore {
                 destination: destination.clone(),
                 ..DestinationState::default()
             });
-            let slot = self.destination_rooms.entry((destination.clone(), room_id.clone())).or_insert(0);
+            let slot = self.destination_rooms.entry((destination.clone(), String::from(&**room_id))).or_insert(0);
             *slot = (*slot).max(*stream_ordering);
         }
         for row in &changes.destinations {

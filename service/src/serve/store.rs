@@ -666,7 +666,7 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![
                     row.destination.as_str(),
-                    row.room_id,
+                    &*row.room_id,
                     to_i64(row.stream_ordering, "stream ordering")?
                 ])?;
             }

@@ -237,7 +237,7 @@ impl SynapseDb {
                 tx.execute(&bare, &[&row.destination.as_str()]).await?;
                 tx.execute(
                     &upsert,
-                    &[&row.destination.as_str(), &row.room_id, &to_i64(row.stream_ordering, "stream ordering")?],
+                    &[&row.destination.as_str(), &&*row.room_id, &to_i64(row.stream_ordering, "stream ordering")?],
                 )
                 .await?;
             }

@@ -102,7 +102,7 @@ impl MemoryStore {
                 let row = DestinationState { destination: destination.clone(), ..DestinationState::default() };
                 self.destinations.insert(destination.clone(), row);
             }
-            let slot = self.destination_rooms.entry((destination, room_id)).or_insert(0);
+            let slot = self.destination_rooms.entry((destination, String::from(&*room_id))).or_insert(0);
             *slot = (*slot).max(stream_ordering);
         }
         for row in destinations {

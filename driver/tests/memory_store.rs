@@ -85,7 +85,11 @@ fn batch(rng: &mut Prng) -> Changes {
     for _ in 0..below(rng, 4) {
         let destination = name(below(rng, 5));
         let room_id = format!("!r{}:test", below(rng, 3));
-        changes.destination_rooms.push(DestinationRoom { destination, room_id, stream_ordering: below(rng, 20) });
+        changes.destination_rooms.push(DestinationRoom {
+            destination,
+            room_id: room_id.into(),
+            stream_ordering: below(rng, 20),
+        });
     }
     for _ in 0..below(rng, 3) {
         let delivered = (below(rng, 2) == 0).then(|| below(rng, 20));

@@ -286,9 +286,9 @@ impl Feeder {
 
     async fn read_all(&mut self) {
         self.retry_reads = false;
-        // Events: only as far as replication announced them persisted (`AnnouncedEvents`); the
-        // POSITION that answers our REPLICATE brings what was stored while no sender ran.
-        self.new_events(i64::try_from(self.announced.get()).unwrap_or(i64::MAX)).await;
+        // No events here: they are read only as far as replication announced them persisted
+        // (`AnnouncedEvents`), the POSITION that answers our REPLICATE brings what was stored
+        // while no sender ran, and a failed fetch is retried by the core itself.
         self.read_to_device().await;
         self.read_device_lists().await;
         self.read_receipt_gaps().await;
